@@ -1,0 +1,192 @@
+"""Encoders f(.) with one interface: ``forward(x) -> pooled features``, attribute ``num_features``.
+
+A small explicit registry ``BACKBONES`` maps names to builders; the CLI and the tests enumerate it.
+The ResNets use torchvision's module names (``conv1``, ``bn1``, ``layer1.0.conv1``, ...), so a 1x
+backbone's state dict loads into ``torchvision.models.resnet50()`` (with ``fc`` replaced by Identity).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+SMALL_IMAGE_MAX = 64  # inputs of at most this many pixels get the small-image stem
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, **_):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = _bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = _bn(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv, as torchvision and SimCLR's code)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 conv3x3: Callable[[int, int, int], nn.Module] | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = _bn(planes)
+        self.conv2 = (conv3x3 or _plain_conv3x3)(planes, planes, stride)
+        self.bn2 = _bn(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = _bn(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _plain_conv3x3(cin: int, cout: int, stride: int) -> nn.Module:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class ResNet(nn.Module):
+    """ResNet encoder with a width multiplier and a stem chosen for the input size.
+
+    ``width`` multiplies every channel count (SimCLR's 2x/4x, SimCLRv2's 2x/3x), unlike torchvision's
+    ``wide_resnet`` which widens only the bottleneck. ``small_stem`` (3x3 stride-1 conv, no max-pool;
+    SimCLR Appendix B.9 for CIFAR) replaces the 7x7 stride-2 conv + max-pool; by default it is used for
+    inputs of at most 64 px. The classifier is removed: ``forward`` returns the global-average-pooled
+    features h, of size ``num_features``.
+    """
+
+    def __init__(self, block: type, layers: list[int], width: float = 1.0, in_channels: int = 3,
+                 small_stem: bool = False, base_channels: int = 64, zero_init_residual: bool = False,
+                 conv3x3: Callable[[int, int, int], nn.Module] | None = None):
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"width multiplier must be > 0, got {width}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        widths = [max(1, int(round(base_channels * width * 2**i))) for i in range(4)]
+        self.inplanes = widths[0]
+        self.small_stem = small_stem
+        if small_stem:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = _bn(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self._conv3x3 = conv3x3
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = widths[3] * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                last_bn = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None
+                if last_bn is not None:
+                    nn.init.zeros_(last_bn.weight)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       _bn(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, conv3x3=self._conv3x3)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, conv3x3=self._conv3x3) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+
+
+_DEPTHS = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
+}
+
+
+def _resnet_builder(depth: int, width: float = 1.0, base_channels: int = 64, layers: list[int] | None = None,
+                    block: type | None = None):
+    default_block, default_layers = _DEPTHS[depth] if depth in _DEPTHS else (block, layers)
+
+    def build(in_channels: int = 3, image_size: int = 224, small_stem: bool | None = None, width: float = width,
+              zero_init_residual: bool = False, **kw) -> ResNet:
+        if kw:
+            raise TypeError(f"unknown backbone option(s): {', '.join(sorted(kw))}")
+        if small_stem is None:
+            small_stem = image_size <= SMALL_IMAGE_MAX
+        return ResNet(block or default_block, layers or default_layers, width=width, in_channels=in_channels,
+                      small_stem=small_stem, base_channels=base_channels, zero_init_residual=zero_init_residual)
+
+    return build
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": _resnet_builder(18),
+    "resnet34": _resnet_builder(34),
+    "resnet50": _resnet_builder(50),
+    "resnet101": _resnet_builder(101),
+    "resnet152": _resnet_builder(152),
+    # The CPU default: a ResNet-18 layout at a quarter of the width (16-32-64-128 channels, 128-d h).
+    # Chosen for Fashion-MNIST-sized images on a 2-core laptop CPU; see docs/benchmarks.md.
+    "resnet18_narrow": _resnet_builder(18, width=0.25),
+}
+for _depth in (50, 101, 152):
+    for _w in (2, 3):
+        BACKBONES[f"resnet{_depth}_{_w}x"] = _resnet_builder(_depth, width=float(_w))
+
+CPU_DEFAULT_BACKBONE = "resnet18_narrow"
+
+
+def build_backbone(name: str, **kw) -> nn.Module:
+    """Build a registered encoder by name; ``kw`` are passed to its builder.
+
+    Common options: ``in_channels`` (any number), ``image_size`` (picks the stem), ``small_stem``
+    (force the stem), ``width`` (multiplier). Names of the form ``timm:MODEL`` are reserved for timm.
+    """
+    if name not in BACKBONES:
+        import difflib
+
+        close = difflib.get_close_matches(name, BACKBONES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown backbone {name!r}.{hint} Available: {', '.join(sorted(BACKBONES))}")
+    model = BACKBONES[name](**kw)
+    if not hasattr(model, "num_features"):
+        raise TypeError(f"backbone {name!r} does not expose num_features")
+    return model

@@ -1,0 +1,226 @@
+"""Command line: ``selfsup pretrain | eval | demo`` (also ``python -m selfsup``).
+
+Errors a user can fix (missing data, bad config, incompatible checkpoint) are printed as one line
+naming the problem and the fix, with exit status 2, never as a traceback from inside torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from selfsup.checkpoint import CheckpointError
+    from selfsup.config import ConfigError
+    from selfsup.data import DataNotFoundError
+    from selfsup.train import TrainingError
+
+    return (ConfigError, DataNotFoundError, CheckpointError, TrainingError)
+
+
+# ------------------------------------------------------------------------------------------------
+# pretrain
+
+
+def _add_length_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="number of passes over the data")
+    g.add_argument("--steps", type=int, help="number of optimiser steps")
+    g.add_argument("--minutes", type=float, help="wall-clock budget; the step count is fixed after timing the first steps")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file of config keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=0.5 (repeatable)")
+
+
+def _pretrain_config(args, **defaults):
+    from selfsup.config import PretrainConfig, build_config, load_yaml, parse_overrides
+
+    cli = dict(defaults)
+    for key in ("method", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
+                "checkpoint_every"):
+        v = getattr(args, key, None)
+        if v is not None:
+            cli[key] = str(v) if key == "data_dir" else v
+    file_layer = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return build_config(PretrainConfig, file_layer, cli, parse_overrides(args.overrides))
+
+
+def cmd_pretrain(args) -> int:
+    from selfsup.train import pretrain
+
+    if args.out is None and args.resume is None:
+        raise _config_error("--out: give the run folder (e.g. --out runs/simclr-fmnist)")
+    if args.resume is not None and args.out is not None and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise _config_error(f"--resume {args.resume} and --out {args.out} name different folders; resume writes into the run it continues")
+    cfg = _pretrain_config(args)
+    run_dir = Path(args.resume or args.out)
+    final = pretrain(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
+    print(json.dumps({"run": str(run_dir), "weights": str(final)}))
+    return 0
+
+
+def _config_error(msg: str):
+    from selfsup.config import ConfigError
+
+    return ConfigError(msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_dir: str | None = None,
+             batch_size: int = 512, device: str = "auto", k: int = 200, temperature: float = 0.1,
+             progress: bool = False) -> dict:
+    """Evaluate a run's frozen encoder; writes ``RUN_DIR/eval_{kind}.json`` and returns the result."""
+    import time
+
+    import torch
+
+    from selfsup.data import load_dataset
+    from selfsup.evaluate import (BackboneChangedError, extract_features, knn_eval, linear_eval,
+                                  state_fingerprint)
+    from selfsup.runs import load_encoder, load_run
+    from selfsup.train import resolve_device, resolve_precision
+
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    name = dataset or run.config.dataset
+    if name.startswith("stl10"):
+        name = "stl10"
+    train = load_dataset(name, "train", data_dir=data_dir or run.config.data_dir, image_size=run.image_size)
+    test = load_dataset(name, "test", data_dir=data_dir or run.config.data_dir, image_size=run.image_size)
+    if train.labels is None or test.labels is None:
+        raise _config_error(f"--dataset {name}: evaluation needs labels, and this data set has none")
+    if train.num_channels != run.in_channels:
+        raise _config_error(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
+                            f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
+    dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    encoder = load_encoder(run).to(dev)
+    before = state_fingerprint(encoder)
+    ftr, ytr = extract_features(encoder, train, dev, run.image_size, batch_size, precision=precision, progress=progress)
+    fte, yte = extract_features(encoder, test, dev, run.image_size, batch_size, precision=precision, progress=progress)
+    if kind == "knn":
+        result = knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature)
+    else:
+        result = linear_eval(ftr, ytr, fte, yte, train.num_classes)
+    if state_fingerprint(encoder) != before:
+        raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")
+    result = {"top1": result["top1"], "top5": result["top5"], "dataset": name, "protocol": kind,
+              "num_train": len(train), "num_test": len(test), "feature_dim": int(ftr.shape[1]),
+              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
+              **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
+    Path(run_dir, f"eval_{kind}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def cmd_eval(args) -> int:
+    result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
+                      args.k, args.temperature, progress=not args.no_progress)
+    print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args) -> int:
+    from selfsup.config import PretrainConfig, build_config, parse_overrides
+    from selfsup.data import fashion_mnist_available
+    from selfsup.report import write_markdown_report
+    from selfsup.train import pretrain
+
+    dataset = "fashion-mnist" if fashion_mnist_available(args.data_dir) else "embedded"
+    if dataset == "embedded":
+        print("[selfsup] Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); "
+              "using the embedded 10,000-image sample", file=sys.stderr)
+    layer = {"method": "simclr", "dataset": dataset, "minutes": args.minutes}
+    if args.data_dir:
+        layer["data_dir"] = str(args.data_dir)
+    cfg = build_config(PretrainConfig, layer, parse_overrides(args.overrides))
+    run_dir = Path(args.out)
+    resume = (run_dir / "checkpoints").is_dir() and args.resume
+    pretrain(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    lin = run_eval("linear", run_dir, progress=not args.no_progress)
+    knn = run_eval("knn", run_dir, progress=not args.no_progress)
+    report = write_markdown_report(run_dir)
+    print(f"[selfsup] demo finished: linear top-1 {lin['top1']:.2f}%, kNN top-1 {knn['top1']:.2f}% on {dataset}; "
+          f"report: {report}", file=sys.stderr)
+    print(json.dumps({"run": str(run_dir), "dataset": dataset, "linear_top1": lin["top1"], "linear_top5": lin["top5"],
+                      "knn_top1": knn["top1"], "knn_top5": knn["top5"], "report": str(report)}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from selfsup import __version__
+
+    parser = argparse.ArgumentParser(prog="selfsup", description="Self-supervised visual representation learning "
+                                     "(SimCLR, SimCLRv2, BYOL).")
+    parser.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train an encoder without labels")
+    p.add_argument("--method", help="simclr (default) or another registered method")
+    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded or imagefolder:PATH")
+    p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
+    p.add_argument("--backbone", help="encoder name from the registry")
+    p.add_argument("--out", help="run folder to create")
+    _add_length_args(p)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate a run's frozen encoder")
+    p.add_argument("protocol", choices=("knn", "linear"))
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--dataset", help="labelled data set (default: the run's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--k", type=int, default=200, help="kNN neighbours")
+    p.add_argument("--temperature", type=float, default=0.1, help="kNN temperature")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="pre-train SimCLR on Fashion-MNIST (or the embedded sample), evaluate, report")
+    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget (default 8; evaluation adds ~1-2)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data-dir")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfsup: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

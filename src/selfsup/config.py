@@ -1,0 +1,286 @@
+"""Typed configuration: dataclasses validated on construction, read from YAML and ``--set key=value``.
+
+Every run folder holds the resolved config as ``config.yaml``; checkpoints embed it too. Unknown keys
+(with the closest valid key suggested), wrong types and impossible values raise ``ConfigError``
+naming the key, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfsup.augment import ViewConfig
+from selfsup.backbones import CPU_DEFAULT_BACKBONE
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (SimCLR Sec. B.1: LARS, lr = base x B/256, warm-up + cosine)."""
+
+    name: str = "lars"
+    lr: float = 0.3  # base learning rate, scaled by lr_scaling with the global batch size
+    lr_scaling: str = "linear"  # linear: lr x B/256; sqrt: lr x sqrt(B); none
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_fraction: float = 0.05  # share of the run spent in linear warm-up (paper: 10 of 100+ epochs)
+    final_lr_fraction: float = 0.0  # cosine decays to lr x this
+
+    def validate(self, prefix: str = "optim.") -> None:
+        _choice(prefix + "name", self.name, ("lars", "sgd", "adamw"))
+        _choice(prefix + "lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
+        _check(prefix + "lr", self.lr > 0, "must be > 0")
+        _check(prefix + "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(prefix + "momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        _check(prefix + "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
+        _check(prefix + "final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST, 10 minutes).
+
+    Where the defaults differ from the paper's ImageNet recipe it is because of the budget: see
+    docs/benchmarks.md for the measurements behind them.
+    """
+
+    method: str = "simclr"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    backbone: str = CPU_DEFAULT_BACKBONE
+    image_size: int | None = None  # None: the data set's native size
+    batch_size: int = 256  # global batch (all devices, all accumulation steps)
+    epochs: float | None = None
+    steps: int | None = None
+    minutes: float | None = None
+    temperature: float = 0.2
+    proj_hidden_dim: int | None = None  # None: the backbone's num_features
+    proj_out_dim: int = 128
+    proj_layers: int = 2
+    view: ViewConfig | None = None  # None: the method's preset for this image size, resolved at start
+    view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: same as view
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32
+    channels_last: bool = False
+    compile: bool = False
+    accumulate: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    knn_monitor: bool = True
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    num_workers: int = 2  # DataLoader workers for data streamed from disk
+
+    def validate(self) -> None:
+        from selfsup.methods import METHODS
+
+        _choice("method", self.method, tuple(METHODS))
+        _check("batch_size", self.batch_size >= 1, "must be >= 1")
+        if self.method == "simclr":
+            _check("batch_size", self.batch_size >= 2, "SimCLR needs at least 2 images per batch (negatives)")
+        lengths = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
+        _check(lengths[1] if len(lengths) > 1 else "epochs", len(lengths) <= 1,
+               f"give at most one of epochs, steps, minutes (got {', '.join(lengths)})")
+        for k in ("epochs", "minutes"):
+            v = getattr(self, k)
+            _check(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
+        _check("steps", self.steps is None or self.steps >= 1, "must be >= 1")
+        _check("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
+        _check("image_size", self.image_size is None or self.image_size >= 8, "must be >= 8 pixels")
+        _check("proj_out_dim", self.proj_out_dim >= 1, "must be >= 1")
+        _check("proj_hidden_dim", self.proj_hidden_dim is None or self.proj_hidden_dim >= 1, "must be >= 1")
+        _check("proj_layers", self.proj_layers >= 1, "must be >= 1")
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _check("accumulate", self.accumulate >= 1, "must be >= 1")
+        _check("accumulate", self.batch_size % self.accumulate == 0, "must divide batch_size")
+        _check("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1")
+        _check("keep_last", self.keep_last >= 1, "must be >= 1")
+        _check("log_every", self.log_every >= 1, "must be >= 1")
+        _check("knn_k", self.knn_k >= 1, "must be >= 1")
+        _check("knn_temperature", self.knn_temperature > 0, "must be > 0")
+        _check("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1")
+        _check("num_workers", self.num_workers >= 0, "must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        self.optim.validate()
+        for key in ("view", "view2"):
+            v = getattr(self, key)
+            if v is not None:
+                try:
+                    v.validate()
+                except ValueError as e:
+                    raise ConfigError(f"{key}: {e}") from None
+
+
+def _check(key: str, ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(key: str, value: str, options: tuple) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass conversion with type checking
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, tp, value: Any):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be empty (null)")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown config key{hint} Valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(prefix + key, hints[key], value)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(obj)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["optim.lr=0.5", "view.blur_p=0"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {pair!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
+    return data
+
+
+def build_config(cls, *layers: dict):
+    """Merge dict layers (later wins) into a validated ``cls`` instance."""
+    data: dict = {}
+    for layer in layers:
+        data = merge(data, layer)
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def save_yaml(obj, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

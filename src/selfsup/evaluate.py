@@ -1,0 +1,177 @@
+"""Evaluation on frozen features: weighted kNN (Wu et al. 2018, k=200, tau=0.1) and linear evaluation.
+
+Linear evaluation follows the papers' protocol in spirit (a linear classifier on the frozen encoder's
+h), computed the cheap, exact way for small data: features are extracted once without augmentation,
+standardised, and a multinomial logistic regression is fitted by L-BFGS with its L2 strength chosen
+on a held-out tenth of the training set. The papers instead train with SGD on augmented crops for
+90 epochs, which matters on ImageNet but is out of reach of a laptop CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BackboneChangedError(RuntimeError):
+    pass
+
+
+def prepare_images(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float at ``size`` px: centre crop to a square, then resize."""
+    x = images.float().div_(255.0)
+    h, w = x.shape[-2:]
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        x = x[..., top:top + s, left:left + s]
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def iterate_batches(dataset, batch_size: int, num_workers: int = 0, indices: torch.Tensor | None = None) -> Iterable:
+    """Yield (uint8 images, labels) in order, from memory or through a DataLoader for streamed folders."""
+    if hasattr(dataset, "images"):
+        images, labels = dataset.images, dataset.labels
+        n = len(images)
+        order = torch.arange(n) if indices is None else indices
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield images[idx], (labels[idx] if labels is not None else torch.full((len(idx),), -1, dtype=torch.long))
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    ds = dataset if indices is None else Subset(dataset, indices.tolist())
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for images, labels in loader:
+        yield images, labels
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, dataset, device: torch.device | str, image_size: int, batch_size: int = 512,
+                     num_workers: int = 0, indices: torch.Tensor | None = None, precision: str = "fp32",
+                     channels_last: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every image (eval mode, no augmentation): (N, D) float32 on CPU, labels (N,)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    batches = iterate_batches(dataset, batch_size, num_workers, indices)
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = math.ceil((len(indices) if indices is not None else len(dataset)) / batch_size)
+        batches = tqdm(batches, total=total, desc="features", leave=False)
+    try:
+        for images, y in batches:
+            x = prepare_images(images.to(device, non_blocking=True), dataset.mean, dataset.std, image_size)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                f = model(x)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y).long())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        k_eff = min(k, scores.shape[1])
+        top = scores.topk(k_eff, dim=1).indices
+        out[f"top{k}"] = 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+               num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN class scores: the k most cosine-similar training features vote with exp(sim / tau)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for i in range(0, test_features.shape[0], chunk):
+        q = F.normalize(test_features[i:i + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_eval(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 200,
+             temperature: float = 0.1) -> dict[str, float]:
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
+    return {**topk_accuracy(scores, test_labels), "k": k, "temperature": temperature}
+
+
+def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    clf = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), y) + 0.5 * l2 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return clf
+
+
+def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                test_labels: torch.Tensor, num_classes: int, l2_grid=(1e-5, 1e-4, 1e-3, 1e-2),
+                max_iter: int = 300, seed: int = 0) -> dict[str, float]:
+    """Multinomial logistic regression on standardised frozen features.
+
+    The L2 strength is picked from ``l2_grid`` on a seeded 10% validation split of the training
+    features, then the classifier is refitted on all of them and scored on the test features.
+    """
+    mean = train_features.mean(0, keepdim=True)
+    std = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    xtr = ((train_features - mean) / std).float()
+    xte = ((test_features - mean) / std).float()
+    n = xtr.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, n // 10) if n >= 20 else 0
+    best_l2, val_scores = l2_grid[0], {}
+    if n_val and len(l2_grid) > 1:
+        val, fit = perm[:n_val], perm[n_val:]
+        for l2 in l2_grid:
+            clf = _fit_logreg(xtr[fit], train_labels[fit], num_classes, l2, max_iter, seed)
+            with torch.no_grad():
+                val_scores[l2] = (clf(xtr[val]).argmax(1) == train_labels[val]).float().mean().item()
+        best_l2 = max(val_scores, key=lambda v: (val_scores[v], v))
+    clf = _fit_logreg(xtr, train_labels, num_classes, best_l2, max_iter, seed)
+    with torch.no_grad():
+        scores = clf(xte)
+        train_acc = (clf(xtr).argmax(1) == train_labels).float().mean().item() * 100
+    return {**topk_accuracy(scores, test_labels), "l2": best_l2, "train_top1": train_acc,
+            "val_top1": {str(k): 100 * v for k, v in val_scores.items()}}
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, to prove a frozen backbone stayed bit-identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

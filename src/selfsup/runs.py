@@ -1,0 +1,65 @@
+"""Reading a finished (or interrupted) run folder back: its config, encoder and weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfsup import checkpoint as ckpt
+from selfsup.backbones import build_backbone
+from selfsup.config import ConfigError, PretrainConfig, from_dict, load_yaml
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    config: PretrainConfig
+    image_size: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights_path: Path
+    weights: dict[str, torch.Tensor]
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Config and weights of a pre-training run (final weights, else the newest checkpoint)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {run_dir}: no such run folder")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"--run {run_dir}: no config.yaml; is this a selfsup run folder?")
+    cfg = from_dict(PretrainConfig, load_yaml(cfg_path))
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    final = run_dir / "model.safetensors"
+    if final.is_file():
+        path, weights = final, ckpt.load_weights(final)
+    else:
+        found = ckpt.list_checkpoints(run_dir)
+        if not found:
+            raise ckpt.CheckpointError(f"--run {run_dir}: no model.safetensors and no checkpoint; the run never saved weights")
+        path = found[-1] / "model.safetensors"
+        weights = ckpt.load_weights(path)
+    in_channels = int(info.get("in_channels") or weights["backbone.conv1.weight"].shape[1])
+    image_size = int(info.get("image_size") or cfg.image_size or 32)
+    mean = tuple(info.get("dataset_mean") or ())
+    std = tuple(info.get("dataset_std") or ())
+    return RunInfo(run_dir, cfg, image_size, in_channels, mean, std, path, weights)
+
+
+def load_encoder(run: RunInfo, prefix: str = "backbone.") -> nn.Module:
+    """The backbone of a run with its trained weights (strict: every tensor must match)."""
+    backbone = build_backbone(run.config.backbone, in_channels=run.in_channels, image_size=run.image_size)
+    sub = {k[len(prefix):]: v for k, v in run.weights.items() if k.startswith(prefix)}
+    if not sub:
+        raise ckpt.CheckpointError(f"{run.weights_path} holds no '{prefix}*' tensors; it is not a selfsup pre-training run")
+    try:
+        backbone.load_state_dict(sub, strict=True)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{run.weights_path} does not fit backbone {run.config.backbone!r}: "
+                                   f"{str(e).splitlines()[0]}") from None
+    return backbone

@@ -1,0 +1,559 @@
+"""The pre-training loop: one plain function, no trainer class.
+
+Randomness is a pure function of ``(seed, step)``: the data order of every epoch comes from a
+generator seeded with ``(seed, epoch)`` and each step's augmentation from one seeded with
+``(seed, step, rank)``. Resuming from a checkpoint therefore replays exactly the steps an
+uninterrupted run would have taken (bit-identical weights on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from selfsup import checkpoint as ckpt
+from selfsup import dist
+from selfsup.augment import BatchAugment, ViewConfig
+from selfsup.backbones import build_backbone
+from selfsup.config import ConfigError, PretrainConfig, save_yaml, to_dict
+from selfsup.data import load_dataset
+from selfsup.methods import METHODS
+from selfsup.optim import build_optimizer
+from selfsup.schedules import scaled_lr, warmup_cosine
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message names the step and checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank() if dist.launched_by_torchrun() else 0)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} was asked for but CUDA is not available; use --set device=cpu")
+    if name == "cuda" and dist.launched_by_torchrun():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 runs natively: CUDA with bf16 units, CPUs with AVX512-BF16/AMX (oneDNN's check).
+
+    On CPUs without them PyTorch emulates bf16 and a step gets several times slower, so ``auto``
+    keeps fp32 there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------
+# Data order
+
+
+def _mix(*xs: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (x + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+
+
+def step_indices(n: int, global_batch: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Indices of this rank's share of the global batch of ``step`` (drop-last epochs of ``n // B`` steps)."""
+    steps_per_epoch = n // global_batch
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = epoch_permutation(n, seed, epoch)
+    batch = perm[i * global_batch:(i + 1) * global_batch]
+    local = global_batch // world
+    return batch[rank * local:(rank + 1) * local]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batch sampler for streamed data sets giving the same per-step indices as in-memory training."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, total_steps: int, rank: int = 0, world: int = 1):
+        self.args = (n, global_batch, seed)
+        self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield step_indices(*self.args, step, self.rank, self.world).tolist()
+
+    def __len__(self):
+        return max(0, self.total - self.start)
+
+
+def batch_stream(dataset, global_batch: int, seed: int, start_step: int, total_steps: int, num_workers: int,
+                 device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 image batches (this rank's share) for steps ``start_step .. total_steps - 1``."""
+    n, r, w = len(dataset), dist.rank(), dist.world_size()
+    if hasattr(dataset, "images"):
+        images = dataset.images
+        if device.type == "cuda" and images.numel() < 2 * 1024**3:
+            images = images.to(device)  # small data sets live on the GPU: no per-step host copy
+        for step in range(start_step, total_steps):
+            idx = step_indices(n, global_batch, seed, step, r, w)
+            yield images[idx.to(images.device)].to(device, non_blocking=True)
+        return
+    from torch.utils.data import DataLoader
+
+    sampler = StepBatchSampler(n, global_batch, seed, start_step, total_steps, r, w)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    for images, _ in loader:
+        yield images.to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the model
+
+
+def resolve_views(cfg: PretrainConfig, image_size: int) -> tuple[ViewConfig, ViewConfig]:
+    """The configured view distributions, or the method's preset for this image size."""
+    from selfsup.methods import VIEW_PRESETS
+
+    preset = VIEW_PRESETS.get(cfg.method, lambda size: (ViewConfig.simclr(size), ViewConfig.simclr(size)))
+    p1, p2 = preset(image_size)
+    v1 = cfg.view if cfg.view is not None else p1
+    v2 = cfg.view2 if cfg.view2 is not None else (v1 if cfg.view is not None else p2)
+    return v1, v2
+
+
+def build_model(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
+    backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size)
+    return METHODS[cfg.method](cfg, backbone)
+
+
+def total_steps_for(cfg: PretrainConfig, n: int) -> int | None:
+    steps_per_epoch = n // cfg.batch_size
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        return max(1, int(round(cfg.epochs * steps_per_epoch)))
+    return None  # minutes: fixed after timing the first steps
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard (if installed), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # tensorboard is an optional extra
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we restart from."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) <= last_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+             on_step: Callable[[int], None] | None = None) -> Path:
+    """Pre-train ``cfg.method`` and write the run folder; returns the path of ``model.safetensors``.
+
+    ``resume=True`` continues from the newest checkpoint in ``run_dir`` with the config saved there
+    (the given one must agree on everything that shapes the run).
+    """
+    run_dir = Path(run_dir)
+    cfg.validate()
+    distributed = dist.launched_by_torchrun() and not dist.is_distributed()
+    if distributed:
+        _init_process_group()
+    main = dist.is_main_process()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    precision = resolve_precision(cfg.precision, device)
+
+    state: dict[str, Any] | None = None
+    weights = None
+    if resume:
+        cfg, weights, state = _load_resume(cfg, run_dir)
+    elif (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
+                          "or choose a new --out folder")
+
+    world = dist.world_size()
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by world size x accumulate "
+                          f"({world} x {cfg.accumulate})")
+
+    dataset = load_dataset(cfg.dataset, "train" if not cfg.dataset.startswith("stl10") else "train+unlabeled",
+                           data_dir=cfg.data_dir, image_size=cfg.image_size)
+    image_size = cfg.image_size or dataset.image_size
+    n = len(dataset)
+    if n < cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the data set ({n} images); lower --batch-size")
+    view1, view2 = resolve_views(cfg, image_size)
+    if cfg.view is None or cfg.view2 is None:
+        cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, dataset.num_channels, image_size).to(device)
+    if weights is not None:
+        _load_model_weights(model, weights, run_dir)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    aug1 = BatchAugment(view1, image_size, dataset.mean, dataset.std)
+    aug2 = BatchAugment(view2, image_size, dataset.mean, dataset.std)
+
+    base_lr = scaled_lr(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(cfg.optim.name, model, base_lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    train_model: nn.Module = model
+    if dist.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn_model = torch.compile(train_model) if cfg.compile else train_model
+    total_steps = 1  # fixed below, before the first real step
+
+    def train_step(step: int, images: torch.Tensor, lr: float) -> tuple[float, dict[str, float]]:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, dist.rank(), 2))
+        micro = images.chunk(cfg.accumulate)
+        total_loss, logs = 0.0, {}
+        for i, mb in enumerate(micro):
+            x1, x2 = aug1(mb, gen), aug2(mb, gen)
+            if cfg.channels_last:
+                x1 = x1.contiguous(memory_format=torch.channels_last)
+                x2 = x2.contiguous(memory_format=torch.channels_last)
+            sync = i == len(micro) - 1 or not dist.is_distributed()
+            ctx = contextlib.nullcontext() if sync else train_model.no_sync()
+            with ctx, autocast_context(device, precision):
+                loss, logs = step_fn_model(x1, x2)
+            loss_value = loss.detach().float()
+            if not torch.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                return float("nan"), {}
+            with ctx:
+                (loss / cfg.accumulate).backward()
+            total_loss += loss_value.item() / cfg.accumulate
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = getattr(unwrap(model), "after_optimizer_step", None)
+        if after is not None:
+            after(step, total_steps)
+        return total_loss, {k: float(v) for k, v in logs.items()}
+
+    # Length of the run.
+    start_step = 0 if state is None else int(state["step"])
+    total_steps = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
+    steps_per_epoch = n // cfg.batch_size
+    if total_steps is None:
+        total_steps = _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main)
+    warmup_steps = int(round(cfg.optim.warmup_fraction * total_steps))
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.cleanup_temporary(run_dir)
+        save_yaml(cfg, run_dir / "config.yaml")
+        if resume:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps,
+            "base_lr": base_lr, "precision": precision, "device": str(device), "world_size": world,
+            "image_size": image_size, "num_images": n, "in_channels": dataset.num_channels,
+            "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std),
+        }, indent=1))
+        try:
+            from selfsup.augment import save_view_grid
+
+            save_view_grid(dataset.images[:8] if hasattr(dataset, "images") else torch.stack([dataset[i][0] for i in range(8)]),
+                           [aug1, aug2], run_dir / "views.png", n_images=8, n_views=6, seed=cfg.seed)
+        except Exception as e:  # a picture must never cost a run
+            warnings.warn(f"could not write views.png: {e}")
+    dist.barrier()
+    logger = _Logger(run_dir, main)
+    bar = None
+    if main and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.method} pre-training", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+
+    knn_data = None
+    bad_in_a_row, bad_total = 0, (state or {}).get("bad_steps", 0)
+    last_ckpt = ckpt.list_checkpoints(run_dir)[-1] if ckpt.list_checkpoints(run_dir) else None
+    model.train()
+    t_log, imgs_since = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    step = start_step
+    try:
+        for images in batch_stream(dataset, cfg.batch_size, cfg.seed, start_step, total_steps, cfg.num_workers, device):
+            lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, base_lr * cfg.optim.final_lr_fraction)
+            loss, logs = train_step(step, images, lr)
+            step += 1
+            if not math.isfinite(loss):
+                bad_in_a_row += 1
+                bad_total += 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (last at step {step}); "
+                                        f"{where}. Lower the learning rate (--set optim.lr=...) or use --set precision=fp32, "
+                                        "then resume.")
+                warnings.warn(f"non-finite loss at step {step}; the step was skipped ({bad_total} so far)")
+            else:
+                bad_in_a_row = 0
+            imgs_since += cfg.batch_size
+            if main and (step % cfg.log_every == 0 or step == total_steps):
+                now = time.perf_counter()
+                ips = imgs_since / max(now - t_log, 1e-9)
+                t_log, imgs_since = now, 0
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "images_per_sec": ips,
+                          "elapsed_sec": now - t_start, **logs}
+                logger.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if cfg.knn_monitor and dataset.labels is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                knn_data = _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, knn_data)
+            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                last_ckpt = _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main)
+        _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main)
+        final = run_dir / "model.safetensors"
+        if main:
+            ckpt.save_weights(export_weights(model), final, metadata=_weights_meta(cfg, image_size, dataset))
+            (run_dir / "train_summary.json").write_text(json.dumps({
+                "steps": step, "bad_steps": bad_total, "train_seconds_this_session": time.perf_counter() - t_start,
+            }, indent=1))
+        dist.barrier()
+        return final
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+
+def _init_process_group() -> None:
+    import datetime
+
+    import torch.distributed as tdist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get("SELFSUP_DIST_TIMEOUT", "600")))
+    tdist.init_process_group(backend=backend, timeout=timeout)
+
+
+def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's state dict: names start with the part (``backbone.``, ``head.``, ...)."""
+    return {k: v for k, v in unwrap(model).state_dict().items()}
+
+
+def _weights_meta(cfg: PretrainConfig, image_size: int, dataset) -> dict[str, str]:
+    return {"method": cfg.method, "backbone": cfg.backbone, "image_size": str(image_size),
+            "in_channels": str(dataset.num_channels), "config": json.dumps(to_dict(cfg))}
+
+
+def _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main) -> Path | None:
+    if not main:
+        return None
+    state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps, "bad_steps": bad_total,
+             "torch_rng": torch.get_rng_state()}
+    return ckpt.save_checkpoint(run_dir, step, export_weights(model), state, {"config": to_dict(cfg), "kind": "pretrain"},
+                                keep_last=cfg.keep_last)
+
+
+def _load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        raise ckpt.CheckpointError(
+            f"the checkpoint in {run_dir} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}); was it written with another backbone or method?")
+    model.load_state_dict(weights)
+
+
+def _load_resume(cfg: PretrainConfig, run_dir: Path):
+    from selfsup.config import from_dict
+
+    ckpts = ckpt.list_checkpoints(run_dir)
+    if not ckpts:
+        raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "
+                                   "start the run without --resume")
+    weights, state, meta = ckpt.load_checkpoint(ckpts[-1])
+    saved = from_dict(PretrainConfig, meta["config"])
+    # Everything but bookkeeping must match the interrupted run; the saved config wins.
+    free = {"device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "knn_monitor",
+            "epochs", "steps", "minutes"}
+    given, kept = to_dict(cfg), to_dict(saved)
+    diff = [k for k in kept if k not in free and given.get(k) != kept.get(k)
+            and not (k in ("view", "view2") and given.get(k) is None)]
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: the command line differs from the interrupted run in "
+                          f"{', '.join(diff)}; resume with the run's own settings (saved in {run_dir / 'config.yaml'})")
+    for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir"):
+        setattr(saved, k, getattr(cfg, k))
+    return saved, weights, state
+
+
+def _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main) -> int:
+    """For ``--minutes``: time a few steps on a throw-away copy of the state, then fix the step count.
+
+    The copy is restored afterwards, so a run with a time budget is still reproducible from its seed
+    and its (recorded) step count.
+    """
+    import copy
+
+    budget = cfg.minutes * 60.0
+    t0 = time.perf_counter()
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    warm, timed = 2, 5
+    it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device)
+    t_timed = None
+    for i, images in enumerate(it):
+        if i == warm:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_timed = time.perf_counter()
+        train_step(i, images, 0.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.perf_counter() - t_timed) / timed
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+    steps_per_epoch = n // cfg.batch_size
+    # Per-epoch extras (kNN monitor) cost time too: estimate them as a few steps' worth each.
+    remaining = budget - (time.perf_counter() - t0)
+    total = int(remaining / per_step)
+    if cfg.knn_monitor and dataset.labels is not None:
+        epochs = total / steps_per_epoch
+        knn_cost = _knn_cost_estimate(cfg, per_step)
+        total = int((remaining - knn_cost * max(1.0, math.ceil(epochs))) / per_step)
+    total = max(1, total)
+    if dist.is_distributed():
+        t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
+        import torch.distributed as tdist
+
+        tdist.broadcast(t, 0)
+        total = int(t.item())
+    if main:
+        print(f"[selfsup] --minutes {cfg.minutes}: {per_step * 1000:.0f} ms/step measured, training for {total} steps "
+              f"({total / steps_per_epoch:.2f} epochs)", file=sys.stderr)
+    return total
+
+
+KNN_BANK, KNN_QUERIES = 10000, 2000
+
+
+def _knn_cost_estimate(cfg, per_step: float) -> float:
+    # Feature extraction of bank + queries, forward only (~1/3 of a training pass), two views per step image.
+    images = KNN_BANK + KNN_QUERIES
+    return per_step * images / (cfg.batch_size * 2) / 3 * 2
+
+
+def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
+    """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries)."""
+    from selfsup.evaluate import extract_features, knn_eval
+
+    if not dist.is_main_process():
+        return cache
+    if cache is None:
+        g = torch.Generator().manual_seed(_mix(cfg.seed, 3))
+        perm = torch.randperm(len(dataset), generator=g)
+        try:
+            test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size)
+            tperm = torch.randperm(len(test), generator=g)[:KNN_QUERIES]
+            cache = (perm[:KNN_BANK], test, tperm)
+        except Exception:
+            cache = (perm[KNN_QUERIES:KNN_QUERIES + KNN_BANK], dataset, perm[:KNN_QUERIES])
+    bank_idx, qset, q_idx = cache
+    enc = unwrap(model).backbone
+    bf, bl = extract_features(enc, dataset, device, image_size, indices=bank_idx, precision=precision)
+    qf, ql = extract_features(enc, qset, device, image_size, indices=q_idx, precision=precision)
+    res = knn_eval(bf, bl, qf, ql, dataset.num_classes, cfg.knn_k, cfg.knn_temperature)
+    logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"]})
+    model.train()
+    return cache
