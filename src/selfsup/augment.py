@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,18 @@ _LUMA = (0.2989, 0.587, 0.114)
 # Jitter op ids (the order they are reported in ``params["jitter_factors"]``).
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
 _SMALL_IMAGE = 32  # CIFAR-size and below: SimCLR's CIFAR recipe (s=0.5, no blur)
+
+_OPTIONAL_FIELDS = ("jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue")
+
+
+# Bounds beyond which a value changes nothing but can overflow float32 (validated, so refused up front).
+MAX_JITTER = 1000.0
+MAX_BLUR_SIGMA = 1000.0  # pixels at blur_sigma_ref_size
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 
 _PROB_FIELDS = (
     "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "cutout_p", "sobel_p", "noise_p", "rotate_p",
@@ -98,7 +111,10 @@ class ViewConfig:
         for name in ("crop_scale", "crop_ratio", "blur_sigma"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                setattr(self, name, tuple(float(v) for v in value))
+                try:
+                    setattr(self, name, tuple(float(v) for v in value))
+                except (TypeError, ValueError):
+                    raise ValueError(f"ViewConfig.{name} must be a (low, high) pair of numbers, got {value!r}") from None
         self.validate()
 
     # --- derived jitter strengths -------------------------------------------------------------
@@ -119,7 +135,15 @@ class ViewConfig:
         return 0.2 * self.jitter_strength if self.jitter_hue is None else self.jitter_hue
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for impossible values."""
+        """Raise ``ValueError`` naming the field for impossible values (and for values that are not numbers)."""
+        for name, value in vars(self).items():
+            if name in ("crop_scale", "crop_ratio", "blur_sigma"):
+                ok = isinstance(value, tuple) and all(_is_real(v) for v in value)
+            else:
+                ok = _is_real(value) or (value is None and name in _OPTIONAL_FIELDS)
+            if not ok:
+                raise ValueError(f"ViewConfig.{name} must be a number{' or None' if name in _OPTIONAL_FIELDS else ''}"
+                                 f"{' pair' if name in ('crop_scale', 'crop_ratio', 'blur_sigma') else ''}, got {value!r}")
         for name in _PROB_FIELDS:
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -135,21 +159,25 @@ class ViewConfig:
         if not (0.0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"ViewConfig.crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
         lo, hi = self.blur_sigma
-        if not (0.0 <= lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"ViewConfig.blur_sigma must satisfy 0 <= low <= high, got {self.blur_sigma}")
+        if not (0.0 <= lo <= hi <= MAX_BLUR_SIGMA):
+            raise ValueError(f"ViewConfig.blur_sigma must satisfy 0 <= low <= high <= {MAX_BLUR_SIGMA}, got {self.blur_sigma}")
         if not (self.jitter_strength >= 0.0 and math.isfinite(self.jitter_strength)):
             raise ValueError(f"ViewConfig.jitter_strength must be >= 0, got {self.jitter_strength}")
         for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue"):
             value = getattr(self, name)
             if value is not None and not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"ViewConfig.{name} must be >= 0 or None, got {value}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) > MAX_JITTER:  # beyond 255 every non-black pixel saturates already
+                field = f"jitter_{name}" if getattr(self, f"jitter_{name}") is not None else "jitter_strength"
+                raise ValueError(f"ViewConfig.{field} gives a {name} jitter {getattr(self, name)} > {MAX_JITTER}")
         if self.hue > 0.5:
             name = "jitter_hue" if self.jitter_hue is not None else "jitter_strength"
             raise ValueError(f"ViewConfig.{name} gives a hue jitter {self.hue} > 0.5 (hue is a shift in [-0.5, 0.5])")
         if not 0.0 < self.blur_kernel_frac <= 1.0:
             raise ValueError(f"ViewConfig.blur_kernel_frac must be in (0, 1], got {self.blur_kernel_frac}")
-        if not (self.blur_sigma_ref_size > 0.0 and math.isfinite(self.blur_sigma_ref_size)):
-            raise ValueError(f"ViewConfig.blur_sigma_ref_size must be > 0, got {self.blur_sigma_ref_size}")
+        if not (1.0 <= self.blur_sigma_ref_size <= 1e6):
+            raise ValueError(f"ViewConfig.blur_sigma_ref_size must be in [1, 1e6] pixels, got {self.blur_sigma_ref_size}")
         if not 0.0 <= self.solarize_threshold <= 1.0:
             raise ValueError(f"ViewConfig.solarize_threshold must be in [0, 1], got {self.solarize_threshold}")
 
@@ -354,6 +382,9 @@ _U_ORDER = 23  # 4 columns: per-sample jitter order = argsort of these
 _N_UNIFORM = _U_ORDER + 4
 
 
+MAX_OUT_SIZE = 8192  # beyond this a batch cannot be held in memory; refused up front
+
+
 class BatchAugment(torch.nn.Module):
     """One view distribution applied to a whole batch, with independent parameters per sample.
 
@@ -365,12 +396,21 @@ class BatchAugment(torch.nn.Module):
     def __init__(self, cfg: ViewConfig, out_size: int, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         cfg.validate()
-        if int(out_size) < 1:
-            raise ValueError(f"out_size must be >= 1, got {out_size}")
+        try:
+            size = operator.index(out_size)  # int, numpy and 0-d torch integers; not floats
+        except TypeError:
+            size = None
+        if size is None or isinstance(out_size, bool) or not 1 <= size <= MAX_OUT_SIZE:
+            raise ValueError(f"out_size must be an integer in [1, {MAX_OUT_SIZE}], got {out_size!r}")
         # Kept as Python floats: normalising per channel with scalars needs no constant tensor on the
         # device (a host-to-device copy would synchronise CUDA every call).
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        try:
+            self.mean = tuple(float(m) for m in mean)
+            self.std = tuple(float(s) for s in std)
+        except (TypeError, ValueError):
+            raise ValueError(f"mean/std must be sequences of numbers, got {mean!r} and {std!r}") from None
+        if not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ValueError(f"mean/std must be finite, got {self.mean} and {self.std}")
         if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
             raise ValueError(f"mean/std need 1 or 3 values, got {len(self.mean)} and {len(self.std)}")
         if not all(s > 0 for s in self.std):

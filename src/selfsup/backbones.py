@@ -78,7 +78,8 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type, layers: list[int], width: float = 1.0, in_channels: int = 3,
                  small_stem: bool = False, base_channels: int = 64, zero_init_residual: bool = False,
-                 conv3x3: Callable[[int, int, int], nn.Module] | None = None):
+                 conv3x3: Callable[[int, int, int], nn.Module] | None = None, stem_stride: int = 1,
+                 expand_features: int | None = None):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width multiplier must be > 0, got {width}")
@@ -88,7 +89,7 @@ class ResNet(nn.Module):
         self.inplanes = widths[0]
         self.small_stem = small_stem
         if small_stem:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
@@ -102,6 +103,13 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = widths[3] * block.expansion
+        # Optional MobileNetV2-style final 1x1 expansion (conv-BN-ReLU) before pooling: a wide h for
+        # the price of one 1x1 conv at the lowest resolution. Off for the standard ResNets.
+        self.expand = None
+        if expand_features:
+            self.expand = nn.Sequential(nn.Conv2d(self.num_features, expand_features, 1, bias=False),
+                                        _bn(expand_features), nn.ReLU(inplace=True))
+            self.num_features = expand_features
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -126,7 +134,8 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x if self.expand is None else self.expand(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
@@ -142,17 +151,18 @@ _DEPTHS = {
 
 
 def _resnet_builder(depth: int, width: float = 1.0, base_channels: int = 64, layers: list[int] | None = None,
-                    block: type | None = None):
+                    block: type | None = None, stem_stride: int = 1, expand_features: int | None = None):
     default_block, default_layers = _DEPTHS[depth] if depth in _DEPTHS else (block, layers)
 
     def build(in_channels: int = 3, image_size: int = 224, small_stem: bool | None = None, width: float = width,
-              zero_init_residual: bool = False, **kw) -> ResNet:
+              zero_init_residual: bool = False, expand_features: int | None = expand_features, **kw) -> ResNet:
         if kw:
             raise TypeError(f"unknown backbone option(s): {', '.join(sorted(kw))}")
         if small_stem is None:
             small_stem = image_size <= SMALL_IMAGE_MAX
         return ResNet(block or default_block, layers or default_layers, width=width, in_channels=in_channels,
-                      small_stem=small_stem, base_channels=base_channels, zero_init_residual=zero_init_residual)
+                      small_stem=small_stem, base_channels=base_channels, zero_init_residual=zero_init_residual,
+                      stem_stride=stem_stride if small_stem else 1, expand_features=expand_features)
 
     return build
 
@@ -163,13 +173,35 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet50": _resnet_builder(50),
     "resnet101": _resnet_builder(101),
     "resnet152": _resnet_builder(152),
-    # The CPU default: a ResNet-18 layout at a quarter of the width (16-32-64-128 channels, 128-d h).
+    # The CPU default: a ResNet-18 layout at a quarter of the width (16-32-64-128 channels, 128-d h)
+    # whose small-image stem has stride 2 (28 px -> 14 px maps), 4x fewer FLOPs than stride 1.
     # Chosen for Fashion-MNIST-sized images on a 2-core laptop CPU; see docs/benchmarks.md.
-    "resnet18_narrow": _resnet_builder(18, width=0.25),
+    "resnet18_narrow": _resnet_builder(18, width=0.25, stem_stride=2),
+    "resnet10_narrow": _resnet_builder(0, width=0.5, layers=[1, 1, 1, 1], block=BasicBlock, stem_stride=2),
+    "resnet18_narrow_x1024": _resnet_builder(18, width=0.25, stem_stride=2, expand_features=1024),
+    "resnet18_narrow_x2048": _resnet_builder(18, width=0.25, stem_stride=2, expand_features=2048),
+    "resnet10_narrow_x1024": _resnet_builder(0, width=0.5, layers=[1, 1, 1, 1], block=BasicBlock, stem_stride=2,
+                                             expand_features=1024),
 }
 for _depth in (50, 101, 152):
     for _w in (2, 3):
         BACKBONES[f"resnet{_depth}_{_w}x"] = _resnet_builder(_depth, width=float(_w))
+
+
+def _sk_builder(depth: int, width: float):
+    """SimCLRv2's selective-kernel ResNets (``selfsup.sk``); options include ``sk_ratio`` and ``resnet_d``."""
+
+    def build(**kw) -> nn.Module:
+        from selfsup.sk import build_sk_resnet
+
+        return build_sk_resnet(depth, **{"width": width, **kw})
+
+    return build
+
+
+for _depth in (50, 101, 152):
+    for _w in (1, 2, 3):
+        BACKBONES[f"resnet{_depth}{'' if _w == 1 else f'_{_w}x'}_sk"] = _sk_builder(_depth, float(_w))
 
 CPU_DEFAULT_BACKBONE = "resnet18_narrow"
 
@@ -178,8 +210,13 @@ def build_backbone(name: str, **kw) -> nn.Module:
     """Build a registered encoder by name; ``kw`` are passed to its builder.
 
     Common options: ``in_channels`` (any number), ``image_size`` (picks the stem), ``small_stem``
-    (force the stem), ``width`` (multiplier). Names of the form ``timm:MODEL`` are reserved for timm.
+    (force the stem), ``width`` (multiplier). Names of the form ``timm:MODEL`` build timm's
+    ``MODEL`` without its classifier (``selfsup.timm_backbone``, optional extra ``selfsup[timm]``).
     """
+    if name.startswith("timm:"):
+        from selfsup.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(name[len("timm:"):], **kw)
     if name not in BACKBONES:
         import difflib
 

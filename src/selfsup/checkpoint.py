@@ -11,12 +11,19 @@ Layout of a run folder::
 
 A checkpoint folder is first written under a temporary name, every file flushed and fsynced, then
 renamed into place, so a kill at any moment leaves the previous checkpoints intact and never shows
-a half-written one. Only the newest ``keep_last`` are kept.
+a half-written one. Only the newest ``keep_last`` are kept; old ones are renamed out of the listing
+before they are deleted, so a kill during the deletion never leaves a half-deleted "checkpoint".
+A write that fails (disk full, no permission) removes its temporary folder, leaves every earlier
+checkpoint in place and raises :class:`CheckpointWriteError` saying which checkpoint is kept.
+``docs/reliability.md`` lists these guarantees with the tests that check them.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +38,52 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible; the message says which and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing into the run folder failed (disk full, read-only, no permission); older files are untouched."""
+
+
+def _why(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    return e.strerror or str(e)
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Fail before any work if ``run_dir`` cannot be created, written and fsynced."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=run_dir)
+        try:
+            os.write(fd, b"selfsup write check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise CheckpointWriteError(f"output folder {run_dir} is not writable ({_why(e)}); choose another --out, "
+                                   "or fix its permissions or free space") from None
+
+
+def check_space_for_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], keep_last: int,
+                        optimizer_slots: int = 1) -> None:
+    """Fail before training if ``keep_last + 1`` checkpoints (weights + ``optimizer_slots`` copies of
+    the floating-point weights as optimiser state) and the final weights do not fit on the disk."""
+    weights = sum(t.numel() * t.element_size() for t in state_dict.values())
+    optim = optimizer_slots * sum(t.numel() * t.element_size() for t in state_dict.values() if t.is_floating_point())
+    one = weights + optim + 64 * 1024  # headers, meta.json, RNG state
+    check_free_space(run_dir, (keep_last + 1) * one + weights,
+                     f"this run ({keep_last} + 1 checkpoints of {one / 2**20:.1f} MiB and the final weights)")
+
+
+def check_free_space(run_dir: str | Path, needed_bytes: int, what: str) -> None:
+    """Fail before training when the run folder's disk has less than ``needed_bytes`` free."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise CheckpointWriteError(f"{run_dir} has {free / 2**20:.1f} MiB free but {what} needs about "
+                                   f"{needed_bytes / 2**20:.1f} MiB; free space, choose another --out, or lower keep_last")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,17 +122,22 @@ def _contiguous_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Atomically write a safetensors file (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
         meta = {"format_version": str(FORMAT_VERSION), **(metadata or {})}
         save_file(_contiguous_state(state_dict), tmp, metadata=meta)
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            old = "the previous file there is unchanged" if path.exists() else "nothing was written"
+            raise CheckpointWriteError(f"could not write {path} ({_why(e)}); {old}") from None
         raise
     return path
 
@@ -106,26 +164,50 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
                     meta: dict[str, Any], keep_last: int = 2) -> Path:
     """Write ``RUN_DIR/checkpoints/step_XXXXXXXX`` atomically and prune to the newest ``keep_last``."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
         save_file(_contiguous_state(weights), str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # same step written again (e.g. the final checkpoint); replace it
-            shutil.rmtree(final)
+        if final.exists():
+            # Same step written again (e.g. the final checkpoint after a resume): move the old one
+            # aside first; cleanup_temporary puts it back if a kill lands between the two renames.
+            os.rename(final, root / f"{_REPLACED}{final.name}")
         os.rename(tmp, final)
         _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            cleanup_temporary(run_dir)  # restores a checkpoint moved aside above
+            done = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {done[-1]} is kept" if done else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"could not write checkpoint step {step} in {root} ({_why(e)}); {kept}. "
+                                       "Free space (or fix permissions), then continue the run with --resume") from None
         raise
+    shutil.rmtree(root / f"{_REPLACED}{final.name}", ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
     return final
+
+
+_REPLACED = ".tmp-replaced-"
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a folder so that a kill midway never leaves a partial folder under its old name."""
+    doomed = path.with_name(f".tmp-delete-{path.name}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -144,15 +226,27 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has no readable meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: meta.json is not a selfsup checkpoint description")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')}, this selfsup "
                               f"reads version {FORMAT_VERSION}; resume it with the selfsup release that wrote it")
     weights = load_weights(path / "model.safetensors")
     try:
+        # weights_only: tensors and plain containers only; any other pickled object is refused unrun.
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: state.pt cannot be read safely ({type(e).__name__}: {e}); "
-                              "it is corrupt or was not written by selfsup") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"checkpoint {path}: state.pt holds Python objects that selfsup never writes (a "
+                                  f"reference to {found.group(1)}); they were not loaded, since unpickling them could "
+                                  "run code. The file was not written by selfsup or was altered; use another "
+                                  "checkpoint") from None
+        raise CheckpointError(f"checkpoint {path}: state.pt cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or was not written by "
+                              "selfsup; use an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: state.pt holds a {type(state).__name__}, not a selfsup state dict")
     return weights, state, meta
 
 
@@ -160,6 +254,10 @@ def cleanup_temporary(run_dir: str | Path) -> None:
     """Remove leftovers of writes interrupted by a kill."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if root.is_dir():
+        for p in root.glob(f"{_REPLACED}*"):
+            original = root / p.name[len(_REPLACED):]
+            if not original.exists():
+                os.rename(p, original)  # killed between moving it aside and renaming its successor in
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in Path(run_dir).glob(".tmp-*"):

@@ -16,10 +16,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 def _user_errors() -> tuple[type[BaseException], ...]:
     from selfsup.checkpoint import CheckpointError
     from selfsup.config import ConfigError
-    from selfsup.data import DataNotFoundError
+    from selfsup.data import DataError, DataNotFoundError
     from selfsup.train import TrainingError
 
-    return (ConfigError, DataNotFoundError, CheckpointError, TrainingError)
+    return (ConfigError, DataNotFoundError, DataError, CheckpointError, TrainingError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def _pretrain_config(args, **defaults):
 
     cli = dict(defaults)
     for key in ("method", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
-                "checkpoint_every"):
+                "checkpoint_every", "on_bad_image"):
         v = getattr(args, key, None)
         if v is not None:
             cli[key] = str(v) if key == "data_dir" else v
@@ -59,7 +59,13 @@ def cmd_pretrain(args) -> int:
         raise _config_error("--out: give the run folder (e.g. --out runs/simclr-fmnist)")
     if args.resume is not None and args.out is not None and Path(args.resume).resolve() != Path(args.out).resolve():
         raise _config_error(f"--resume {args.resume} and --out {args.out} name different folders; resume writes into the run it continues")
-    cfg = _pretrain_config(args)
+    saved = Path(args.resume or ".") / "config.yaml"
+    if args.resume is not None and args.config is None and saved.is_file():
+        from selfsup.config import load_yaml
+
+        cfg = _pretrain_config(args, **load_yaml(saved))  # a bare --resume RUN_DIR continues with the run's settings
+    else:
+        cfg = _pretrain_config(args)
     run_dir = Path(args.resume or args.out)
     final = pretrain(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
     print(json.dumps({"run": str(run_dir), "weights": str(final)}))
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--on-bad-image", choices=("error", "skip"),
+                   help="image folders: error (default; name bad files before training) or skip (leave them out, counted)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_args(p)
@@ -206,7 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    from selfsup.cli_semisup import add_parsers as add_semisup_parsers  # finetune, distill (SimCLRv2)
+
+    add_semisup_parsers(sub)
+
+    from selfsup.analyze import add_parser as add_analyze_parser  # analyze <study> (the papers' experiments)
+
+    add_analyze_parser(sub)
+
+    from selfsup.cli_artifacts import add_parsers as add_artifact_parsers  # embed, export, report
+
+    add_artifact_parsers(sub)
     return parser
+
+
+def _report_to_launcher(e: BaseException) -> None:
+    """Under torchrun, make this rank's error the one its end-of-job summary shows (docs/distributed.md)."""
+    from selfsup.dist import report_to_launcher
+
+    report_to_launcher(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
+        _report_to_launcher(e)
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        _report_to_launcher(e)
+        raise
     except KeyboardInterrupt:
         print("selfsup: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130

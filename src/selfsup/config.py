@@ -59,6 +59,7 @@ class PretrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     backbone: str = CPU_DEFAULT_BACKBONE
+    backbone_width: float | None = None  # width multiplier; None: the registered model's own
     image_size: int | None = None  # None: the data set's native size
     batch_size: int = 256  # global batch (all devices, all accumulation steps)
     epochs: float | None = None
@@ -67,14 +68,21 @@ class PretrainConfig:
     temperature: float = 0.2
     proj_hidden_dim: int | None = None  # None: the backbone's num_features
     proj_out_dim: int = 128
-    proj_layers: int = 2
+    proj_layers: int = 2  # 0: no head, z = h (SimCLR only; Figure 8 ablation); 1: linear head
+    # BYOL (Grill et al. 2020). Method defaults (selfsup.methods.METHOD_DEFAULTS) replace the generic
+    # defaults above for keys the user did not give; see build_config.
+    predictor: bool = True  # false: BYOL without predictor (Table 5b ablation)
+    pred_hidden_dim: int | None = None  # predictor proj_out_dim -> this -> proj_out_dim; None: proj_hidden_dim
+    base_tau: float = 0.996  # target EMA rate at step 0, cosine-annealed to 1; 1: fixed target; 0: no EMA
+    collapse_threshold: float = 0.2  # warn when collapse_std < this / sqrt(proj_out_dim) after warm-up; 0: off
     view: ViewConfig | None = None  # None: the method's preset for this image size, resolved at start
     view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: same as view
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32
-    channels_last: bool = False
+    channels_last: bool = True  # faster on CPUs (oneDNN) and on GPUs under bf16
     compile: bool = False
     accumulate: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    sync_bn: bool = True  # under torchrun: batch-norm statistics over the global batch (SimCLR Sec. B.1)
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 500
@@ -85,13 +93,28 @@ class PretrainConfig:
     knn_temperature: float = 0.1
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     num_workers: int = 2  # DataLoader workers for data streamed from disk
+    on_bad_image: str = "error"  # image folders: error (name the bad files, before training) or skip (count them)
+
+    @staticmethod
+    def method_defaults(data: dict) -> dict:
+        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's projector widths and lr).
+
+        Applied by ``build_config`` (the CLI, YAML files, ``--set``), so ``--method byol`` gets BYOL's
+        defaults while every key given explicitly wins. Constructing ``PretrainConfig(...)`` directly
+        takes the generic defaults literally. The resolved values are written to ``config.yaml``.
+        """
+        from selfsup.methods import METHOD_DEFAULTS
+
+        method = data.get("method", PretrainConfig.method) if isinstance(data, dict) else None
+        return METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
 
     def validate(self) -> None:
         from selfsup.methods import METHODS
 
         _choice("method", self.method, tuple(METHODS))
+        _check_names(self)
         _check("batch_size", self.batch_size >= 1, "must be >= 1")
-        if self.method == "simclr":
+        if self.method in ("simclr", "simclrv2"):
             _check("batch_size", self.batch_size >= 2, "SimCLR needs at least 2 images per batch (negatives)")
         lengths = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
         _check(lengths[1] if len(lengths) > 1 else "epochs", len(lengths) <= 1,
@@ -101,10 +124,21 @@ class PretrainConfig:
             _check(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
         _check("steps", self.steps is None or self.steps >= 1, "must be >= 1")
         _check("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
-        _check("image_size", self.image_size is None or self.image_size >= 8, "must be >= 8 pixels")
+        _check("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
+               "must be > 0")
+        _check("image_size", self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
+               f"must be between 8 and {MAX_IMAGE_SIZE} pixels")
+        for k in ("proj_out_dim", "proj_hidden_dim", "pred_hidden_dim"):
+            _check(k, (getattr(self, k) or 0) <= MAX_DIM, f"must be <= {MAX_DIM}")
+        _check("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)")
         _check("proj_out_dim", self.proj_out_dim >= 1, "must be >= 1")
         _check("proj_hidden_dim", self.proj_hidden_dim is None or self.proj_hidden_dim >= 1, "must be >= 1")
-        _check("proj_layers", self.proj_layers >= 1, "must be >= 1")
+        _check("proj_layers", self.proj_layers >= 0, "must be >= 0 (0: no projection head, z = h)")
+        _check("proj_layers", self.proj_layers >= 1 or self.method == "simclr",
+               "0 (no projection head) is only defined for simclr (SimCLR Figure 8 ablation)")
+        _check("pred_hidden_dim", self.pred_hidden_dim is None or self.pred_hidden_dim >= 1, "must be >= 1")
+        _check("base_tau", 0 <= self.base_tau <= 1, "must be in [0, 1] (paper: 0.996; 1 = fixed target, 0 = no EMA)")
+        _check("collapse_threshold", self.collapse_threshold >= 0, "must be >= 0 (0 turns the collapse warning off)")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _check("accumulate", self.accumulate >= 1, "must be >= 1")
         _check("accumulate", self.batch_size % self.accumulate == 0, "must divide batch_size")
@@ -125,6 +159,28 @@ class PretrainConfig:
                     v.validate()
                 except ValueError as e:
                     raise ConfigError(f"{key}: {e}") from None
+
+
+MAX_IMAGE_SIZE = 4096  # larger values cannot be trained (memory), so they are refused before any work
+MAX_DIM = 65536
+
+
+def _check_names(cfg: PretrainConfig) -> None:
+    """Data set and backbone names resolve, so a typo fails before any data is read."""
+    from selfsup.backbones import BACKBONES
+    from selfsup.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
+    from selfsup.image_checks import BAD_IMAGE_POLICIES
+
+    if not cfg.dataset.startswith(IMAGEFOLDER_PREFIX):
+        name = canonical_dataset_name(cfg.dataset)
+        if name not in DATASET_NAMES and not (name.startswith("stl10") and "stl10" in DATASET_NAMES):
+            close = difflib.get_close_matches(name, DATASET_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASET_NAMES)} or "
+                              f"imagefolder:PATH{hint}")
+    if not cfg.backbone.startswith("timm:"):
+        _choice("backbone", cfg.backbone, tuple(BACKBONES))
+    _choice("on_bad_image", cfg.on_bad_image, BAD_IMAGE_POLICIES)
 
 
 def _check(key: str, ok: bool, msg: str) -> None:
@@ -179,6 +235,11 @@ def _coerce(key: str, tp, value: Any):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
@@ -201,9 +262,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown config key{hint} Valid keys: {', '.join(names)}")
+            raise ConfigError(f"{prefix}{key}: unknown config key{_suggest(cls, str(key), prefix)}; "
+                              f"valid keys: {', '.join(names)}")
         kwargs[key] = _coerce(prefix + key, hints[key], value)
     try:
         return cls(**kwargs)
@@ -211,6 +271,21 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _suggest(cls, key: str, prefix: str) -> str:
+    """' (did you mean ...?)' with the closest key, also looking one level down (``lr`` -> ``optim.lr``)."""
+    candidates = {f.name: prefix + f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(sub):
+            for g in dataclasses.fields(sub):
+                candidates.setdefault(g.name, f"{prefix}{f.name}.{g.name}")
+    if key in candidates:  # a nested key given at this level
+        return f" (did you mean {candidates[key]!r}?)"
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {candidates[close[0]]!r}?)" if close else ""
 
 
 def to_dict(obj) -> dict:
@@ -276,6 +351,8 @@ def build_config(cls, *layers: dict):
     data: dict = {}
     for layer in layers:
         data = merge(data, layer)
+    if hasattr(cls, "method_defaults"):
+        data = merge(cls.method_defaults(data), data)  # the method's defaults fill only keys not given
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -28,10 +28,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from selfsup.image_checks import DECODE_ERRORS, BadImageError, DataError, ImageReport, check_policy, convert_image
+from selfsup.image_checks import decode_with_policy, describe_bad, scan_images
+
 __all__ = [
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
     "DataNotFoundError",
+    "DataError",
     "InMemoryDataset",
     "ImageFolderDataset",
     "load_dataset",
@@ -180,6 +184,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ``mean``/``std`` are the ImageNet constants for RGB and 0.5 / 0.25 for gray. A validation folder
     must be arranged in class sub-folders too for its labels to be known (ImageNet's flat ``val/``
     loads as unlabeled).
+
+    Every file is checked when the data set is built (header and last bytes, see
+    :mod:`selfsup.image_checks`): ``on_bad_image="error"`` raises :class:`BadImageError` naming
+    corrupt, truncated, zero-byte and non-image files; ``"skip"`` leaves them out and records them
+    in ``image_report``. A file that fails later is replaced by the next one that decodes (``"skip"``)
+    and listed by :meth:`failed_files`. ``scan=False`` skips the check.
     """
 
     def __init__(
@@ -190,9 +200,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         num_channels: int | None = None,
         classes: Sequence[str] | None = None,
         name: str | None = None,
+        on_bad_image: str = "error",
+        scan: bool = True,
     ) -> None:
         self.root = Path(root)
         files, labels, self.classes = _scan_image_folder(self.root, classes)
+        # Bad files are found (and refused, or left out) before any training: see selfsup.image_checks.
+        self.on_bad_image = check_policy(on_bad_image)
+        self.image_report: ImageReport | None = None
+        if scan:
+            keep, self.image_report = scan_images(files, on_bad_image, int(image_size), self.root)
+            files = [f for f, k in zip(files, keep) if k]
+            labels = None if labels is None else [lab for lab, k in zip(labels, keep) if k]
         # One numpy byte-string array rather than a list of Path objects: DataLoader workers would
         # otherwise copy the whole list page by page as reference counts change (ImageNet: GBs).
         self._paths = np.array([os.fsencode(f) for f in files])
@@ -206,10 +225,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels}")
         self.mean, self.std = _MEAN_STD["gray" if self.num_channels == 1 else "imagenet"]
         self.name = name if name is not None else IMAGEFOLDER_PREFIX + str(root)
+        # Files that fail to decode during training, flagged from DataLoader workers (shared memory).
+        self.failed = torch.zeros(len(self._paths), dtype=torch.bool).share_memory_()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def failed_files(self) -> list[str]:
+        """Files that passed the scan but failed to decode since the data set was built."""
+        return [os.fsdecode(self._paths[i]) for i in torch.nonzero(self.failed).flatten().tolist()]
 
     @property
     def files(self) -> list[Path]:
@@ -220,7 +245,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self._paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = _decode_image(Path(os.fsdecode(self._paths[index])), self.load_size, self.num_channels)
+        # A file that fails here (damage the scan cannot see) is replaced by the next one that decodes
+        # with on_bad_image="skip", deterministically, and flagged; "error" raises naming it.
+        image, index = decode_with_policy(
+            lambda i: _decode_image(Path(os.fsdecode(self._paths[i])), self.load_size, self.num_channels),
+            index, len(self._paths), self.on_bad_image, lambda i: os.fsdecode(self._paths[i]), self.failed)
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label
 
@@ -238,6 +267,7 @@ def load_dataset(
     in_memory: bool | None = None,
     *,
     num_channels: int | None = None,
+    on_bad_image: str = "error",
 ) -> InMemoryDataset | ImageFolderDataset:
     """Load a data set by name; see :data:`DATASET_NAMES`, or ``"imagefolder:PATH"``.
 
@@ -254,15 +284,17 @@ def load_dataset(
     into an :class:`InMemoryDataset`; otherwise an :class:`ImageFolderDataset` streams them.
     ``num_channels`` (image folders only) forces 1 or 3 channels instead of detecting them.
 
+    ``on_bad_image`` (image folders only): ``"error"`` refuses a folder with corrupt, truncated,
+    zero-byte or non-image files, naming them; ``"skip"`` leaves them out and records them in the
+    data set's ``image_report`` (see :mod:`selfsup.image_checks`, which decides every case).
+
     Raises :class:`DataNotFoundError` when the files are not found, ``ValueError`` for an unknown
-    name or split, an empty folder or a class folder without images.
+    name or split, :class:`DataError` (a ``ValueError``) for an empty folder, a class folder
+    without images or bad image files.
     """
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_image_folder(name, split, image_size, in_memory, num_channels)
-    key = name.strip().lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10"}.get(
-        key, key
-    )
+        return _load_image_folder(name, split, image_size, in_memory, num_channels, on_bad_image)
+    key = canonical_dataset_name(name)
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)} or imagefolder:PATH")
     if split not in _SPLITS[key]:
@@ -272,6 +304,14 @@ def load_dataset(
     if key in ("fashion-mnist", "mnist"):
         return _load_idx_dataset(key, split, data_dir)
     return _load_torchvision_dataset(key, split, data_dir)
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The built-in name ``name`` stands for (``"CIFAR_10"`` -> ``"cifar10"``); unknown names come back normalised."""
+    key = name.strip().lower().replace("_", "-")
+    return {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10"}.get(
+        key, key
+    )
 
 
 def label_subset(labels: torch.Tensor, fraction: float, seed: int, num_classes: int | None = None) -> torch.Tensor:
@@ -513,19 +553,19 @@ def _scan_image_folder(
     if direct:
         with_images = [sub for sub, files in per_class.items() if files]
         if with_images:
-            raise ValueError(
+            raise DataError(
                 f"image folder {folder} mixes images directly inside it ({len(direct)}) with class sub-folders "
                 f"that hold images ({', '.join(with_images[:5])}); use either root/<class>/img.jpg (labeled) "
                 "or a flat folder of images (unlabeled)"
             )
         return direct, None, []
     if not per_class:
-        raise ValueError(
+        raise DataError(
             f"image folder {folder} is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) and no class sub-folders"
         )
     for sub, files in per_class.items():
         if not files:
-            raise ValueError(
+            raise DataError(
                 f"class folder {folder / sub} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 "remove it or add images"
             )
@@ -533,7 +573,7 @@ def _scan_image_folder(
     index = {c: i for i, c in enumerate(classes)}
     unknown = [sub for sub in per_class if sub not in index]
     if unknown:
-        raise ValueError(f"class folders {unknown} in {folder} are not among the training classes")
+        raise DataError(f"class folders {unknown} in {folder} are not among the training classes")
     files, labels = [], []
     for sub, sub_files in per_class.items():
         files += sub_files
@@ -547,7 +587,7 @@ def _detect_channels(files: Sequence[Path], max_probe: int = 16) -> int:
     for path in list(files)[::step][:max_probe]:
         try:
             with Image.open(path) as img:
-                if img.mode not in ("1", "L", "LA", "I", "I;16"):
+                if img.mode not in ("1", "L", "LA", "La", "I", "F") and not img.mode.startswith("I;16"):
                     return 3
         except OSError as err:
             raise OSError(f"could not read image {path}: {err}") from err
@@ -561,16 +601,14 @@ def _decode_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
         with Image.open(path) as img:
             img.draft(mode, (size, size))  # JPEG only: DCT-scaled decode, both sides stay >= size
             img = ImageOps.exif_transpose(img)
-            if img.mode == "P":  # palette: go through RGBA when it has transparency, as PIL advises
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            img = img.convert(mode)
+            img = convert_image(img, mode)  # transparency over white, 16-bit scaled, palette/CMYK converted
             w, h = img.size
             side = min(w, h)
             if (w, h) != (size, size):
                 box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
                 img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
             array = np.array(img, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except DECODE_ERRORS as err:
         raise OSError(f"could not decode image {path}: {err}") from err
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
@@ -596,7 +634,8 @@ def _resolve_split_folder(path: Path, split: str) -> tuple[Path, Path | None]:
 
 
 def _load_image_folder(
-    name: str, split: str, image_size: int | None, in_memory: bool | None, num_channels: int | None
+    name: str, split: str, image_size: int | None, in_memory: bool | None, num_channels: int | None,
+    on_bad_image: str = "error",
 ) -> InMemoryDataset | ImageFolderDataset:
     raw = name[len(IMAGEFOLDER_PREFIX) :]
     if not raw:
@@ -609,7 +648,8 @@ def _load_image_folder(
     if train_folder is not None and not any(_is_image(e.name) for e in os.scandir(train_folder) if e.is_file()):
         classes = _class_folders(train_folder)
     size = DEFAULT_IMAGEFOLDER_SIZE if image_size is None else int(image_size)
-    dataset = ImageFolderDataset(folder, image_size=size, num_channels=num_channels, classes=classes, name=name)
+    dataset = ImageFolderDataset(folder, image_size=size, num_channels=num_channels, classes=classes, name=name,
+                                 on_bad_image=on_bad_image)
     if in_memory is None:
         in_memory = len(dataset) <= IN_MEMORY_MAX_IMAGES and size <= IN_MEMORY_MAX_SIZE
     if not in_memory:
@@ -620,13 +660,33 @@ def _load_image_folder(
 def _decode_all(dataset: ImageFolderDataset, size: int) -> InMemoryDataset:
     """Decode every image once at ``size`` (PIL releases the GIL while decoding, so threads help)."""
     workers = min(8, os.cpu_count() or 1)
+
+    def decode(path: Path) -> torch.Tensor | str:
+        try:
+            return _decode_image(path, size, dataset.num_channels)
+        except OSError as err:  # passed the scan but does not decode: handled like a bad image
+            return str(err)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(lambda p: _decode_image(p, size, dataset.num_channels), dataset.files))
-    return InMemoryDataset(
-        images=torch.stack(images),
-        labels=dataset.labels,
+        decoded = list(pool.map(decode, dataset.files))
+    failed = [(str(f), d) for f, d in zip(dataset.files, decoded) if isinstance(d, str)]
+    report = dataset.image_report
+    if failed:
+        if dataset.on_bad_image == "error":
+            raise BadImageError(f"{len(failed)} of {len(decoded)} files in {dataset.root} cannot be decoded: "
+                                f"{describe_bad(failed)}. Fix or remove them, or pass --on-bad-image skip")
+        if report is not None:
+            report.bad += failed
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if not keep:
+        raise DataError(f"no usable images in {dataset.root}: none of {len(decoded)} files decodes")
+    dataset_out = InMemoryDataset(
+        images=torch.stack([decoded[i] for i in keep]),
+        labels=None if dataset.labels is None else dataset.labels[keep],
         classes=dataset.classes,
         name=dataset.name,
         mean=dataset.mean,
         std=dataset.std,
     )
+    dataset_out.image_report = report  # what the scan found (reported by the training loop)
+    return dataset_out

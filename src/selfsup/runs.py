@@ -53,7 +53,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
 
 def load_encoder(run: RunInfo, prefix: str = "backbone.") -> nn.Module:
     """The backbone of a run with its trained weights (strict: every tensor must match)."""
-    backbone = build_backbone(run.config.backbone, in_channels=run.in_channels, image_size=run.image_size)
+    kw = {} if run.config.backbone_width is None else {"width": run.config.backbone_width}
+    backbone = build_backbone(run.config.backbone, in_channels=run.in_channels, image_size=run.image_size, **kw)
     sub = {k[len(prefix):]: v for k, v in run.weights.items() if k.startswith(prefix)}
     if not sub:
         raise ckpt.CheckpointError(f"{run.weights_path} holds no '{prefix}*' tensors; it is not a selfsup pre-training run")

@@ -25,11 +25,14 @@ from selfsup import checkpoint as ckpt
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
 from selfsup.backbones import build_backbone
+from selfsup.collapse import CollapseMonitor
 from selfsup.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from selfsup.data import load_dataset
+from selfsup.guards import channels_last_hazard
+from selfsup.image_checks import BadImageError, clean_error_message, final_report
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
-from selfsup.schedules import scaled_lr, warmup_cosine
+from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
 
 
 class TrainingError(RuntimeError):
@@ -47,8 +50,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} was asked for but CUDA is not available; use --set device=cpu")
-    if name == "cuda" and dist.launched_by_torchrun():
-        return torch.device("cuda", dist.local_rank())
+    if name == "cuda":
+        return torch.device("cuda", dist.local_rank() if dist.launched_by_torchrun() else torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -159,7 +162,8 @@ def resolve_views(cfg: PretrainConfig, image_size: int) -> tuple[ViewConfig, Vie
 
 
 def build_model(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
-    backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size)
+    kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
+    backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
     return METHODS[cfg.method](cfg, backbone)
 
 
@@ -194,8 +198,13 @@ class _Logger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not end the run here; the next checkpoint says so clearly
+            if not getattr(self, "_warned", False):
+                warnings.warn(f"could not append to {self.path} ({e.strerror or e}); metrics are not being logged")
+                self._warned = True
         if self.tb is not None:
             step = record["step"]
             for k, v in record.items():
@@ -234,10 +243,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     """
     run_dir = Path(run_dir)
     cfg.validate()
-    distributed = dist.launched_by_torchrun() and not dist.is_distributed()
-    if distributed:
-        _init_process_group()
+    owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/distributed.md)
     main = dist.is_main_process()
+    if main:
+        ckpt.check_writable(run_dir)  # a read-only, missing or full output folder fails here, before any work
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -260,7 +269,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                           f"({world} x {cfg.accumulate})")
 
     dataset = load_dataset(cfg.dataset, "train" if not cfg.dataset.startswith("stl10") else "train+unlabeled",
-                           data_dir=cfg.data_dir, image_size=cfg.image_size)
+                           data_dir=cfg.data_dir, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image)
+    image_report = getattr(dataset, "image_report", None)  # bad/small images found by the scan (image folders)
+    if main and image_report is not None and (image_report.bad or image_report.upscaled):
+        print(f"[selfsup] {image_report.summary()}", file=sys.stderr)
     image_size = cfg.image_size or dataset.image_size
     n = len(dataset)
     if n < cfg.batch_size:
@@ -273,7 +285,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     model = build_model(cfg, dataset.num_channels, image_size).to(device)
     if weights is not None:
         _load_model_weights(model, weights, run_dir)
-    if cfg.channels_last:
+    if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
+        from selfsup.sync_batchnorm import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    channels_last = cfg.channels_last
+    if channels_last and (hazard := channels_last_hazard(model, device)):
+        warnings.warn(f"channels_last is off for this run: {hazard}")
+        channels_last = False
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     aug1 = BatchAugment(view1, image_size, dataset.mean, dataset.std)
     aug2 = BatchAugment(view2, image_size, dataset.mean, dataset.std)
@@ -281,15 +301,27 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     base_lr = scaled_lr(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
     optimizer = build_optimizer(cfg.optim.name, model, base_lr, cfg.optim.weight_decay, cfg.optim.momentum)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ckpt.CheckpointError(f"--resume {run_dir}: the optimiser state in the checkpoint does not fit this "
+                                       f"model and optimiser ({type(e).__name__}: {e})") from None
+    if main:  # room for keep_last + 1 checkpoints and the final weights, checked before training
+        ckpt.check_space_for_run(run_dir, model.state_dict(), cfg.keep_last, 2 if cfg.optim.name == "adamw" else 1)
 
-    train_model: nn.Module = model
-    if dist.is_distributed():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = dist.wrap_ddp(model, device)
     step_fn_model = torch.compile(train_model) if cfg.compile else train_model
     total_steps = 1  # fixed below, before the first real step
+    # A skipped step must leave no trace: batch-norm running statistics (updated by the forward pass)
+    # are copied before each step and put back when the loss or the gradients are not finite.
+    buffers = [b for b in model.buffers()]
+    saved_buffers = [b.clone() for b in buffers]
+
+    def skip_step() -> tuple[float, dict[str, float]]:
+        optimizer.zero_grad(set_to_none=True)
+        if buffers:
+            torch._foreach_copy_(buffers, saved_buffers)
+        return float("nan"), {}
 
     def train_step(step: int, images: torch.Tensor, lr: float) -> tuple[float, dict[str, float]]:
         for g in optimizer.param_groups:
@@ -297,27 +329,32 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, dist.rank(), 2))
         micro = images.chunk(cfg.accumulate)
         total_loss, logs = 0.0, {}
+        if buffers:
+            torch._foreach_copy_(saved_buffers, buffers)
         for i, mb in enumerate(micro):
             x1, x2 = aug1(mb, gen), aug2(mb, gen)
-            if cfg.channels_last:
+            if channels_last:
                 x1 = x1.contiguous(memory_format=torch.channels_last)
                 x2 = x2.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or not dist.is_distributed()
-            ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-            with ctx, autocast_context(device, precision):
-                loss, logs = step_fn_model(x1, x2)
-            loss_value = loss.detach().float()
-            if not torch.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                return float("nan"), {}
-            with ctx:
+            # Under DDP, only the last micro-batch's backward all-reduces the summed gradients.
+            with contextlib.nullcontext() if sync else train_model.no_sync():
+                with autocast_context(device, precision):
+                    loss, logs = step_fn_model(x1, x2)
+                loss_value = loss.detach().float()
+                # Every rank must skip together, or the others would wait for its gradients.
+                if not dist.all_ranks_true(bool(torch.isfinite(loss_value)), device):
+                    return skip_step()
                 (loss / cfg.accumulate).backward()
             total_loss += loss_value.item() / cfg.accumulate
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # all-reduced: same on every rank
+            return skip_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        after = getattr(unwrap(model), "after_optimizer_step", None)
-        if after is not None:
-            after(step, total_steps)
+        update_target = getattr(unwrap(model), "update_target", None)
+        if update_target is not None:  # BYOL's EMA target: an explicit call after every optimiser step
+            update_target(ema_tau(step, total_steps, cfg.base_tau))
         return total_loss, {k: float(v) for k, v in logs.items()}
 
     # Length of the run.
@@ -359,6 +396,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                    dynamic_ncols=True, file=sys.stderr)
 
     knn_data = None
+    collapse = CollapseMonitor.for_dim(cfg.proj_out_dim, cfg.collapse_threshold, after_step=warmup_steps)
     bad_in_a_row, bad_total = 0, (state or {}).get("bad_steps", 0)
     last_ckpt = ckpt.list_checkpoints(run_dir)[-1] if ckpt.list_checkpoints(run_dir) else None
     model.train()
@@ -381,7 +419,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                 warnings.warn(f"non-finite loss at step {step}; the step was skipped ({bad_total} so far)")
             else:
                 bad_in_a_row = 0
+            if main:
+                collapse.check(step, logs.get("collapse_std"))
             imgs_since += cfg.batch_size
+            if step % cfg.log_every == 0 or step == total_steps:
+                loss, logs = _mean_over_ranks(loss, logs, device)  # the global batch's loss, not rank 0's share
             if main and (step % cfg.log_every == 0 or step == total_steps):
                 now = time.perf_counter()
                 ips = imgs_since / max(now - t_log, 1e-9)
@@ -403,25 +445,66 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         final = run_dir / "model.safetensors"
         if main:
             ckpt.save_weights(export_weights(model), final, metadata=_weights_meta(cfg, image_size, dataset))
+            image_report = final_report(dataset)
+            if image_report is not None and image_report.skipped:
+                print(f"[selfsup] {image_report.skipped} bad images skipped: {image_report.summary()}", file=sys.stderr)
             (run_dir / "train_summary.json").write_text(json.dumps({
                 "steps": step, "bad_steps": bad_total, "train_seconds_this_session": time.perf_counter() - t_start,
+                "bad_images": None if image_report is None else image_report.to_dict(),
+                "collapse_warning_step": collapse.warned_at,
             }, indent=1))
         dist.barrier()
+        if owns_group:
+            dist.destroy()
         return final
+    except BadImageError as e:  # on_bad_image="error" and a file that passed the scan failed to decode
+        where = f"the last checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise TrainingError(f"{clean_error_message(e)} (during step {step + 1}); {where}, resume with --resume "
+                            "once the file is fixed or removed") from None
+    except BaseException as e:
+        if dist.world_size() > 1:
+            failure = _rank_failure(e, step, last_ckpt)
+            if failure is not e:
+                raise failure from e
+        raise
     finally:
         if bar is not None:
             bar.close()
         logger.close()
 
 
-def _init_process_group() -> None:
-    import datetime
+def _mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) -> tuple[float, dict[str, float]]:
+    """Average the loss and logged scalars over ranks (each rank's loss is the mean over its share)."""
+    if dist.world_size() == 1:
+        return loss, logs
+    keys = sorted(logs)
+    values = dist.all_reduce_mean(torch.tensor([loss] + [logs[k] for k in keys], dtype=torch.float64, device=device))
+    return float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
 
-    import torch.distributed as tdist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = datetime.timedelta(seconds=float(os.environ.get("SELFSUP_DIST_TIMEOUT", "600")))
-    tdist.init_process_group(backend=backend, timeout=timeout)
+def _rank_failure(e: BaseException, step: int, last_ckpt: Path | None) -> BaseException:
+    """Name the rank in the error; a failed collective means another rank died or hung first."""
+    who = f"rank {dist.rank()} of {dist.world_size()}"
+    resume = f"resume with --resume from {last_ckpt.parent.parent}" if last_ckpt else "no checkpoint was written yet"
+    lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(k in str(e) for k in ("Connection closed", "Timed out", "timed out", "Connection reset",
+                                                                    "NCCL", "Gloo", "gloo")))
+    if lost:
+        timeout = os.environ.get("SELFSUP_DIST_TIMEOUT", "600")
+        return TrainingError(f"{who} lost contact with the other ranks after {step} completed steps: another rank crashed or "
+                             f"stopped responding (collectives wait SELFSUP_DIST_TIMEOUT={timeout} s); its own error is "
+                             f"reported above and in torchrun's summary; {resume}. ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return e
+    print(f"[selfsup] {who} failed after {step} completed steps: {type(e).__name__}: {e}; torchrun stops the other ranks; "
+          f"{resume}", file=sys.stderr, flush=True)
+    return e
+
+
+def _init_process_group() -> bool:
+    """Join torchrun's process group (kept for callers of the old name; see ``dist.init_from_env``)."""
+    return dist.init_from_env()
 
 
 def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -437,9 +520,17 @@ def _weights_meta(cfg: PretrainConfig, image_size: int, dataset) -> dict[str, st
 def _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main) -> Path | None:
     if not main:
         return None
+    weights = export_weights(model)
+    floats = {k: v for k, v in weights.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]) if floats else torch.ones(1, dtype=torch.bool)
+    if not bool(finite.all()):  # one sync; never let a broken state push a good checkpoint out of keep_last
+        broken = [k for k, ok in zip(floats, finite.tolist()) if not ok]
+        done = ckpt.list_checkpoints(run_dir)
+        raise TrainingError(f"the model holds non-finite values at step {step} ({', '.join(broken[:3])}); it was not "
+                            f"saved. The last good checkpoint is {done[-1] if done else 'none (none was written yet)'}")
     state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps, "bad_steps": bad_total,
              "torch_rng": torch.get_rng_state()}
-    return ckpt.save_checkpoint(run_dir, step, export_weights(model), state, {"config": to_dict(cfg), "kind": "pretrain"},
+    return ckpt.save_checkpoint(run_dir, step, weights, state, {"config": to_dict(cfg), "kind": "pretrain"},
                                 keep_last=cfg.keep_last)
 
 
@@ -463,17 +554,22 @@ def _load_resume(cfg: PretrainConfig, run_dir: Path):
         raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "
                                    "start the run without --resume")
     weights, state, meta = ckpt.load_checkpoint(ckpts[-1])
-    saved = from_dict(PretrainConfig, meta["config"])
+    try:
+        saved = from_dict(PretrainConfig, meta["config"])
+        int(state["step"]), int(state["total_steps"]), state["optimizer"]
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise ckpt.CheckpointError(f"--resume {run_dir}: checkpoint {ckpts[-1]} was written by an incompatible selfsup "
+                                   f"({type(e).__name__}: {e}); resume it with the release that wrote it") from None
     # Everything but bookkeeping must match the interrupted run; the saved config wins.
     free = {"device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "knn_monitor",
-            "epochs", "steps", "minutes"}
+            "epochs", "steps", "minutes", "on_bad_image"}
     given, kept = to_dict(cfg), to_dict(saved)
     diff = [k for k in kept if k not in free and given.get(k) != kept.get(k)
             and not (k in ("view", "view2") and given.get(k) is None)]
     if diff:
         raise ConfigError(f"--resume {run_dir}: the command line differs from the interrupted run in "
                           f"{', '.join(diff)}; resume with the run's own settings (saved in {run_dir / 'config.yaml'})")
-    for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir"):
+    for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "on_bad_image"):
         setattr(saved, k, getattr(cfg, k))
     return saved, weights, state
 
@@ -535,25 +631,30 @@ def _knn_cost_estimate(cfg, per_step: float) -> float:
 
 
 def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
-    """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries)."""
-    from selfsup.evaluate import extract_features, knn_eval
+    """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries).
 
-    if not dist.is_main_process():
-        return cache
+    Under torchrun every rank embeds a shard of the bank and queries (``dist_eval``); rank 0 scores
+    and logs. All ranks take part, so none waits in a collective while another evaluates.
+    """
+    from selfsup.dist_eval import extract_features_sharded
+    from selfsup.evaluate import knn_eval
+
     if cache is None:
         g = torch.Generator().manual_seed(_mix(cfg.seed, 3))
         perm = torch.randperm(len(dataset), generator=g)
         try:
-            test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size)
+            test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,
+                                on_bad_image=cfg.on_bad_image)
             tperm = torch.randperm(len(test), generator=g)[:KNN_QUERIES]
             cache = (perm[:KNN_BANK], test, tperm)
         except Exception:
             cache = (perm[KNN_QUERIES:KNN_QUERIES + KNN_BANK], dataset, perm[:KNN_QUERIES])
     bank_idx, qset, q_idx = cache
     enc = unwrap(model).backbone
-    bf, bl = extract_features(enc, dataset, device, image_size, indices=bank_idx, precision=precision)
-    qf, ql = extract_features(enc, qset, device, image_size, indices=q_idx, precision=precision)
-    res = knn_eval(bf, bl, qf, ql, dataset.num_classes, cfg.knn_k, cfg.knn_temperature)
-    logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"]})
+    bf, bl = extract_features_sharded(enc, dataset, device, image_size, indices=bank_idx, precision=precision)
+    qf, ql = extract_features_sharded(enc, qset, device, image_size, indices=q_idx, precision=precision)
+    if dist.is_main_process():
+        res = knn_eval(bf, bl, qf, ql, dataset.num_classes, cfg.knn_k, cfg.knn_temperature)
+        logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"]})
     model.train()
     return cache

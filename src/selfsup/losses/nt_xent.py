@@ -29,7 +29,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     n = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)
-    z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
+    # One collective for both views; gradients flow back to the rank that owns each row.
+    z1_all, z2_all = gather_with_grad(torch.cat([z1, z2], dim=1)).chunk(2, dim=1)
     n_global = z1_all.shape[0]
     if n_global < 2:
         raise ValueError("nt_xent needs at least 2 images in the (global) batch: with one image there are no negatives")

@@ -10,15 +10,26 @@ from typing import Callable
 from torch import nn
 
 from selfsup.augment import ViewConfig
+from selfsup.methods.byol import BYOL, BYOL_DEFAULTS, build_byol
 from selfsup.methods.simclr import SimCLR, build_simclr
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "simclr": build_simclr,
+    "byol": build_byol,
+    "simclrv2": build_simclr,  # SimCLR with SimCLRv2's 3-layer projection head (Chen et al. 2020b, Sec. 2)
+}
+
+# Per-method config defaults, applied by ``config.build_config`` only to keys the user did not give.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "byol": BYOL_DEFAULTS,
+    "simclrv2": {"proj_layers": 3},
 }
 
 # Default view distributions per method, as a function of the training image size: (view 1, view 2).
 VIEW_PRESETS: dict[str, Callable[[int], tuple[ViewConfig, ViewConfig]]] = {
     "simclr": lambda size: (ViewConfig.simclr(size), ViewConfig.simclr(size)),
+    "byol": lambda size: (ViewConfig.byol(size, 1), ViewConfig.byol(size, 2)),
+    "simclrv2": lambda size: (ViewConfig.simclr(size), ViewConfig.simclr(size)),
 }
 
-__all__ = ["METHODS", "VIEW_PRESETS", "SimCLR"]
+__all__ = ["METHODS", "METHOD_DEFAULTS", "VIEW_PRESETS", "SimCLR", "BYOL"]

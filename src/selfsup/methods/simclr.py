@@ -39,6 +39,8 @@ class SimCLR(nn.Module):
 
 
 def build_simclr(cfg, backbone: nn.Module) -> SimCLR:
+    if cfg.proj_layers == 0:  # "no projection head" of SimCLR Figure 8: the loss is computed on h
+        return SimCLR(backbone, nn.Identity(), temperature=cfg.temperature)
     head = ProjectionHead(backbone.num_features, cfg.proj_hidden_dim or backbone.num_features, cfg.proj_out_dim,
                           num_layers=cfg.proj_layers)
     return SimCLR(backbone, head, temperature=cfg.temperature)

@@ -1,0 +1,103 @@
+"""Shared helper of the BYOL benchmarks: pre-train one config, then linear-probe its frozen encoder.
+
+Each run writes a normal run folder (config.yaml, metrics.jsonl, model.safetensors, eval_linear.json),
+so every figure can be rechecked with ``selfsup eval linear --run RUN_DIR``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def machine_note() -> str:
+    """Threads and load average at the time of measuring (the CPU is shared)."""
+    try:
+        load = os.getloadavg()
+        load_s = f"load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+    except OSError:
+        load_s = "load average n/a"
+    return f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {load_s}"
+
+
+def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = True) -> dict:
+    """Pre-train ``layer`` (config keys, method defaults applied) into ``run_dir``, linear-probe it.
+
+    Returns the linear top-1, the last logged loss and collapse_std, whether the collapse warning
+    fired, and timings. With ``reuse`` a finished run folder with ``eval_linear.json`` is read back
+    instead of being trained again (so an interrupted benchmark can be rerun cheaply).
+    """
+    from selfsup.cli import run_eval
+    from selfsup.collapse import CollapseWarning
+    from selfsup.config import PretrainConfig, build_config
+    from selfsup.train import pretrain
+
+    run_dir = Path(run_dir)
+    result_path = run_dir / "benchmark_result.json"
+    if reuse and result_path.is_file():
+        old = json.loads(result_path.read_text())
+        if old.get("layer") == layer:
+            return old
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cfg = build_config(PretrainConfig, layer)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CollapseWarning)
+        pretrain(cfg, run_dir, progress=False)
+    train_s = time.perf_counter() - t0
+    collapse_warned = any(issubclass(w.category, CollapseWarning) for w in caught)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    last = steps[-1] if steps else {}
+    t1 = time.perf_counter()
+    lin = run_eval("linear", run_dir)
+    eval_s = time.perf_counter() - t1
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    run_info = json.loads((run_dir / "run.json").read_text())
+    result = {
+        "run": str(run_dir), "method": cfg.method, "batch_size": cfg.batch_size, "steps": summary["steps"],
+        "images_seen": summary["steps"] * cfg.batch_size, "linear_top1": lin["top1"], "final_loss": last.get("loss"),
+        "final_collapse_std": last.get("collapse_std"), "collapse_warning": collapse_warned,
+        "collapse_warning_step": summary.get("collapse_warning_step"),
+        "collapse_threshold_abs": cfg.collapse_threshold / cfg.proj_out_dim ** 0.5,
+        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "images_per_sec": round(summary["steps"] * cfg.batch_size / max(summary["train_seconds_this_session"], 1e-9), 1),
+        "precision": run_info.get("precision"), "machine": machine_note(), "layer": layer,
+    }
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _ in columns:
+            v = r.get(key)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def random_init_probe(dataset: str, backbone_width: float | None, seed: int = 0) -> float:
+    """Linear-probe top-1 of the untrained default backbone (the floor pre-training must beat)."""
+    from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone
+    from selfsup.data import load_dataset
+    from selfsup.evaluate import extract_features, linear_eval
+
+    train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    torch.manual_seed(seed)
+    kw = {} if backbone_width is None else {"width": backbone_width}
+    enc = build_backbone(CPU_DEFAULT_BACKBONE, in_channels=train.num_channels, image_size=train.image_size, **kw)
+    ftr, ytr = extract_features(enc, train, "cpu", train.image_size)
+    fte, yte = extract_features(enc, test, "cpu", train.image_size)
+    return linear_eval(ftr, ytr, fte, yte, train.num_classes)["top1"]

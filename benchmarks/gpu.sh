@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU (see docs/benchmarks.md). About 6-7 minutes on one H200.
+#   1. the CPU-default search at fixed step budgets (accuracy does not depend on the device)
+#   2. throughput (a)/(b)/(c) for ResNet-50 at 224 px and ResNet-18 at 32 px, bf16
+#   3. a torchrun (NCCL) smoke run of the distributed path on one GPU
+# Run from the repository root with the Fashion-MNIST idx files in .gpu_data/fashion-mnist/.
+set -uo pipefail
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+nvidia-smi -L
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+echo "== search"
+timeout 260 python3 benchmarks/cpu_default_search.py --jobs 6 --threads 2 --data-dir .gpu_data --device cuda \
+    --out /tmp/search ${SEARCH_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/search.txt"
+echo "== throughput resnet50 224px bf16"
+timeout 100 python3 benchmarks/throughput.py --backbone resnet50 --image-size 224 --source-scale 1.15 --channels 3 \
+    --batch-size 256 --precision bf16 --workers 14 --steps 15 --warmup 5 2>&1 | tee "$OUT/throughput_r50.txt"
+echo "== throughput resnet18 32px bf16"
+timeout 60 python3 benchmarks/throughput.py --backbone resnet18 --image-size 32 --channels 3 \
+    --batch-size 512 --precision bf16 --workers 14 --steps 20 --warmup 5 2>&1 | tee "$OUT/throughput_r18.txt"
+echo "== torchrun smoke (NCCL, 1 process)"
+timeout 60 torchrun --nproc-per-node 1 -m selfsup pretrain --dataset fashion-mnist --data-dir .gpu_data \
+    --out /tmp/ddp_run --steps 100 --no-progress --set knn_monitor=false 2>&1 | tail -3 | tee "$OUT/torchrun.txt"

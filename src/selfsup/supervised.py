@@ -1,0 +1,261 @@
+"""The supervised loop shared by fine-tuning and distillation: one plain function, no trainer class.
+
+As in pre-training (``selfsup.train``), randomness is a pure function of ``(seed, step)`` (data order
+from per-epoch seeded permutations, augmentation from a per-step seeded generator), checkpoints are
+written with ``selfsup.checkpoint`` and resuming replays exactly the steps an uninterrupted run takes.
+Only the trainable model is wrapped in DDP under torchrun; anything else a step uses (a teacher) is not.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from selfsup import checkpoint as ckpt
+from selfsup import dist
+from selfsup.config import ConfigError, from_dict, to_dict
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, dataset, device: torch.device, image_size: int, batch_size: int = 512,
+                        precision: str = "fp32") -> dict[str, float]:
+    """Top-1/top-5 (%) on every image of ``dataset`` (centre, no augmentation), model in eval mode."""
+    from selfsup.evaluate import iterate_batches, prepare_images, topk_accuracy
+
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    try:
+        for images, y in iterate_batches(dataset, batch_size):
+            x = prepare_images(images.to(device), dataset.mean, dataset.std, image_size)
+            with autocast:
+                scores.append(model(x).float().cpu())
+            labels.append(torch.as_tensor(y).long())
+    finally:
+        model.train(was_training)
+    out = topk_accuracy(torch.cat(scores), torch.cat(labels))
+    out["num_test"] = sum(len(y) for y in labels)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Data streams (randomness is a pure function of (seed, step), as in pre-training)
+
+
+def effective_batch(batch_size: int, n: int, world: int) -> int:
+    """``batch_size`` capped at the number of images, rounded down to a multiple of the world size."""
+    b = min(batch_size, n)
+    b -= b % world
+    if b < world:
+        raise ConfigError(f"batch_size: {n} image(s) cannot be split over {world} processes; use more labels")
+    return b
+
+
+def labeled_stream(dataset, indices: torch.Tensor | None, batch: int, seed: int, start: int, total: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) of this rank's share of each step's batch, over ``indices`` (None: all)."""
+    from selfsup.train import StepBatchSampler, step_indices
+
+    r, w = dist.rank(), dist.world_size()
+    pool = torch.arange(len(dataset)) if indices is None else indices
+    n = len(pool)
+    if hasattr(dataset, "images"):
+        labels = dataset.labels if dataset.labels is not None else torch.full((len(dataset),), -1)
+        for step in range(start, total):
+            idx = pool[step_indices(n, batch, seed, step, r, w)]
+            yield dataset.images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    loader = DataLoader(Subset(dataset, pool.tolist()), batch_sampler=StepBatchSampler(n, batch, seed, start, total, r, w),
+                        num_workers=2, pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), torch.as_tensor(labels).to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The supervised loop, shared by fine-tuning and distillation
+
+
+@dataclass
+class LoopSpec:
+    """What the supervised loop needs besides the model: length, lr schedule, and one step's loss."""
+
+    kind: str  # "finetune" or "distill"
+    total_steps: int
+    base_lr: float
+    warmup_steps: int
+    final_lr: float
+    step_loss: Callable[[int, nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    batches: Callable[[int, int], Iterator[Any]]  # (start, total) -> one item per step
+    images_per_step: int
+
+
+def run_supervised(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path,
+                   device: torch.device, precision: str, start_step: int, progress: bool,
+                   bad_total: int = 0) -> int:
+    """Train ``model`` for steps ``start_step .. total_steps - 1``; checkpoints, metrics.jsonl, final weights.
+
+    Returns the number of skipped (non-finite) steps. ``model`` is the bare module; it is wrapped in
+    DDP here when running under torchrun. Everything else (teachers) stays outside.
+    """
+    from selfsup.schedules import warmup_cosine
+    from selfsup.train import TrainingError, _Logger, autocast_context
+
+    main = dist.is_main_process()
+    train_model = dist.wrap_ddp(model, device)
+    logger = _Logger(run_dir, main)
+    bar = None
+    if main and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=spec.total_steps, initial=start_step, desc=spec.kind, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    model.train()
+    bad_in_a_row = 0
+    t_log, steps_since = time.perf_counter(), 0
+    step = start_step
+    try:
+        for batch in spec.batches(start_step, spec.total_steps):
+            lr = warmup_cosine(step, spec.total_steps, spec.warmup_steps, spec.base_lr, spec.final_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast_context(device, precision):
+                loss, logs = spec.step_loss(step, train_model, batch)
+            step += 1
+            if not dist.all_ranks_true(bool(torch.isfinite(loss.detach())), device):  # every rank skips together
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                bad_total += 1
+                warnings.warn(f"non-finite loss at step {step}; the step was skipped")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    last = ckpt.list_checkpoints(run_dir)
+                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (last at step {step}); "
+                                        f"{where}. Lower the learning rate (--set optim.lr=...), then resume.")
+            else:
+                bad_in_a_row = 0
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps_since += 1
+            if main and (step % cfg.log_every == 0 or step == spec.total_steps):
+                now = time.perf_counter()
+                ips = spec.images_per_step * steps_since / max(now - t_log, 1e-9)
+                t_log, steps_since = now, 0
+                logger.log({"step": step, "loss": float(loss.detach()), "lr": lr, "images_per_sec": ips,
+                            **{k: float(v) for k, v in logs.items()}})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.3g}")
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step < spec.total_steps:
+                save_state(cfg, spec, run_dir, model, optimizer, step, bad_total)
+        save_state(cfg, spec, run_dir, model, optimizer, step, bad_total)
+        if main:
+            ckpt.save_weights(model.state_dict(), run_dir / "model.safetensors",
+                              metadata={"kind": spec.kind, "config": json.dumps(to_dict(cfg))})
+        dist.barrier()
+        return bad_total
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+
+def save_state(cfg, spec: LoopSpec, run_dir: Path, model: nn.Module, optimizer, step: int, bad_total: int) -> None:
+    if not dist.is_main_process():
+        return
+    state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": spec.total_steps, "bad_steps": bad_total}
+    ckpt.save_checkpoint(run_dir, step, model.state_dict(), state, {"config": to_dict(cfg), "kind": spec.kind},
+                         keep_last=cfg.keep_last)
+
+
+def resume_state(cls, cfg, run_dir: Path, kind: str, free: set[str]):
+    """(saved config, weights, state) of the newest checkpoint; ``cfg`` must agree outside ``free`` keys."""
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / ckpt.CHECKPOINT_DIR}; "
+                                   "start the run without --resume")
+    weights, state, meta = ckpt.load_checkpoint(found[-1])
+    if meta.get("kind") != kind:
+        raise ckpt.CheckpointError(f"--resume {run_dir}: this is a {meta.get('kind')} run, not a {kind} run")
+    saved = from_dict(cls, meta["config"])
+    given, kept = to_dict(cfg), to_dict(saved)
+    diff = [k for k in kept if k not in free and given.get(k) != kept.get(k) and given.get(k) is not None]
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: the command line differs from the interrupted run in {', '.join(diff)}; "
+                          f"resume with the run's own settings (saved in {run_dir / 'config.yaml'})")
+    for k in free:
+        setattr(saved, k, getattr(cfg, k))
+    return saved, weights, state
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
+                          "or choose a new --out folder")
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.cleanup_temporary(run_dir)
+
+
+def setup_device(name: str, precision: str) -> tuple[torch.device, str, bool]:
+    """(device, resolved precision, whether this call created the process group and so must destroy it)."""
+    from selfsup.train import resolve_device, resolve_precision
+
+    owns_group = dist.init_from_env()  # under torchrun: join the process group (a no-op otherwise)
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, resolve_precision(precision, device), owns_group
+
+
+def length_in_steps(epochs: float | None, steps: int | None, default_epochs: float, n: int, batch: int) -> int:
+    if steps is not None:
+        return steps
+    return max(1, int(round((epochs if epochs is not None else default_epochs) * (n // batch))))
+
+
+def mix_seed(*xs: int) -> int:
+    """A deterministic seed from integers (the one pre-training uses)."""
+    from selfsup.train import _mix
+
+    return _mix(*xs)
+
+
+def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """``build_optimizer`` for a :class:`~selfsup.finetune.Classifier`, except that the linear classifier
+    ``fc`` gets neither weight decay nor LARS's trust ratio (plain momentum SGD at ``lr``), as the
+    released SimCLR code treats its supervised head. A zero-initialised layer would otherwise move by
+    ``lr x eta x |w|``, i.e. hardly at all, under LARS."""
+    from selfsup.optim import LARS, split_decay_groups
+
+    fc = list(model.fc.parameters())
+    ids = {id(p) for p in fc}
+    body = [g for g in split_decay_groups(model)]
+    for g in body:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    groups = body + [{"params": [p for p in fc if p.requires_grad], "weight_decay": 0.0, "lars_exclude": True}]
+    name, wd, momentum = optim_cfg.name, optim_cfg.weight_decay, optim_cfg.momentum
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=wd)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+    raise ConfigError(f"optim.name: unknown optimizer {name!r}; use lars, sgd or adamw")

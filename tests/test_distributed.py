@@ -1,0 +1,342 @@
+"""Multi-process training on CPU with gloo: exact equivalence with one process, resume across world
+sizes, and a crashing rank ending the job (issue 7, docs/distributed.md).
+
+Each test starts real processes (``torch.multiprocessing.spawn`` or ``torchrun``), which costs a few
+seconds each, so the checks are grouped to start as few as possible.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from selfsup import dist
+from selfsup.backbones import build_backbone
+from selfsup.checkpoint import list_checkpoints, load_checkpoint, load_weights
+from selfsup.heads import ProjectionHead
+from selfsup.losses import nt_xent
+from selfsup.methods import METHODS
+from selfsup.sync_batchnorm import convert_sync_batchnorm
+
+B = 4  # per-rank batch
+WORLD = 2
+ENV = {"OMP_NUM_THREADS": "1", "SELFSUP_TEST_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Equivalence: 2 ranks x batch B == 1 process x batch 2B
+
+
+def _tiny_method(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)  # BN everywhere, 32-d h
+    if name == "simclr":
+        from selfsup.methods.simclr import SimCLR
+
+        return SimCLR(backbone, ProjectionHead(backbone.num_features, 32, 16), temperature=0.2).double()
+    from selfsup.config import PretrainConfig
+
+    cfg = PretrainConfig(method=name, proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32)
+    return METHODS[name](cfg, backbone).double()
+
+
+def _global_views():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(WORLD * B, 1, 16, 16, generator=g, dtype=torch.float64),
+            torch.randn(WORLD * B, 1, 16, 16, generator=g, dtype=torch.float64))
+
+
+def _methods_under_test() -> list[str]:
+    return [m for m in ("simclr", "byol") if m in METHODS]  # BYOL's check runs once methods/byol.py is registered
+
+
+def _equivalence_worker(rank: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, WORLD, port)
+    assert dist.init_from_env()
+    out: dict[str, object] = {}
+    x1, x2 = _global_views()
+    mine = slice(rank * B, (rank + 1) * B)
+
+    # 1. The gather's backward: rank r's rows receive the sum over ranks of d L_k / d x_r.
+    x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    w = torch.arange(WORLD * 2 * 3, dtype=torch.float64).view(WORLD * 2, 3) * (rank + 1)
+    (dist.gather_with_grad(x) * w).sum().backward()
+    out["gather_grad"] = x.grad
+
+    # 2. nt_xent alone: the mean of the ranks' losses is the global loss; each rank's own rows get
+    #    the gradient of the SUM of the ranks' losses (W x the global loss's gradient) before DDP's 1/W.
+    z = torch.randn(WORLD * B, 2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z1, z2 = z[mine, 0].clone().requires_grad_(), z[mine, 1].clone().requires_grad_()
+    loss = nt_xent(z1, z2, temperature=0.3)
+    loss.backward()
+    out["nt_xent_loss"] = dist.all_reduce_mean(loss.detach())
+    out["nt_xent_grad"] = (dist.gather_no_grad(z1.grad), dist.gather_no_grad(z2.grad))
+
+    # 3. Whole methods with synchronised batch norm inside DDP.
+    for name in _methods_under_test():
+        model = convert_sync_batchnorm(_tiny_method(name))
+        ddp = dist.wrap_ddp(model, torch.device("cpu"))
+        loss, _ = ddp(x1[mine], x2[mine])
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        buffers = {k: b.clone() for k, b in model.named_buffers()}
+        out[name] = {"loss": dist.all_reduce_mean(loss.detach()), "grads": grads, "buffers": buffers}
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy()
+
+
+@pytest.fixture(scope="module")
+def equivalence_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("equiv")
+    mp.spawn(_equivalence_worker, args=(_free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_gather_backward_sums_every_ranks_gradient_into_the_owner(equivalence_results):
+    # L_k = sum(gather(x) * w_k) with w_k = (k + 1) * arange: d L_k / d x_r = w_k[rows of r].
+    base = torch.arange(WORLD * 2 * 3, dtype=torch.float64).view(WORLD * 2, 3)
+    scale = sum(k + 1 for k in range(WORLD))
+    for r, res in enumerate(equivalence_results):
+        assert torch.equal(res["gather_grad"], base[2 * r:2 * r + 2] * scale)
+
+
+def test_nt_xent_over_ranks_equals_one_process_with_the_global_batch(equivalence_results):
+    z = torch.randn(WORLD * B, 2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z1, z2 = z[:, 0].clone().requires_grad_(), z[:, 1].clone().requires_grad_()
+    ref = nt_xent(z1, z2, temperature=0.3)
+    ref.backward()
+    for res in equivalence_results:  # nt_xent computes in fp32
+        assert abs(res["nt_xent_loss"].item() - ref.item()) < 1e-6
+        g1, g2 = res["nt_xent_grad"]
+        # Before DDP's average over ranks the per-rank gradient is W times the global loss's.
+        torch.testing.assert_close(g1 / WORLD, z1.grad, rtol=0, atol=1e-7)
+        torch.testing.assert_close(g2 / WORLD, z2.grad, rtol=0, atol=1e-7)
+        assert not torch.allclose(g1, z1.grad, atol=1e-4)  # the factor W is really there before DDP
+
+
+@pytest.mark.parametrize("name", _methods_under_test())
+def test_ddp_with_sync_bn_equals_one_process_with_twice_the_batch(name, equivalence_results):
+    model = _tiny_method(name)
+    x1, x2 = _global_views()
+    loss, _ = model(x1, x2)
+    loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    buffers = dict(model.named_buffers())
+    for res in equivalence_results:
+        got = res[name]
+        assert abs(got["loss"].item() - loss.item()) < 1e-5
+        assert got["grads"].keys() == grads.keys() and len(grads) > 10
+        worst = max((got["grads"][k] - grads[k]).abs().max().item() for k in grads)
+        assert worst < 1e-5, f"{name}: largest gradient difference {worst:.3g}"
+        # Running statistics of every BN layer were updated with the global batch's mean and variance.
+        for k, b in buffers.items():
+            torch.testing.assert_close(got["buffers"][k], b, rtol=0, atol=1e-10, msg=k)
+    if name == "byol":
+        # The target network is trained by EMA only: no gradients, and kept out of DDP.
+        assert not any(k.startswith("target_") for k in grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop under 2 ranks: exact resume on 2 and on 1 process, sharded evaluation
+
+# Deterministic views (full-image crop, no flip/colour/blur; view 2 = Sobel edges): the only randomness
+# a rank draws for itself is switched off, so 2 ranks x 8 images must train like 1 process x 16 images.
+_FIXED_VIEWS = {
+    "view": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0,
+             "blur_p": 0.0},
+    "view2": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0, "grayscale_p": 0.0,
+              "blur_p": 0.0, "sobel_p": 1.0},
+}
+
+
+def _run_cfg(**kw):
+    from selfsup.config import PretrainConfig, build_config
+
+    base = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
+            "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16, "image_size": 16,
+            "precision": "fp32", "optim": {"lr": 1.0}, **_FIXED_VIEWS}
+    base.update(kw)
+    return build_config(PretrainConfig, base)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _training_worker(rank: int, ports: list[int], out_dir: str) -> None:
+    from selfsup.data import load_dataset
+    from selfsup.dist_eval import extract_features_sharded
+    from selfsup.train import pretrain
+
+    out = Path(out_dir)
+    cfg = _run_cfg()
+    _torchrun_env(rank, WORLD, ports[0])
+    pretrain(cfg, out / "full", progress=False)  # uninterrupted, 6 steps; owns and closes its process group
+
+    def interrupt(step):
+        if step == 4:  # after the checkpoint at step 3 (both ranks stop at the same point)
+            raise _Interrupted
+
+    _torchrun_env(rank, WORLD, ports[1])
+    try:
+        pretrain(cfg, out / "cut", progress=False, on_step=interrupt)
+        raise AssertionError("the run was not interrupted")
+    except _Interrupted:
+        pass
+    if rank == 0:
+        shutil.copytree(out / "cut", out / "cut_on_1")
+        shutil.copytree(out / "cut", out / "cut_on_2")
+    dist.barrier()
+    pretrain(cfg, out / "cut_on_2", resume=True, progress=False)  # resume on the same 2 ranks (group still up)
+
+    # Sharded feature extraction with rank-dependent BN statistics (as when sync_bn is off): every rank
+    # must get all features, in order, computed with rank 0's statistics.
+    torch.manual_seed(0)
+    enc = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(0.1 * (rank + 1))
+    data = load_dataset("embedded", "test", image_size=16)
+    idx = torch.arange(37) * 3
+    feats, labels = extract_features_sharded(enc, data, "cpu", 16, indices=idx, batch_size=8)
+    torch.save({"feats": feats, "labels": labels}, out / f"features_rank{rank}.pt")
+    dist.destroy()
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    mp.spawn(_training_worker, args=([_free_port(), _free_port()], str(out)), nprocs=WORLD)
+    from selfsup.train import pretrain
+
+    pretrain(_run_cfg(), out / "cut_on_1", resume=True, progress=False)  # this process alone: world size 1
+    return out
+
+
+def _metrics(run: Path) -> dict[int, dict]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def test_two_rank_run_resumes_exactly_on_two_ranks(training_runs):
+    full, resumed = load_weights(training_runs / "full" / "model.safetensors"), \
+        load_weights(training_runs / "cut_on_2" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    assert sorted(_metrics(training_runs / "cut_on_2")) == [1, 2, 3, 4, 5, 6]
+    info = json.loads((training_runs / "full" / "run.json").read_text())
+    assert info["world_size"] == 2
+    assert [p.name for p in list_checkpoints(training_runs / "cut")] == ["step_00000003"]
+
+
+def test_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_state(training_runs):
+    # The checkpoint holds the global state (weights, optimiser, step, schedule): resuming it on one
+    # process continues the same global batches, with global batch norm and the global negatives the
+    # two ranks shared, so the end state matches the uninterrupted 2-rank run up to float rounding.
+    _, state, meta = load_checkpoint(list_checkpoints(training_runs / "cut")[0])
+    assert state["step"] == 3 and state["total_steps"] == 6 and meta["config"]["batch_size"] == 16
+    full = load_weights(training_runs / "full" / "model.safetensors")
+    on_one = load_weights(training_runs / "cut_on_1" / "model.safetensors")
+    assert json.loads((training_runs / "cut_on_1" / "run.json").read_text())["world_size"] == 1
+    worst = max((full[k].double() - on_one[k].double()).abs().max().item() for k in full if full[k].is_floating_point())
+    assert worst < 1e-4, worst
+    changed = max((full[k].double() - load_checkpoint(list_checkpoints(training_runs / "cut")[0])[0][k].double())
+                  .abs().max().item() for k in full if full[k].is_floating_point())
+    assert changed > 100 * worst  # the last 3 steps moved the weights far more than the 1-vs-2 rank difference
+    two, one = _metrics(training_runs / "full"), _metrics(training_runs / "cut_on_1")
+    for step in (4, 5, 6):  # the logged loss is the global batch's loss, the same on 1 and 2 ranks
+        assert abs(two[step]["loss"] - one[step]["loss"]) < 1e-4, step
+        assert two[step]["lr"] == pytest.approx(one[step]["lr"], rel=1e-12)
+
+
+def test_sharded_feature_extraction_gathers_every_rank_in_order(training_runs):
+    from selfsup.data import load_dataset
+    from selfsup.evaluate import extract_features
+
+    torch.manual_seed(0)
+    enc = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(0.1)  # rank 0's statistics
+    data = load_dataset("embedded", "test", image_size=16)
+    idx = torch.arange(37) * 3
+    ref, ref_labels = extract_features(enc, data, "cpu", 16, indices=idx, batch_size=8)
+    for r in range(WORLD):
+        got = torch.load(training_runs / f"features_rank{r}.pt")
+        assert torch.equal(got["labels"], ref_labels)
+        torch.testing.assert_close(got["feats"], ref, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# A failing rank ends the whole job, with its message, instead of leaving the others waiting
+
+_FAULTY_MAIN = """
+import os, sys, time
+import selfsup.train as train
+
+if os.environ["RANK"] == "1":
+    schedule = train.warmup_cosine
+
+    def faulty(step, *args, **kwargs):
+        if step == 2:
+            if {hang!r}:
+                time.sleep(600)  # stops answering: the other rank's collectives time out
+            raise ValueError("injected failure on rank 1")
+        return schedule(step, *args, **kwargs)
+
+    train.warmup_cosine = faulty
+from selfsup.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
+def test_a_failing_rank_ends_the_job_with_a_clear_message(tmp_path, hang):
+    script = tmp_path / "faulty_main.py"
+    script.write_text(_FAULTY_MAIN.format(hang=hang))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    args = ["pretrain", "--dataset", "embedded", "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size", "16",
+            "--no-progress", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "knn_monitor=false",
+            "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "precision=fp32"]
+    env = {**os.environ, **ENV, "SELFSUP_DIST_TIMEOUT": "10"}
+    t0 = time.perf_counter()
+    out = subprocess.run([*torchrun, str(script), *args], capture_output=True, text=True, timeout=240, env=env,
+                         cwd=tmp_path)
+    elapsed = time.perf_counter() - t0
+    log = out.stdout + out.stderr
+    assert out.returncode != 0, log[-3000:]
+    if hang:
+        # rank 0 gives up after SELFSUP_DIST_TIMEOUT, names the problem, and torchrun stops rank 1.
+        assert "rank 0 of 2 lost contact with the other ranks after 2 completed steps" in log, log[-3000:]
+        assert "SELFSUP_DIST_TIMEOUT=10" in log
+    else:
+        assert "[selfsup] rank 1 of 2 failed after 2 completed steps: ValueError: injected failure on rank 1" in log, log[-3000:]
+        # torchrun's end-of-job summary shows the failing rank's own error as the root cause.
+        root = log[log.index("Root Cause"):] if "Root Cause" in log else ""
+        assert "injected failure on rank 1" in root, log[-3000:]
+    assert elapsed < 200
