@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from byol_common import machine_note, markdown_table, pretrain_and_probe  # noqa: E402
+from byol_common import machine_note, markdown_table, pretrain_and_probe, random_init_probe  # noqa: E402
 
 SHORT = {"dataset": "embedded", "images": 10000, "backbone_width": 0.0625}
 FULL = {"dataset": "fashion-mnist", "images": 600000, "backbone_width": None}
@@ -35,9 +35,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="32,64,128,256")
     ap.add_argument("--methods", default="byol,simclr")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config key for every run (e.g. device=cuda)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_byol_batch"))
-    ap.add_argument("--no-reuse", action="store_true", help="retrain runs whose results already exist")
+    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
+                    "of retraining (only valid if the code did not change in between)")
     args = ap.parse_args(argv)
+    from selfsup.config import merge, parse_overrides
     preset = dict(FULL if args.full else SHORT)
     for k in ("dataset", "images", "backbone_width"):
         if getattr(args, k) is not None:
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
                      "seed": args.seed, "knn_monitor": False, "log_every": 10, "checkpoint_every": 10**9}
             if preset["backbone_width"] is not None:
                 layer["backbone_width"] = preset["backbone_width"]
-            r = pretrain_and_probe(layer, args.out / f"{method}_b{b}", reuse=not args.no_reuse)
+            layer = merge(layer, parse_overrides(args.overrides))
+            r = pretrain_and_probe(layer, args.out / f"{method}_b{b}", reuse=args.reuse)
             rows.append(r)
             print(json.dumps({k: r[k] for k in ("method", "batch_size", "steps", "linear_top1", "final_loss",
                                                  "final_collapse_std", "train_seconds", "images_per_sec")}), flush=True)
@@ -71,7 +76,10 @@ def main(argv=None) -> int:
     if {"byol", "simclr"} <= drops.keys():
         verdict = "yes" if drops["byol"] < drops["simclr"] else "no"
         print(f"BYOL drops less than SimCLR from {hi} to {lo}: {verdict}")
-    (args.out / "summary.json").write_text(json.dumps({"preset": preset, "rows": rows, "drops": drops}, indent=1))
+    floor = random_init_probe(preset["dataset"], preset["backbone_width"], args.seed)
+    print(f"reference: the untrained encoder (seed {args.seed}) gives {floor:.2f}% linear top-1")
+    (args.out / "summary.json").write_text(json.dumps({"preset": preset, "rows": rows, "drops": drops,
+                                                       "untrained_top1": floor}, indent=1))
     return 0
 
 

@@ -44,9 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config key for every run (e.g. device=cuda)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_byol_collapse"))
-    ap.add_argument("--no-reuse", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
+                    "of retraining (only valid if the code did not change in between)")
     args = ap.parse_args(argv)
+    from selfsup.config import merge, parse_overrides
     preset = dict(FULL if args.full else SHORT)
     for k in ("dataset", "epochs", "backbone_width", "batch_size"):
         if getattr(args, k) is not None:
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
                  "checkpoint_every": 10**9, **VARIANTS[name]}
         if preset["backbone_width"] is not None:
             layer["backbone_width"] = preset["backbone_width"]
-        r = {"variant": name, **pretrain_and_probe(layer, args.out / name, reuse=not args.no_reuse)}
+        layer = merge(layer, parse_overrides(args.overrides))
+        r = {"variant": name, **pretrain_and_probe(layer, args.out / name, reuse=args.reuse)}
         rows.append(r)
         print(json.dumps({k: r[k] for k in ("variant", "steps", "linear_top1", "final_loss", "final_collapse_std",
                                              "collapse_warning", "collapse_warning_step", "train_seconds")}), flush=True)

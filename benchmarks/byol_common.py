@@ -24,12 +24,13 @@ def machine_note() -> str:
     return f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {load_s}"
 
 
-def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = True) -> dict:
+def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = False) -> dict:
     """Pre-train ``layer`` (config keys, method defaults applied) into ``run_dir``, linear-probe it.
 
     Returns the linear top-1, the last logged loss and collapse_std, whether the collapse warning
-    fired, and timings. With ``reuse`` a finished run folder with ``eval_linear.json`` is read back
-    instead of being trained again (so an interrupted benchmark can be rerun cheaply).
+    fired, and timings. With ``reuse`` a finished run of the same config in ``run_dir`` is read back
+    instead of being trained again (so an interrupted benchmark can be resumed cheaply); the caller
+    must know the code did not change in between.
     """
     from selfsup.cli import run_eval
     from selfsup.collapse import CollapseWarning
@@ -69,6 +70,7 @@ def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = True) -> dict:
         "collapse_threshold_abs": cfg.collapse_threshold / cfg.proj_out_dim ** 0.5,
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "images_per_sec": round(summary["steps"] * cfg.batch_size / max(summary["train_seconds_this_session"], 1e-9), 1),
+        "feature_dim": lin.get("feature_dim"), "backbone": cfg.backbone,
         "precision": run_info.get("precision"), "machine": machine_note(), "layer": layer,
     }
     result_path.write_text(json.dumps(result, indent=1))

@@ -27,11 +27,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset")
     ap.add_argument("--minutes", type=float)
     ap.add_argument("--methods", default="byol,simclr")
+    ap.add_argument("--steps", help="fixed step counts instead of --minutes, e.g. byol=750,simclr=1000 (the steps "
+                    "each method reaches in the CPU budget, to rerun the comparison on a faster device)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config key for every run (e.g. backbone_width=0.125)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_byol_vs_simclr"))
-    ap.add_argument("--no-reuse", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
+                    "of retraining (only valid if the code did not change in between)")
     args = ap.parse_args(argv)
     from selfsup.config import merge, parse_overrides
 
@@ -40,11 +43,13 @@ def main(argv=None) -> int:
         if getattr(args, k) is not None:
             preset[k] = getattr(args, k)
     print(f"[byol_vs_simclr] {preset} {args.overrides}; {machine_note()}", flush=True)
+    steps = dict(kv.split("=") for kv in args.steps.split(",")) if args.steps else {}
     rows = []
     for method in args.methods.split(","):
-        layer = merge({"method": method, "dataset": preset["dataset"], "minutes": preset["minutes"], "seed": args.seed,
+        length = {"steps": int(steps[method])} if method in steps else {"minutes": preset["minutes"]}
+        layer = merge({"method": method, "dataset": preset["dataset"], **length, "seed": args.seed,
                        "checkpoint_every": 10**9}, parse_overrides(args.overrides))
-        r = pretrain_and_probe(layer, args.out / method, reuse=not args.no_reuse)
+        r = pretrain_and_probe(layer, args.out / method, reuse=args.reuse)
         rows.append(r)
         print(json.dumps({k: r[k] for k in ("method", "steps", "images_seen", "linear_top1", "final_loss",
                                              "train_seconds", "images_per_sec")}), flush=True)

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# "A" is resnet18_narrow_plain (no 1x1 expansion), "Ax1024" the final default resnet18_narrow.
 # name: (steps in 10 CPU minutes at batch 256, --set overrides). Steps from measured CPU images/s:
 # resnet18_narrow ~480 img/s -> ~1100 steps; resnet10_narrow ~280 img/s -> ~650; resnet18 w0.25
 # with a stride-1 stem ~100 img/s -> ~230 (see docs/benchmarks.md).
@@ -37,21 +38,20 @@ CONFIGS = {
     "A_batch128": (2200, {"batch_size": 128}),
     # round 2 (temperature 0.1, LARS base lr 2.0; wide h through a final 1x1 expansion)
     "R2_A_t0.1_lr2": (1100, {"temperature": 0.1, "optim.lr": 2.0}),
-    "R2_Ax1024": (1000, {"backbone": "resnet18_narrow_x1024", "temperature": 0.1, "optim.lr": 2.0}),
-    "R2_Ax1024_lr1": (1000, {"backbone": "resnet18_narrow_x1024", "temperature": 0.1, "optim.lr": 1.0}),
-    "R2_Ax1024_t0.2": (1000, {"backbone": "resnet18_narrow_x1024", "temperature": 0.2, "optim.lr": 2.0}),
-    "R2_Ax1024_crop0.2": (1000, {"backbone": "resnet18_narrow_x1024", "temperature": 0.1, "optim.lr": 2.0,
+    "R2_Ax1024": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0}),
+    "R2_Ax1024_lr1": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 1.0}),
+    "R2_Ax1024_t0.2": (1000, {"backbone": "resnet18_narrow", "temperature": 0.2, "optim.lr": 2.0}),
+    "R2_Ax1024_crop0.2": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0,
                                  "view.crop_scale": "[0.2,1.0]", "view2.crop_scale": "[0.2,1.0]"}),
-    "R2_Ax1024_b512": (500, {"backbone": "resnet18_narrow_x1024", "temperature": 0.1, "optim.lr": 2.0, "batch_size": 512}),
+    "R2_Ax1024_b512": (500, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0, "batch_size": 512}),
     "R2_Ax2048": (950, {"backbone": "resnet18_narrow_x2048", "temperature": 0.1, "optim.lr": 2.0}),
     "R2_B_t0.1_lr2": (650, {"backbone": "resnet10_narrow", "temperature": 0.1, "optim.lr": 2.0}),
-    "R2_Bx1024": (600, {"backbone": "resnet10_narrow_x1024", "temperature": 0.1, "optim.lr": 2.0}),
     # random-init baselines: one step at a negligible learning rate
-    "R2_random_Ax1024": (1, {"backbone": "resnet18_narrow_x1024", "optim.lr": 1e-12}),
+    "R2_random_Ax1024": (1, {"backbone": "resnet18_narrow", "optim.lr": 1e-12}),
     "R2_random_B": (1, {"backbone": "resnet10_narrow", "optim.lr": 1e-12}),
     "R2_random_A": (1, {"optim.lr": 1e-12}),
 }
-BASE = {"temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
+BASE = {"backbone": "resnet18_narrow_plain", "temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
 
 
 def run_one(name: str, steps: int, sets: dict, args) -> dict:

@@ -59,22 +59,18 @@ def _build(backbone: str, image_size: int, sync_bn: bool):
     return convert_sync_batchnorm(model) if sync_bn else model
 
 
-def _time_steps(model, train_model, b: int, image_size: int, steps: int, sync) -> list[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    times = []
-    for i in range(steps + 2):
-        x1, x2 = torch.randn(b, 1, image_size, image_size, generator=g), torch.randn(b, 1, image_size, image_size, generator=g)
-        sync()
-        t = time.perf_counter()
-        loss, _ = train_model(x1, x2)
+class _Stepper:
+    """One configuration of the step being timed: a model, its (possibly DDP) wrapper and an optimiser."""
+
+    def __init__(self, model, train_model):
+        self.model, self.train_model = model, train_model
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def __call__(self, x1, x2) -> None:
+        loss, _ = self.train_model(x1, x2)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= 2:  # first steps build DDP's buckets and warm the allocator
-            times.append(time.perf_counter() - t)
-    return times
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 def _comm_worker(rank: int, port: int, args, out_file: str) -> None:
@@ -82,23 +78,42 @@ def _comm_worker(rank: int, port: int, args, out_file: str) -> None:
     torch.set_num_threads(1)
     from selfsup import dist
 
-    results = []
-    # One process alone first (no process group yet): the step without any communication.
-    local = {}
-    for b in args.per_rank_batch:
-        m = _build(args.backbone, args.image_size, sync_bn=False)
-        local[b] = statistics.median(_time_steps(m, m, b, args.image_size, args.steps, lambda: None))
     dist.init_from_env()
     import torch.distributed as tdist
 
+    results = []
     for b in args.per_rank_batch:
-        row = {"per_rank_batch": b, "global_batch": 2 * b, "one_process_step_ms": 1e3 * local[b]}
-        for sync_bn in (True, False):
-            m = _build(args.backbone, args.image_size, sync_bn)
-            ddp = dist.wrap_ddp(m, torch.device("cpu"))
-            t = _time_steps(m, ddp, b, args.image_size, args.steps, tdist.barrier)
-            row["step_ms" if sync_bn else "step_ms_no_sync_bn"] = 1e3 * statistics.median(t)
-        n_params = sum(p.numel() for p in m.parameters())
+        # Three configurations timed in turn, step by step, so that a shared machine's load falls on all
+        # of them alike: each rank alone (no communication), DDP + gathered negatives, and + sync BN.
+        local = _build(args.backbone, args.image_size, sync_bn=False)
+        plain = _build(args.backbone, args.image_size, sync_bn=False)
+        synced = _build(args.backbone, args.image_size, sync_bn=True)
+        configs = {"one_process_ms": _Stepper(local, local),
+                   "ddp_ms": _Stepper(plain, dist.wrap_ddp(plain, torch.device("cpu"))),
+                   "ddp_sync_bn_ms": _Stepper(synced, dist.wrap_ddp(synced, torch.device("cpu")))}
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        g = torch.Generator().manual_seed(1)
+        for i in range(args.steps + 2):
+            x1 = torch.randn(b, 1, args.image_size, args.image_size, generator=g)
+            x2 = torch.randn(b, 1, args.image_size, args.image_size, generator=g)
+            for key, step in configs.items():
+                if key == "one_process_ms":  # nt_xent must not gather here: time it outside the group
+                    tdist.barrier()
+                    t = time.perf_counter()
+                    with _single_process():
+                        step(x1, x2)
+                else:
+                    tdist.barrier()
+                    t = time.perf_counter()
+                    step(x1, x2)
+                    tdist.barrier()
+                if i >= 2:  # the first steps build DDP's buckets and warm the allocator
+                    times[key].append(time.perf_counter() - t)
+        row = {"per_rank_batch": b, "global_batch": 2 * b}
+        for key, ts in times.items():
+            row[key] = 1e3 * statistics.median(ts)
+            row[key[:-3] + "_min_ms"] = 1e3 * min(ts)
+        n_params = sum(p.numel() for p in synced.parameters())
         # The gather nt_xent adds: (b, 2 x 128) projections of both views, forward + backward.
         z = torch.randn(b, 2 * PROJ_DIM, requires_grad=True)
         gt = []
@@ -117,12 +132,28 @@ def _comm_worker(rank: int, port: int, args, out_file: str) -> None:
             at.append(time.perf_counter() - t0)
         row["grad_allreduce_ms"] = 1e3 * statistics.median(at[3:])
         row["params"] = n_params
-        row["gather_share_of_step"] = row["gather_fwd_bwd_ms"] / row["step_ms"]
-        row["sync_bn_overhead_ms"] = row["step_ms"] - row["step_ms_no_sync_bn"]
+        row["gather_share_of_step"] = row["gather_fwd_bwd_ms"] / row["ddp_sync_bn_ms"]
         results.append(row)
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.destroy()
+
+
+class _single_process:
+    """Make selfsup's distributed helpers behave as in one process (for the no-communication baseline)."""
+
+    def __enter__(self):
+        from selfsup import dist
+
+        self._saved = dist.is_distributed
+        dist.is_distributed = lambda: False
+        return self
+
+    def __exit__(self, *exc):
+        from selfsup import dist
+
+        dist.is_distributed = self._saved
+        return False
 
 
 def run_comm(args) -> list[dict]:
@@ -131,14 +162,14 @@ def run_comm(args) -> list[dict]:
         mp.spawn(_comm_worker, args=(_free_port(), args, out), nprocs=2)
         rows = json.loads(Path(out).read_text())
     print(f"\n2 gloo processes, {args.backbone} at {args.image_size} px, projection {PROJ_DIM}-d, 1 thread each; "
-          f"median of {args.steps} steps (gather/all-reduce: {args.reps} reps)\n")
-    print("| per-rank batch | global batch | step, 2 ranks (ms) | without sync BN (ms) | 1 process, same per-rank batch (ms) "
-          "| gather fwd+bwd (ms) | gather / step | DDP grad all-reduce (ms) |")
+          f"median (and min) of {args.steps} interleaved steps (gather/all-reduce: median of {args.reps} reps)\n")
+    print("| per-rank batch | global batch | 1 process, no communication (ms) | 2 ranks, DDP + global negatives (ms) "
+          "| + sync BN (ms) | gather fwd+bwd (ms) | gather / step | DDP grad all-reduce (ms) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['per_rank_batch']} | {r['global_batch']} | {r['step_ms']:.0f} | {r['step_ms_no_sync_bn']:.0f} | "
-              f"{r['one_process_step_ms']:.0f} | {r['gather_fwd_bwd_ms']:.2f} | {100 * r['gather_share_of_step']:.2f}% | "
-              f"{r['grad_allreduce_ms']:.2f} |")
+        print(f"| {r['per_rank_batch']} | {r['global_batch']} | {r['one_process_ms']:.0f} (min {r['one_process_min_ms']:.0f}) | "
+              f"{r['ddp_ms']:.0f} (min {r['ddp_min_ms']:.0f}) | {r['ddp_sync_bn_ms']:.0f} (min {r['ddp_sync_bn_min_ms']:.0f}) | "
+              f"{r['gather_fwd_bwd_ms']:.2f} | {100 * r['gather_share_of_step']:.2f}% | {r['grad_allreduce_ms']:.2f} |")
     return rows
 
 
@@ -161,7 +192,7 @@ def encoder_flops(name: str, size: int, channels: int) -> tuple[float, float]:
     net = torch.nn.Sequential(enc, ProjectionHead(enc.num_features, enc.num_features, PROJ_DIM))
     x = torch.randn(2, channels, size, size)  # batch 2: BN in training mode needs more than one sample
     with FlopCounterMode(display=False) as fc:
-        y = net(x)
+        net(x)
     fwd = fc.get_total_flops() / 2
     with FlopCounterMode(display=False) as fc:
         net(x).sum().backward()
@@ -256,22 +287,25 @@ def run_model(args) -> dict:
             print(f"| {n:,} | {enc_f / 1e9:,.0f} | {loss_f / 1e9:,.1f} | {loss_f / enc_f:.4f} | {_bytes(mem)} |")
 
     # Measured on this CPU, one thread: where does nt_xent's wall time catch up with the encoder's?
+    # The encoder is re-timed next to every loss measurement, so a shared machine's load hits both alike.
     name, size, ch, _ = ENCODERS[0]
-    per_image = measure_encoder_seconds_per_image(name, size, ch)
-    out["measured"]["encoder_fwd_bwd_s_per_view"] = per_image
     rows = []
     n = 256
     while n <= args.measure_up_to:
+        per_image = measure_encoder_seconds_per_image(name, size, ch)
         t = measure_nt_xent_seconds(n)
-        rows.append({"n": n, "nt_xent_s": t, "encoder_s": 2 * n * per_image})
+        rows.append({"n": n, "nt_xent_s": t, "encoder_s_per_view": per_image, "encoder_s": 2 * n * per_image})
         n *= 2
     out["measured"]["rows"] = rows
     # Fit t = a (2N)^2 on the largest measured batch and extrapolate.
     big = rows[-1]
+    per_image = statistics.median(r["encoder_s_per_view"] for r in rows)
+    out["measured"]["encoder_fwd_bwd_s_per_view"] = per_image
     a = big["nt_xent_s"] / (2 * big["n"]) ** 2
-    crossover = 2 * per_image / (4 * a)  # a (2N)^2 = 2N per_image  ->  N = per_image / (2a)
+    crossover = per_image / (2 * a)  # a (2N)^2 = 2N per_image  ->  N = per_image / (2a)
     out["measured"]["crossover_global_batch"] = crossover
-    print(f"\nMeasured on this CPU, 1 thread: {name} at {size} px forward+backward {1e3 * per_image:.2f} ms per view\n")
+    print(f"\nMeasured on this CPU, 1 thread: {name} at {size} px forward+backward {1e3 * per_image:.2f} ms per view "
+          "(median over the rows)\n")
     print("| global batch N | nt_xent fwd+bwd (s) | encoder fwd+bwd, 2N views (s) | loss / encoder |")
     print("|---:|---:|---:|---:|")
     for r in rows:

@@ -11,6 +11,8 @@ Paper, in kind: (b) and (c) clearly above (a); (c) >= (b) at 1%; (e) >= (c).
 
     # short version (minutes, fits a shared 2-core CPU): short pre-training and short fine-tunes
     python benchmarks/semi_supervised.py --budget short
+    # medium: the demo's 8 minutes of pre-training, 150-step fine-tunes and distillations
+    python benchmarks/semi_supervised.py --budget medium
     # the full budget: 60 minutes of pre-training, the paper's fine-tuning epochs, 10 distillation epochs
     python benchmarks/semi_supervised.py --budget full [--device cuda]
 
@@ -41,6 +43,8 @@ BUDGETS = {
     # paper's epochs for fine-tuning, distill_epochs for distillation).
     "short": {"pretrain_minutes": 3.0, "finetune_steps": 60, "distill_steps": 60, "distill_epochs": None,
               "batch_size": 128},
+    "medium": {"pretrain_minutes": 8.0, "finetune_steps": 150, "distill_steps": 150, "distill_epochs": None,
+               "batch_size": 128},
     "full": {"pretrain_minutes": 60.0, "finetune_steps": None, "distill_steps": None, "distill_epochs": 10.0,
              "batch_size": 256},
 }

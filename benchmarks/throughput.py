@@ -242,11 +242,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (b); -1 skips (b)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--imagefolder", type=int, default=0, metavar="N",
+                   help="also measure pre-training streamed from a generated folder of N JPEGs of varied sizes "
+                        "(benchmarks/imagefolder_throughput.py), at --image-size with --workers workers")
     p.add_argument("--measure-cpu-bf16", action="store_true", help="also time a bf16 matmul on the CPU (slow without AVX512-BF16/AMX)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     r = run(args)
+    if args.imagefolder:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from imagefolder_throughput import measure
+
+        folder = measure(num_images=args.imagefolder, image_size=args.image_size, batch_size=min(args.batch_size, 64),
+                         workers=max(args.workers, 0), backbone=args.backbone)
+        r["imagefolder"] = folder
     print(f"config: {args.backbone} {args.image_size}px x{args.channels}ch batch {args.batch_size} on {r['device']}, "
           f"{r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}; "
           f"encoder {r['encoder_gmacs_per_view']:.4f} GMACs/view")
@@ -260,6 +273,10 @@ def main() -> None:
         print(f"a/b = {r['ratio_a_over_b']:.2f}   a/c = {r['ratio_a_over_c']:.2f}")
     else:
         print(f"a/c = {r['ratio_a_over_c']:.2f}")
+    if "imagefolder" in r:
+        f = r["imagefolder"]
+        keys = [k for k in f if k.endswith("images_per_sec") or k.endswith("img_s")]
+        print("    image folder streamed from disk  : " + ", ".join(f"{k} {f[k]:.1f}" for k in keys))
     bf = f"{r['peak_matmul_bf16_tflops']:.3f}" if r["peak_matmul_bf16_tflops"] else "n/a"
     print(f"achieved {r['achieved_tflops_a']:.3f} TFLOP/s in (a) = {100 * r['achieved_fraction_of_peak_a']:.1f}% of the "
           f"measured matmul peak (fp32 {r['peak_matmul_fp32_tflops']:.3f}, bf16 {bf} TFLOP/s)")

@@ -111,6 +111,12 @@ def test_augment_pairs_end_to_end_resumes_cell_by_cell(tmp_path):
     assert (out / "cells" / "rotate" / "model.safetensors").stat().st_mtime_ns == weights  # not retrained
     with pytest.raises(ConfigError, match="other settings"):
         run_study("augment-pairs", args + ["--steps", "3"])  # another budget into the same --out
+    # A finished cell whose config is not what selfsup builds today (e.g. a default changed) is not reused.
+    saved = json.loads((out / "cells" / "crop" / "result.json").read_text())
+    saved["config"]["temperature"] = 0.123
+    (out / "cells" / "crop" / "result.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"cells/crop was trained with another config .*temperature"):
+        run_study("augment-pairs", args)
 
 
 def _images(n=64, channels=1, size=8, seed=0):
@@ -230,12 +236,18 @@ def test_batch_size_and_temperature_compare_methods_on_one_plot(tmp_path):
     assert is_png(out / "batch_size.png")
 
     out = tmp_path / "temp"
-    run_study("temperature", TINY + ["--out", str(out), "--temperatures", "0.5", "--methods", both])
+    run_study("temperature", TINY + ["--out", str(out), "--temperatures", "0.5", "--methods", both, "--seeds", "2"])
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["temperature"]) for r in rows] == [("simclr", 0.5)] + (
         [("byol", None)] if "byol" in both else [])
     cfg = (out / "cells" / "simclr-t0.5" / "config.yaml").read_text()
-    assert "temperature: 0.5" in cfg
+    assert "temperature: 0.5" in cfg and "seed: 0" in cfg
+    assert "seed: 1" in (out / "cells" / "simclr-t0.5@seed1" / "config.yaml").read_text()
+    per_seed = [json.loads((out / "cells" / c / "result.json").read_text())["linear_h"]
+                for c in ("simclr-t0.5", "simclr-t0.5@seed1")]
+    assert rows[0]["linear_h"] == pytest.approx(sum(per_seed) / 2)
+    assert rows[0]["linear_h_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
+    assert "±" in (out / "summary.md").read_text()
     assert is_png(out / "temperature.png")
 
 
@@ -248,8 +260,8 @@ def test_views_study_writes_grids_of_the_documented_size(tmp_path):
     cfg = json.loads((out / "view_config.json").read_text())
     assert cfg["image_size"] == 28 and cfg["view"]["blur_p"] == 1.0 and cfg["view2"]["solarize_p"] == 1.0
     assert cfg["view"]["solarize_p"] == 0.0
-    w, h = Image.open(out / "views.png").size
-    assert (w, h) == ((4 + 1) * 30 + 2, 3 * 30 + 2)  # save_view_grid's layout, 28 px tiles
-    assert Image.open(out / "transforms.png").size == ((7 + 1) * 30 + 2, 3 * 30 + 2)
+    with Image.open(out / "views.png") as views, Image.open(out / "transforms.png") as singles:
+        assert views.size == ((4 + 1) * 30 + 2, 3 * 30 + 2)  # save_view_grid's layout, 28 px tiles
+        assert singles.size == ((7 + 1) * 30 + 2, 3 * 30 + 2)
     with pytest.raises(ConfigError, match="blur_q"):
         run_study("views", ["--dataset", "embedded", "--out", str(out), "--set", "blur_q=1"])

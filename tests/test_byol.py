@@ -179,9 +179,9 @@ def test_without_predictor_and_config_switches(tiny_cfg):
     assert torch.isfinite(loss)
     # Method defaults fill keys not given; given keys win; bad values are ConfigErrors.
     byol = build_config(PretrainConfig, {"method": "byol"})
-    assert (byol.proj_hidden_dim, byol.optim.weight_decay) == (512, 1.5e-6)
+    assert (byol.optim.lr, byol.optim.weight_decay) == (3.0, 1.5e-6)
     assert build_config(PretrainConfig, {"method": "byol", "optim": {"lr": 0.7}}).optim.lr == 0.7
-    assert build_config(PretrainConfig, {"method": "simclr"}).proj_hidden_dim is None
+    assert build_config(PretrainConfig, {"method": "simclr"}).optim.weight_decay == PretrainConfig().optim.weight_decay
     for bad in ({"base_tau": 1.5}, {"base_tau": -0.1}, {"collapse_threshold": -1}, {"pred_hidden_dim": 0},
                 {"predictor": "maybe"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
@@ -257,3 +257,10 @@ def test_collapse_std_and_monitor_warns_once_after_warmup():
         assert not monitor.check(13, 0.0)  # only once
     assert monitor.warned_at == 12
     assert not CollapseMonitor.for_dim(d, 0.0).check(100, 0.0)  # threshold 0: off
+
+
+def test_minutes_budget_with_byol(tmp_path, tiny_cfg):
+    # --minutes times a few throw-away steps before the run length is known; the EMA call must cope.
+    cfg = tiny_cfg(method="byol", steps=None, minutes=0.01, proj_hidden_dim=32)
+    final = load_weights(pretrain(cfg, tmp_path / "run", progress=False))
+    assert any(k.startswith("target_backbone.") for k in final)

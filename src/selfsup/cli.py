@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def cmd_pretrain(args) -> int:
         cfg = _pretrain_config(args)
     run_dir = Path(args.resume or args.out)
     final = pretrain(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
-    print(json.dumps({"run": str(run_dir), "weights": str(final)}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per rank
+        print(json.dumps({"run": str(run_dir), "weights": str(final)}))
     return 0
 
 
@@ -91,8 +93,7 @@ def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_di
     import torch
 
     from selfsup.data import load_dataset
-    from selfsup.evaluate import (BackboneChangedError, extract_features, knn_eval, linear_eval,
-                                  state_fingerprint)
+    from selfsup.evaluate import BackboneChangedError, knn_eval, linear_eval, state_fingerprint
     from selfsup.runs import load_encoder, load_run
     from selfsup.train import resolve_device, resolve_precision
 
@@ -108,12 +109,21 @@ def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_di
     if train.num_channels != run.in_channels:
         raise _config_error(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
                             f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
+    from selfsup import dist
+    from selfsup.dist_eval import extract_features_sharded
+
+    owns_group = dist.init_from_env(device)  # under torchrun each rank embeds a shard (docs/distributed.md)
     dev = resolve_device(device)
     precision = resolve_precision("auto", dev)
     encoder = load_encoder(run).to(dev)
     before = state_fingerprint(encoder)
-    ftr, ytr = extract_features(encoder, train, dev, run.image_size, batch_size, precision=precision, progress=progress)
-    fte, yte = extract_features(encoder, test, dev, run.image_size, batch_size, precision=precision, progress=progress)
+    ftr, ytr = extract_features_sharded(encoder, train, dev, run.image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process())
+    fte, yte = extract_features_sharded(encoder, test, dev, run.image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process())
+    main = dist.is_main_process()
+    if owns_group:
+        dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
     if kind == "knn":
         result = knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature)
     else:
@@ -124,14 +134,16 @@ def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_di
               "num_train": len(train), "num_test": len(test), "feature_dim": int(ftr.shape[1]),
               "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
               **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
-    Path(run_dir, f"eval_{kind}.json").write_text(json.dumps(result, indent=1))
+    if main:
+        Path(run_dir, f"eval_{kind}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def cmd_eval(args) -> int:
     result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
                       args.k, args.temperature, progress=not args.no_progress)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result))
     return 0
 
 

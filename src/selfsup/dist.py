@@ -1,7 +1,8 @@
 """Distributed helpers that are no-ops in a single process.
 
 The same loss code runs in a CPU unit test and under DDP launched by ``torchrun``: every helper
-checks whether a process group exists and otherwise returns the trivial answer.
+checks whether a process group exists and otherwise returns the trivial answer. How they fit together
+(process group from torchrun's environment, DDP, synchronised batch norm, failures): docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -150,9 +151,10 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ...).
 
     Returns True if this call created the group (the caller then owns ``destroy``), False when there is
-    nothing to do (not launched by torchrun, or a group exists already). NCCL when CUDA is available
-    and ``device`` (the configured one: auto, cpu, cuda, cuda:N) does not ask for the CPU, gloo otherwise. Collectives give up after ``SELFSUP_DIST_TIMEOUT`` seconds (default 600), so a rank
-    that hangs or dies makes the others fail with an error instead of waiting forever.
+    nothing to do (not launched by torchrun, or a group exists already). The backend is NCCL when CUDA
+    is available and ``device`` (the configured one: auto, cpu, cuda, cuda:N) does not ask for another
+    device, gloo otherwise. Collectives give up after ``SELFSUP_DIST_TIMEOUT`` seconds (default 600),
+    so a rank that hangs or dies makes the others fail with an error instead of waiting forever.
     """
     if not launched_by_torchrun() or is_distributed():
         return False
@@ -220,6 +222,15 @@ def report_to_launcher(e: BaseException) -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (no gradients), returned on ``x``'s device; ``x`` itself is untouched."""
+    if not is_distributed():
+        return x
+    y = x.detach().to(_collective_device(x), copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -138,11 +138,13 @@ def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, m
 
 def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 test_labels: torch.Tensor, num_classes: int, l2_grid=(1e-5, 1e-4, 1e-3, 1e-2),
-                max_iter: int = 300, seed: int = 0) -> dict[str, float]:
+                max_iter: int = 300, seed: int = 0, select_max: int = 20000, select_iter: int = 150) -> dict[str, float]:
     """Multinomial logistic regression on standardised frozen features.
 
-    The L2 strength is picked from ``l2_grid`` on a seeded 10% validation split of the training
-    features, then the classifier is refitted on all of them and scored on the test features.
+    The L2 strength is picked from ``l2_grid`` on a seeded split of (at most ``select_max``) training
+    features, 90% to fit and 10% to validate, each fitted for ``select_iter`` L-BFGS iterations; then
+    the classifier is refitted on all training features and scored on the test features. Selecting
+    on a subset keeps a 1024-d probe on 60k images near a minute on two CPU cores.
     """
     mean = train_features.mean(0, keepdim=True)
     std = train_features.std(0, keepdim=True).clamp_min(1e-6)
@@ -150,13 +152,13 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     xte = ((test_features - mean) / std).float()
     n = xtr.shape[0]
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    n_val = max(1, n // 10) if n >= 20 else 0
+    perm = torch.randperm(n, generator=g)[:select_max]
+    n_val = max(1, len(perm) // 10) if n >= 20 else 0
     best_l2, val_scores = l2_grid[0], {}
     if n_val and len(l2_grid) > 1:
         val, fit = perm[:n_val], perm[n_val:]
         for l2 in l2_grid:
-            clf = _fit_logreg(xtr[fit], train_labels[fit], num_classes, l2, max_iter, seed)
+            clf = _fit_logreg(xtr[fit], train_labels[fit], num_classes, l2, select_iter, seed)
             with torch.no_grad():
                 val_scores[l2] = (clf(xtr[val]).argmax(1) == train_labels[val]).float().mean().item()
         best_l2 = max(val_scores, key=lambda v: (val_scores[v], v))

@@ -208,14 +208,16 @@ def build_head(spec: dict | None, k: int) -> HeadLayers:
     return head_prefix(ProjectionHead(**spec), k)
 
 
-def classifier_from_pretrain(run_dir: str | Path, k: int | None, num_classes: int) -> tuple[Classifier, dict]:
+def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[Classifier, dict]:
     """Backbone and first ``k`` head layers of a pre-training run (trained weights), and a new classifier.
 
-    Returns the model and a description (backbone name/width, image size, channels, head spec, k).
+    ``run_dir`` is the run folder or its :class:`selfsup.runs.RunInfo`. Returns the model and a
+    description (backbone name/width, image size, channels, head spec, k).
     """
-    from selfsup.runs import load_encoder, load_run
+    from selfsup.runs import RunInfo, load_encoder, load_run
 
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
+    run_dir = run.run_dir
     backbone = load_encoder(run)
     found = _head_spec(run.weights)
     if k is None:
@@ -252,8 +254,9 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
         raise ConfigError(f"{run_dir}: no run.json; is this a selfsup finetune or distill run folder?")
     info = json.loads(info_path.read_text())
     if info.get("kind") not in ("finetune", "distill"):
-        raise ConfigError(f"{run_dir} is not a fine-tuning or distillation run (kind {info.get('kind')!r}); "
-                          "give the folder written by `selfsup finetune` or `selfsup distill`")
+        what = "a pre-training run" if info.get("kind") in (None, "pretrain") else f"a {info['kind']} run"
+        raise ConfigError(f"{run_dir} is {what}, not a fine-tuning or distillation run; give the folder written by "
+                          f"`selfsup finetune` (fine-tune it first: selfsup finetune --run {run_dir} --out ...)")
     final = run_dir / "model.safetensors"
     if final.is_file():
         weights = ckpt.load_weights(final)
@@ -361,7 +364,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     if train.labels is None or test.labels is None:
         raise ConfigError(f"dataset: {dataset_name} has no labels to fine-tune on")
     if cfg.run is not None:
-        model, info = classifier_from_pretrain(cfg.run, cfg.from_head_layer, train.num_classes)
+        model, info = classifier_from_pretrain(pre, cfg.from_head_layer, train.num_classes)
         if train.num_channels != info["in_channels"]:
             raise ConfigError(f"dataset: {dataset_name} has {train.num_channels}-channel images but the encoder of "
                               f"{cfg.run} was trained on {info['in_channels']}-channel images")

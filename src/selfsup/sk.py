@@ -94,7 +94,8 @@ def _deep_stem(in_channels: int, out_channels: int) -> nn.Sequential:
 
 def _init(conv: nn.Conv2d) -> nn.Conv2d:
     # The same initialisation as the rest of the ResNet's convolutions.
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if not conv.weight.is_meta:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 
 

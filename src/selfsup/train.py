@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -354,7 +355,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         optimizer.zero_grad(set_to_none=True)
         update_target = getattr(unwrap(model), "update_target", None)
         if update_target is not None:  # BYOL's EMA target: an explicit call after every optimiser step
-            update_target(ema_tau(step, total_steps, cfg.base_tau))
+            # total_steps is None only while --minutes times throw-away steps (their state is restored).
+            update_target(ema_tau(step, total_steps, cfg.base_tau) if total_steps else cfg.base_tau)
         return total_loss, {k: float(v) for k, v in logs.items()}
 
     # Length of the run.
@@ -376,7 +378,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         (run_dir / "run.json").write_text(json.dumps({
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps,
             "base_lr": base_lr, "precision": precision, "device": str(device), "world_size": world,
-            "image_size": image_size, "num_images": n, "in_channels": dataset.num_channels,
+            "sync_bn": bool(cfg.sync_bn and world > 1), "image_size": image_size, "num_images": n, "in_channels": dataset.num_channels,
             "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std),
         }, indent=1))
         try:
@@ -482,18 +484,21 @@ def _mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) 
     return float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
 
 
+# How gloo and NCCL word a collective that failed because a peer died or stopped answering.
+_LOST_PEER = r"(?i)timed out|timeout|connection (closed|reset|refused)|pair closure|by peer|nccl|gloo"
+
+
 def _rank_failure(e: BaseException, step: int, last_ckpt: Path | None) -> BaseException:
     """Name the rank in the error; a failed collective means another rank died or hung first."""
     who = f"rank {dist.rank()} of {dist.world_size()}"
-    resume = f"resume with --resume from {last_ckpt.parent.parent}" if last_ckpt else "no checkpoint was written yet"
+    resume = f"continue with --resume {last_ckpt.parent.parent}" if last_ckpt else "no checkpoint was written yet"
     lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or (
-        isinstance(e, RuntimeError) and any(k in str(e) for k in ("Connection closed", "Timed out", "timed out", "Connection reset",
-                                                                    "NCCL", "Gloo", "gloo")))
+        isinstance(e, RuntimeError) and re.search(_LOST_PEER, str(e)) is not None)
     if lost:
         timeout = os.environ.get("SELFSUP_DIST_TIMEOUT", "600")
         return TrainingError(f"{who} lost contact with the other ranks after {step} completed steps: another rank crashed or "
-                             f"stopped responding (collectives wait SELFSUP_DIST_TIMEOUT={timeout} s); its own error is "
-                             f"reported above and in torchrun's summary; {resume}. ({type(e).__name__}: "
+                             f"stopped responding (collectives wait SELFSUP_DIST_TIMEOUT={timeout} s); if it crashed, its error is "
+                             f"the root cause in torchrun's summary; {resume}. ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
         return e

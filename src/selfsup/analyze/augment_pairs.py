@@ -36,7 +36,7 @@ def build_parser(prog: str = "selfsup analyze augment-pairs") -> argparse.Argume
     from selfsup.augment import TRANSFORM_NAMES
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "augment-pairs", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    C.add_common_args(p, "augment-pairs", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--transforms", default=",".join(TRANSFORM_NAMES),
                    help=f"comma-separated subset of {','.join(TRANSFORM_NAMES)} (default: all)")
     p.add_argument("--symmetric", action="store_true",
@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
     for cell in todo:
         res = ctx.run_cell(cell_name(cell), cell_layer(cell, size, args.symmetric), with_z=False)
         rows.append({"cell": cell_name(cell), "first": cell[0], "second": cell[-1], "linear_top1": res["linear_h"],
-                     "final_loss": res["final_loss"], "seconds": res["seconds"]})
+                     "linear_top1_std": res.get("linear_h_std"), "final_loss": res["final_loss"],
+                     "seconds": res["seconds"]})
     results = {r["cell"]: r["linear_top1"] for r in rows}
     matrix = heatmap_matrix(results, names)
 
@@ -169,9 +170,13 @@ def run(args: argparse.Namespace) -> dict:
         if "crop+colour" in pairs:
             lines.append(f"- crop+colour (the paper's key pair): {pairs['crop+colour']:.1f}%, rank "
                          f"{[r['cell'] for r in order].index('crop+colour') + 1} of {len(rows)} cells.")
+    if args.seeds > 1:
+        stds = [r["linear_top1_std"] for r in rows]
+        lines.append(f"- Every cell is the mean of {args.seeds} pre-training seeds; the seed-to-seed standard deviation "
+                     f"of a cell is {sum(stds) / len(stds):.1f} points on average (max {max(stds):.1f}).")
     lines += ["", "![heatmap](heatmap.png)", "", "Top cells:", ""]
     lines += C.markdown_table(["cell", "linear top-1 %", "final loss"],
-                              [[r["cell"], C.fmt(r["linear_top1"]), C.fmt(r["final_loss"], 3)] for r in order[:8]])
+                              [[r["cell"], C.pm(r, "linear_top1"), C.fmt(r["final_loss"], 3)] for r in order[:8]])
     summary = ctx.write_summary("Augmentation pairs (SimCLR Figure 5)", lines)
     return {"study": "augment-pairs", "out": str(ctx.out), "figures": [str(png)], "summary": str(summary),
             "random_init": baseline, "cells": len(rows)}

@@ -18,7 +18,7 @@ DEFAULT_BATCHES = "32,64,128,256"
 
 def build_parser(prog: str = "selfsup analyze batch-size") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "batch-size", steps=None, batch_size=None)
+    C.add_common_args(p, "batch-size", steps=None, batch_size=None, seeds=True)
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help=f"batch sizes to compare (default {DEFAULT_BATCHES})")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"images seen by every run; steps = images / batch size (default {DEFAULT_IMAGES})")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
             steps = max(1, args.images // b)
             res = ctx.run_cell(f"{method}-b{b}", {"method": method, "batch_size": b, "steps": steps}, with_z=False)
             rows.append({"method": method, "batch_size": b, "steps": steps, "linear_h": res["linear_h"],
-                         "final_loss": res["final_loss"], "seconds": res["seconds"]})
+                         "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
     C.write_csv(ctx.out / "batch_size.csv", rows)
     baseline = C.random_init_cached(ctx)
     C.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "images": args.images, "methods": methods})
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     fig, ax = plt.subplots(figsize=(4.8, 3.3))
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
-        ax.plot([r["batch_size"] for r in rs], [r["linear_h"] for r in rs], "o-", label=method)
+        C.line(ax, [r["batch_size"] for r in rs], rs, "linear_h", "o-", label=method)
     C.draw_baseline(ax, baseline)
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, labels=[str(b) for b in batches])
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     ax.set_ylabel("linear top-1 (%)")
     ax.set_title(f"Batch size, {ctx.dataset}, {args.images} images per run", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     png = C.save_figure(fig, ctx.out / "batch_size.png")
 
     spread = {m: (max(r["linear_h"] for r in rows if r["method"] == m) - min(r["linear_h"] for r in rows if r["method"] == m))
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{len(rows)} runs, each seeing {args.images} images (steps = images / batch size), linear evaluation of h "
         f"on {args.train_images} / {args.test_images} images.",
         "", *C.markdown_table(["method", "batch", "steps", "linear top-1 %", "final loss"],
-                              [[r["method"], r["batch_size"], r["steps"], C.fmt(r["linear_h"]), C.fmt(r["final_loss"], 3)]
+                              [[r["method"], r["batch_size"], r["steps"], C.pm(r, "linear_h"), C.fmt(r["final_loss"], 3)]
                                for r in rows]),
         "", "Spread (best - worst batch size): " + ", ".join(f"{m} {v:.1f} points" for m, v in spread.items()) + ".",
         f"Untrained encoder (random init), same probe: {baseline:.1f}%.",

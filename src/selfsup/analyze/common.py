@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None = 100, batch_size: int | None = 128,
                     train_images: int = 5000, test_images: int = 2000, trains: bool = True,
-                    image_size: int = STUDY_IMAGE_SIZE) -> None:
+                    image_size: int = STUDY_IMAGE_SIZE, seeds: bool = False) -> None:
     """The flags every study shares; ``trains=False`` for studies that never pre-train (views)."""
     p.add_argument("--out", type=Path, default=Path("runs/analyze") / study,
                    help=f"study folder (default runs/analyze/{study}); rerunning into it reuses finished cells")
@@ -75,6 +75,9 @@ def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="pre-training config key for every run of the study, e.g. --set optim.lr=0.5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside each pre-training")
+    if seeds:
+        p.add_argument("--seeds", type=int, default=1, help="pre-train every cell with this many seeds and report "
+                       "the mean and spread (default 1)")
 
 
 def default_dataset(data_dir: str | None) -> str:
@@ -108,7 +111,7 @@ class StudyContext:
         self.trains = hasattr(args, "train_images")
         self.overrides: dict = {}
         if self.trains:
-            for name in ("steps", "batch_size", "train_images", "test_images"):
+            for name in ("steps", "batch_size", "train_images", "test_images", "seeds"):
                 _positive(name, getattr(args, name, None))
             _positive("batch_size", getattr(args, "batch_size", None), 2)
             self.overrides = parse_overrides(args.overrides)
@@ -136,6 +139,8 @@ class StudyContext:
             for key in ("steps", "batch_size"):
                 if getattr(a, key, None) is not None:
                     s[key] = getattr(a, key)
+            if (getattr(a, "seeds", 1) or 1) > 1:
+                s["seeds"] = a.seeds  # only when > 1: folders of single-seed studies keep their settings
         s.update(extra)
         return json.loads(json.dumps(s))  # plain JSON types, comparable with a reloaded study.json
 
@@ -189,16 +194,38 @@ class StudyContext:
         return run_dir
 
     def run_cell(self, name: str, layer: dict, with_z: bool = True) -> dict:
-        """Pre-train and linearly evaluate one cell, once: the result is kept in ``cells/NAME/result.json``
-        and a rerun returns it without work (an interrupted cell resumes from its checkpoint)."""
+        """Pre-train and linearly evaluate one cell, once per seed; with ``--seeds N`` the result is the
+        mean over seeds ``--seed .. --seed + N - 1`` (pre-training seed; the probe slices stay fixed),
+        with ``linear_h_std`` / ``linear_z_std`` (sample standard deviation) and the per-seed values."""
+        n = int(getattr(self.args, "seeds", 1) or 1)
+        if n == 1:
+            return self._run_one(name, layer, with_z)
+        runs = [self._run_one(name if k == 0 else f"{name}@seed{self.seed + k}", {**layer, "seed": self.seed + k}, with_z)
+                for k in range(n)]
+        out = dict(runs[0], cell=name, seconds=sum(r["seconds"] for r in runs), seeds=[self.seed + k for k in range(n)])
+        for key in ("linear_h", "linear_z", "final_loss"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                out[key] = float(torch.tensor(values).mean())
+                out[f"{key}_per_seed"] = values
+                if key != "final_loss":
+                    out[f"{key}_std"] = float(torch.tensor(values).std())
+        return out
+
+    def _run_one(self, name: str, layer: dict, with_z: bool) -> dict:
+        """One pre-training + evaluation, kept in ``cells/NAME/result.json``; a rerun returns it without work
+        (an interrupted cell resumes from its checkpoint)."""
         cell_dir = self.out / "cells" / name
         result_path = cell_dir / "result.json"
+        wanted = _comparable(self.config(layer))
         if result_path.is_file():
-            return json.loads(result_path.read_text())
+            result = json.loads(result_path.read_text())
+            _check_same_config(cell_dir, result.get("config"), wanted)
+            return result
         t0 = time.perf_counter()
         self.pretrain(cell_dir, layer)
         result = {"cell": name, **evaluate_run(self, cell_dir, with_z), "final_loss": final_loss(cell_dir),
-                  "seconds": round(time.perf_counter() - t0, 1)}
+                  "seconds": round(time.perf_counter() - t0, 1), "config": wanted}
         write_json(result_path, result)
         z = f", z {result['linear_z']:.1f}%" if with_z else ""
         log(f"{self.study} {name}: linear h {result['linear_h']:.1f}%{z} ({result['seconds']:.0f} s)")
@@ -235,6 +262,26 @@ class StudyContext:
                                                    f"Wall time of this invocation: {self.elapsed():.0f} s."]
         path.write_text("\n".join(text) + "\n")
         return path
+
+
+# Config keys that do not change what a cell computes.
+_BOOKKEEPING = ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir")
+
+
+def _comparable(cfg: PretrainConfig) -> dict:
+    from selfsup.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in _BOOKKEEPING}
+
+
+def _check_same_config(cell_dir: Path, saved: dict | None, wanted: dict) -> None:
+    """A finished cell is reused only if selfsup would build the same config for it today."""
+    if saved is None or saved == wanted:
+        return
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    raise ConfigError(f"{cell_dir} was trained with another config than this selfsup builds now (differs in "
+                      f"{', '.join(keys)}; e.g. a method default changed); delete {cell_dir} to retrain that cell, "
+                      "or choose a new --out")
 
 
 def load_slices(dataset: str, data_dir: str | None, n_train: int, n_test: int, seed: int):
@@ -372,6 +419,13 @@ def draw_baseline(ax, value: float) -> None:
     ax.axhline(value, ls=":", color="gray", label=f"untrained encoder ({value:.1f}%)")
 
 
+def line(ax, xs, rows: list[dict], key: str, fmt: str, **kw) -> None:
+    """``rows[key]`` against ``xs``, with error bars (one standard deviation over seeds) when there are any."""
+    errs = [r.get(f"{key}_std") for r in rows]
+    yerr = [e or 0.0 for e in errs] if any(e is not None for e in errs) else None
+    ax.errorbar(xs, [r[key] for r in rows], yerr=yerr, fmt=fmt, capsize=3 if yerr else 0, **kw)
+
+
 def final_loss(run_dir: Path) -> float | None:
     from selfsup.report import read_metrics
 
@@ -427,6 +481,12 @@ def save_figure(fig, path: Path, dpi: int = 90) -> Path:
 
 def fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def pm(row: dict, key: str) -> str:
+    """``row[key]``, with ``± std`` over seeds when the study ran several."""
+    std = row.get(f"{key}_std")
+    return fmt(row[key]) + ("" if std is None else f" ± {std:.1f}")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

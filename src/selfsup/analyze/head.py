@@ -23,7 +23,7 @@ HEADS = {"none": 0, "linear": 1, "nonlinear": 2}
 
 def build_parser(prog: str = "selfsup analyze head") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "head", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    C.add_common_args(p, "head", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--dims", default=DEFAULT_DIMS, help=f"output dimensions of the linear and nonlinear heads "
                    f"(default {DEFAULT_DIMS}; the default encoder's h is 64-d)")
     p.add_argument("--heads", default="none,linear,nonlinear", help="subset of none,linear,nonlinear")
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> dict:
             layer["proj_out_dim"] = dim
         res = ctx.run_cell(name, layer, with_z=True)
         rows.append({"head": head, "out_dim": dim if dim is not None else res["h_dim"], "linear_h": res["linear_h"],
-                     "linear_z": res["linear_z"], "h_dim": res["h_dim"], "final_loss": res["final_loss"],
+                     "linear_h_std": res.get("linear_h_std"), "linear_z": res["linear_z"],
+                     "linear_z_std": res.get("linear_z_std"), "h_dim": res["h_dim"], "final_loss": res["final_loss"],
                      "seconds": res["seconds"]})
     C.write_csv(ctx.out / "head.csv", rows)
     baseline = C.random_init_cached(ctx)
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> dict:
             ax.axhline(rs[0]["linear_h"], color=colours[head], ls="-", label="no head (z = h)")
             continue
         xs = [r["out_dim"] for r in rs]
-        ax.plot(xs, [r["linear_h"] for r in rs], "o-", color=colours[head], label=f"{head}: h")
-        ax.plot(xs, [r["linear_z"] for r in rs], "s--", color=colours[head], alpha=0.6, label=f"{head}: z = g(h)")
+        C.line(ax, xs, rs, "linear_h", "o-", color=colours[head], label=f"{head}: h")
+        C.line(ax, xs, rs, "linear_z", "s--", color=colours[head], alpha=0.6, label=f"{head}: z = g(h)")
     C.draw_baseline(ax, baseline)
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, labels=[str(d) for d in dims])
@@ -90,11 +91,11 @@ def run(args: argparse.Namespace) -> dict:
     ax.set_ylabel("linear top-1 (%)")
     ax.set_title(f"Projection head, SimCLR on {ctx.dataset}, {args.steps} steps x {args.batch_size}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     png = C.save_figure(fig, ctx.out / "head.png")
 
     table = C.markdown_table(["head", "output dim", "linear top-1 of h %", "of z %", "h - z"],
-                             [[r["head"], r["out_dim"], C.fmt(r["linear_h"]), C.fmt(r["linear_z"]),
+                             [[r["head"], r["out_dim"], C.pm(r, "linear_h"), C.pm(r, "linear_z"),
                                C.fmt(r["linear_h"] - r["linear_z"])] for r in rows])
     mean_h = {h: sum(r["linear_h"] for r in rows if r["head"] == h) / max(1, sum(r["head"] == h for r in rows))
               for h in heads}

@@ -19,7 +19,7 @@ DEFAULT_TEMPERATURES = "0.05,0.1,0.2,0.5,1.0"
 
 def build_parser(prog: str = "selfsup analyze temperature") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "temperature", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    C.add_common_args(p, "temperature", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--temperatures", default=DEFAULT_TEMPERATURES,
                    help=f"SimCLR temperatures (default {DEFAULT_TEMPERATURES})")
     p.add_argument("--methods", help="comma-separated methods (default: simclr and, when registered, byol); "
@@ -47,12 +47,12 @@ def run(args: argparse.Namespace) -> dict:
         for t in temps:
             res = ctx.run_cell(f"simclr-t{t:g}", {"method": "simclr", "temperature": t}, with_z=False)
             rows.append({"method": "simclr", "temperature": t, "linear_h": res["linear_h"],
-                         "final_loss": res["final_loss"], "seconds": res["seconds"]})
+                         "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
     for m in methods:
         if m != "simclr":
             res = ctx.run_cell(m, {"method": m}, with_z=False)
             rows.append({"method": m, "temperature": None, "linear_h": res["linear_h"],
-                         "final_loss": res["final_loss"], "seconds": res["seconds"]})
+                         "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
     C.write_csv(ctx.out / "temperature.csv", rows)
     baseline = C.random_init_cached(ctx)
     C.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "temperatures": temps, "methods": methods})
@@ -61,19 +61,23 @@ def run(args: argparse.Namespace) -> dict:
     fig, ax = plt.subplots(figsize=(4.8, 3.3))
     sim = [r for r in rows if r["method"] == "simclr"]
     if sim:
-        ax.plot([r["temperature"] for r in sim], [r["linear_h"] for r in sim], "o-", label="simclr")
+        C.line(ax, [r["temperature"] for r in sim], sim, "linear_h", "o-", label="simclr")
     for r in rows:
         if r["method"] != "simclr":
             ax.axhline(r["linear_h"], ls="--", color="tab:orange", label=f"{r['method']} (no temperature)")
+            if r.get("linear_h_std"):
+                ax.axhspan(r["linear_h"] - r["linear_h_std"], r["linear_h"] + r["linear_h_std"], color="tab:orange",
+                           alpha=0.15, lw=0)
     C.draw_baseline(ax, baseline)
     ax.set_xscale("log")
     ax.set_xticks(temps, labels=[f"{t:g}" for t in temps])
     ax.minorticks_off()
     ax.set_xlabel("NT-Xent temperature")
     ax.set_ylabel("linear top-1 (%)")
-    ax.set_title(f"Temperature, {ctx.dataset}, {args.steps} steps x {args.batch_size}", fontsize=9)
+    seeds = f", mean ± sd of {args.seeds} seeds" if args.seeds > 1 else ""
+    ax.set_title(f"Temperature, {ctx.dataset}, {args.steps} steps x {args.batch_size}{seeds}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     png = C.save_figure(fig, ctx.out / "temperature.png")
 
     best = max(sim, key=lambda r: r["linear_h"]) if sim else None
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         "one reference run each at the same budget.",
         "", *C.markdown_table(["method", "temperature", "linear top-1 %", "final loss"],
                               [[r["method"], "-" if r["temperature"] is None else f"{r['temperature']:g}",
-                                C.fmt(r["linear_h"]), C.fmt(r["final_loss"], 3)] for r in rows]),
+                                C.pm(r, "linear_h"), C.fmt(r["final_loss"], 3)] for r in rows]),
         "",
     ]
     if best:

@@ -20,9 +20,12 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
 }
 
 # Per-method config defaults, applied by ``config.build_config`` only to keys the user did not give.
+# SimCLR's LARS base lr 2.0 (x B/256) is the CPU default's, tuned for short runs
+# (benchmarks/cpu_default_search.py); the paper uses 0.3 on ImageNet and 0.5-1.5 on CIFAR.
 METHOD_DEFAULTS: dict[str, dict] = {
+    "simclr": {"optim": {"lr": 2.0}},
     "byol": BYOL_DEFAULTS,
-    "simclrv2": {"proj_layers": 3},
+    "simclrv2": {"proj_layers": 3, "optim": {"lr": 2.0}},
 }
 
 # Default view distributions per method, as a function of the training image size: (view 1, view 2).
