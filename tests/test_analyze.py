@@ -50,7 +50,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def test_registry_lists_every_study_and_the_cli_knows_them(capsys):
+def test_registry_lists_every_study_and_the_cli_knows_them(capsys, tmp_path):
     from selfsup.cli import main
 
     assert list(STUDIES) == ["augment-pairs", "head", "transform-probe", "tsne", "batch-size", "temperature", "views"]
@@ -63,6 +63,9 @@ def test_registry_lists_every_study_and_the_cli_knows_them(capsys):
     assert "augment-pairs" in capsys.readouterr().out
     assert main(["analyze", "augment-pairs", "--transforms", "crop,zoom"]) == 2  # user error: one line, exit 2
     assert "zoom" in capsys.readouterr().err
+    # A typo fails before the study folder exists, so the corrected command is not refused as "other settings".
+    assert main(["analyze", "head", "--dataset", "fashion", "--out", str(tmp_path / "typo")]) == 2
+    assert "fashion-mnist" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_heatmap_matrix_is_mirrored_with_singles_on_the_diagonal_and_labelled():

@@ -146,6 +146,8 @@ class StudyContext:
 
     def open(self) -> None:
         """Create ``--out`` and write ``study.json``; refuse a folder holding a study with other settings."""
+        if self.trains:
+            self.config({})  # bad flags fail here, before a study folder with their settings exists
         path = self.out / "study.json"
         if path.is_file():
             try:
