@@ -74,7 +74,9 @@ class PretrainConfig:
     predictor: bool = True  # false: BYOL without predictor (Table 5b ablation)
     pred_hidden_dim: int | None = None  # predictor proj_out_dim -> this -> proj_out_dim; None: proj_hidden_dim
     base_tau: float = 0.996  # target EMA rate at step 0, cosine-annealed to 1; 1: fixed target; 0: no EMA
-    collapse_threshold: float = 0.2  # warn when collapse_std < this / sqrt(proj_out_dim) after warm-up; 0: off
+    # warn once when collapse_std < this / sqrt(proj_out_dim) after warm-up (healthy ~0.85, BYOL without
+    # predictor ~0.25, a constant output 0; docs/benchmarks.md); 0: off
+    collapse_threshold: float = 0.4
     view: ViewConfig | None = None  # None: the method's preset for this image size, resolved at start
     view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: same as view
     optim: OptimConfig = field(default_factory=OptimConfig)
