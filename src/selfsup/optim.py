@@ -77,7 +77,12 @@ def split_decay_groups(model: nn.Module) -> list[dict]:
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """``lars`` (paper default), ``sgd`` or ``adamw``; biases and norm parameters are never decayed."""
-    groups = split_decay_groups(model)
+    return optimizer_from_groups(name, split_decay_groups(model), lr, weight_decay, momentum)
+
+
+def optimizer_from_groups(name: str, groups: list[dict], lr: float, weight_decay: float,
+                          momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``lars``, ``sgd`` or ``adamw`` over prepared param groups (``lars_exclude`` is kept for LARS only)."""
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:

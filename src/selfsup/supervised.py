@@ -241,7 +241,7 @@ def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.
     ``fc`` gets neither weight decay nor LARS's trust ratio (plain momentum SGD at ``lr``), as the
     released SimCLR code treats its supervised head. A zero-initialised layer would otherwise move by
     ``lr x eta x |w|``, i.e. hardly at all, under LARS."""
-    from selfsup.optim import LARS, split_decay_groups
+    from selfsup.optim import optimizer_from_groups, split_decay_groups
 
     fc = list(model.fc.parameters())
     ids = {id(p) for p in fc}
@@ -249,13 +249,7 @@ def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.
     for g in body:
         g["params"] = [p for p in g["params"] if id(p) not in ids]
     groups = body + [{"params": [p for p in fc if p.requires_grad], "weight_decay": 0.0, "lars_exclude": True}]
-    name, wd, momentum = optim_cfg.name, optim_cfg.weight_decay, optim_cfg.momentum
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=wd)
-    for g in groups:
-        g.pop("lars_exclude", None)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-    raise ConfigError(f"optim.name: unknown optimizer {name!r}; use lars, sgd or adamw")
+    try:
+        return optimizer_from_groups(optim_cfg.name, groups, lr, optim_cfg.weight_decay, optim_cfg.momentum)
+    except ValueError as e:
+        raise ConfigError(f"optim.name: {e}") from None
