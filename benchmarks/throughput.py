@@ -63,7 +63,7 @@ def model_step(model, opt, x1, x2, device, precision, channels_last, fn=None):
         x1 = x1.contiguous(memory_format=torch.channels_last)
         x2 = x2.contiguous(memory_format=torch.channels_last)
     with autocast_context(device, precision):
-        loss, _ = (fn or model)(x1, x2)
+        loss, _ = (model if fn is None else fn)(x1, x2)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -101,8 +101,10 @@ def run(args) -> dict:
     # FLOPs of one forward+backward of the encoder+head on one view (multiply-adds x 2).
     from torch.utils.flop_counter import FlopCounterMode
 
-    probe = build_backbone(args.backbone, in_channels=c, image_size=size)
-    with FlopCounterMode(display=False) as fc_fwd:
+    # Counted in eval mode: the nominal convolution FLOPs (backbones.Conv2d's training-only matmul
+    # paths for 2x2 maps do fewer multiply-adds, so the achieved figure stays comparable across versions).
+    probe = build_backbone(args.backbone, in_channels=c, image_size=size).eval()
+    with FlopCounterMode(display=False) as fc_fwd, torch.no_grad():
         probe(torch.randn(2, c, size, size))
     fwd_flops_per_view = fc_fwd.get_total_flops() / 2
     out["encoder_gmacs_per_view"] = fwd_flops_per_view / 2 / 1e9

@@ -71,3 +71,57 @@ def test_projection_head_layers():
     assert torch.equal(head(torch.ones(3, 8) * 0 + outs[0][:3]), head(outs[0][:3]))
     with pytest.raises(ValueError):
         ProjectionHead(8, 16, 4, num_layers=0)
+
+
+# --- the tiny-map fast paths of backbones.Conv2d --------------------------------------------------
+
+@pytest.mark.parametrize("kernel,size,bias,channels_last", [
+    (3, 2, False, True), (3, 2, True, False), (1, 2, False, True), (1, 1, True, False), (1, 2, True, True),
+    (3, 4, False, True),  # not a tiny map: the plain convolution
+])
+def test_tiny_map_conv_equals_conv2d_values_and_gradients(kernel, size, bias, channels_last):
+    from selfsup.backbones import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, kernel, 1, kernel // 2, bias=bias).double()
+    x = torch.randn(7, 6, size, size, dtype=torch.double)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = conv.train()(x)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or size == 1
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [x, conv.weight] + ([conv.bias] if bias else []), g)
+    want = torch.autograd.grad(ref, [x, conv.weight] + ([conv.bias] if bias else []), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_default_encoder_same_with_and_without_tiny_map_paths(monkeypatch):
+    import selfsup.backbones as bb
+
+    torch.manual_seed(0)
+    net = bb.build_backbone("resnet18_narrow", in_channels=1, image_size=28).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def run():
+        net.load_state_dict(start)  # the same batch-norm statistics for both runs
+        with torch.no_grad():
+            evaluated = net.eval()(x)
+        net.train().zero_grad()
+        out = net(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()], evaluated
+
+    fast_out, fast_grads, fast_eval = run()
+    monkeypatch.setattr(bb, "_plain_graph", lambda: True)
+    plain_out, plain_grads, plain_eval = run()
+    torch.testing.assert_close(fast_out, plain_out, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast_grads, plain_grads):  # fp32 summation order differs: compare at the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+    assert torch.equal(fast_eval, plain_eval)  # evaluation never takes the fast paths

@@ -18,14 +18,62 @@ def _bn(c: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c)
 
 
+# For a 3x3, padding-1 convolution on a 2x2 map, input position p reaches output position o through
+# kernel tap (p - o + 1); every tap index is in range, so the convolution is one dense matrix.
+_POS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+_TAP_H = torch.tensor([[p[0] - o[0] + 1 for o in _POS] for p in _POS])
+_TAP_W = torch.tensor([[p[1] - o[1] + 1 for o in _POS] for p in _POS])
+
+
+def _plain_graph() -> bool:
+    """True while tracing, exporting or compiling: those see the ordinary convolution."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state dict) with exact CPU fast paths for tiny maps.
+
+    On small images the last ResNet stage runs on 2x2 maps, where oneDNN's CPU weight-gradient
+    kernel for a 3x3 convolution is ~5x slower than its forward. Such a convolution is exactly a
+    matrix multiply of the flattened map, ``(N, 4*C_in) @ (4*C_in, 4*C_out)``, with the matrix
+    gathered from the kernel (a 3x3 kernel on a 2x2 map touches each input position with one tap),
+    and a 1x1 convolution is a linear layer over positions. On this project's CPU default encoder
+    both together make a training step ~10% faster (``docs/benchmarks.md``). The results agree with
+    the convolution's to fp32 rounding (summation order). Only training steps take these paths: in
+    eval mode, without gradients, on other devices and while tracing, exporting or compiling it is
+    the plain convolution, so extracted features equal torchvision's bit for bit.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and self.stride == (1, 1) and not _plain_graph()):
+            n, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): free for channels-last input
+            if self.kernel_size == (3, 3) and self.padding == (1, 1) and (h, w) == (2, 2):
+                # rows of the matrix: (input position, input channel); columns: (output position, output channel)
+                mat = self.weight[:, :, _TAP_H, _TAP_W].permute(2, 1, 3, 0).reshape(4 * c, 4 * self.out_channels)
+                return self._to_map(rows.reshape(n, 4 * c) @ mat, x)
+            if self.kernel_size == (1, 1) and self.padding == (0, 0) and h * w <= 4:
+                return self._to_map(rows.reshape(n * h * w, c) @ self.weight.reshape(self.out_channels, c).t(), x)
+        return super().forward(x)
+
+    def _to_map(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        y = y.view(n, h, w, self.out_channels)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.permute(0, 3, 1, 2)  # channels-last strides, no copy
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, **_):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = _bn(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = _bn(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -45,11 +93,11 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  conv3x3: Callable[[int, int, int], nn.Module] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.conv1 = Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = _bn(planes)
         self.conv2 = (conv3x3 or _plain_conv3x3)(planes, planes, stride)
         self.bn2 = _bn(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.conv3 = Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = _bn(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -63,7 +111,7 @@ class Bottleneck(nn.Module):
 
 
 def _plain_conv3x3(cin: int, cout: int, stride: int) -> nn.Module:
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    return Conv2d(cin, cout, 3, stride, 1, bias=False)
 
 
 class ResNet(nn.Module):
@@ -89,10 +137,10 @@ class ResNet(nn.Module):
         self.inplanes = widths[0]
         self.small_stem = small_stem
         if small_stem:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
+            self.conv1 = Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+            self.conv1 = Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = _bn(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -107,7 +155,7 @@ class ResNet(nn.Module):
         # the price of one 1x1 conv at the lowest resolution. Off for the standard ResNets.
         self.expand = None
         if expand_features:
-            self.expand = nn.Sequential(nn.Conv2d(self.num_features, expand_features, 1, bias=False),
+            self.expand = nn.Sequential(Conv2d(self.num_features, expand_features, 1, bias=False),
                                         _bn(expand_features), nn.ReLU(inplace=True))
             self.num_features = expand_features
         for m in self.modules():
@@ -126,7 +174,7 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+            downsample = nn.Sequential(Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        _bn(planes * block.expansion))
         layers = [block(self.inplanes, planes, stride, downsample, conv3x3=self._conv3x3)]
         self.inplanes = planes * block.expansion
