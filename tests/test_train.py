@@ -142,3 +142,16 @@ def test_cli_user_errors_are_one_line(tmp_path):
     out = _cli("pretrain", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "y"),
                "--steps", "1", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "cifar" in out.stderr.lower()
+
+
+def test_minutes_budget_fixes_a_step_count_and_stays_reproducible(tmp_path, tiny_cfg, capsys):
+    # --minutes times throw-away steps, restores the state, then trains a fixed number of steps: the
+    # weights equal those of a --steps run of that length (the timing leaves no trace in the run).
+    timed = pretrain(tiny_cfg(steps=None, minutes=0.02, checkpoint_every=1000), tmp_path / "timed", progress=False)
+    total = json.loads((tmp_path / "timed" / "run.json").read_text())["total_steps"]
+    assert total >= 1 and "ms/step measured" in capsys.readouterr().err
+    fixed = pretrain(tiny_cfg(steps=total, checkpoint_every=1000), tmp_path / "fixed", progress=False)
+    a, b = load_weights(timed), load_weights(fixed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
