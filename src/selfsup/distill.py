@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,14 +40,14 @@ from torch import nn
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
 from selfsup.backbones import build_backbone
-from selfsup.config import ConfigError, OptimConfig, _check, save_yaml
+from selfsup.config import ConfigError, OptimConfig, _check
 from selfsup.data import load_dataset
-from selfsup.finetune import (LABEL_SUBSET_FILE, RESULTS_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view,
+from selfsup.finetune import (LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view,
                               load_classifier, prepare_label_subset)
 from selfsup.losses import distill_loss
 from selfsup.optim import build_optimizer
-from selfsup.supervised import (LoopSpec, effective_batch, evaluate_classifier, labeled_stream,
-                                length_in_steps, mix_seed, prepare_run_dir, resume_state, run_supervised, setup_device)
+from selfsup.supervised import (RESULTS_FILE, LoopSpec, effective_batch, labeled_stream,
+                                length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)
 
 DEFAULT_EPOCHS = 10.0
 
@@ -228,39 +227,20 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
 
     spec = LoopSpec("distill", total_steps, base_lr, int(round(cfg.optim.warmup_fraction * total_steps)),
                     base_lr * cfg.optim.final_lr_fraction, step_loss, batches, batch)
-    if dist.is_main_process():
-        save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({
-            "kind": "distill", "backbone": student_name, "backbone_width": student_width, "image_size": image_size,
-            "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0,
-            "num_classes": tinfo["num_classes"], "dataset": dataset_name, "data_dir": data_dir, "dataset_mean": list(train.mean),
-            "dataset_std": list(train.std), "teacher": str(cfg.teacher), "self_distillation": same_arch,
-            "temperature": temperature, "batch_size": batch, "total_steps": total_steps, "base_lr": base_lr,
-            "precision": precision, "device": str(device), "world_size": world,
-        }, indent=1))
-        if not resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        else:
-            from selfsup.train import _truncate_metrics
-
-            _truncate_metrics(run_dir / "metrics.jsonl", int(state["step"]))
-    t0 = time.perf_counter()
-    start = int(state["step"]) if state else 0
-    bad = run_supervised(cfg, spec, student, optimizer, run_dir, device, precision, start, progress,
-                         int(state.get("bad_steps", 0)) if state else 0)
-    result = {"top1": None, "top5": None}
-    if dist.is_main_process():
-        ev = evaluate_classifier(student, test, device, image_size, cfg.eval_batch_size, precision)
-        teacher_result = Path(cfg.teacher) / RESULTS_FILE
-        result = {"top1": ev["top1"], "top5": ev["top5"], "dataset": dataset_name, "split": "test",
-                  "num_test": ev["num_test"], "teacher": str(cfg.teacher),
-                  "teacher_top1": json.loads(teacher_result.read_text()).get("top1") if teacher_result.is_file() else None,
-                  "student": student_name, "student_width": student_width, "self_distillation": same_arch,
-                  "temperature": temperature, "labeled_weight": cfg.labeled_weight, "steps": total_steps,
-                  "skipped_steps": bad, "train_seconds_this_session": round(time.perf_counter() - t0, 1),
-                  "run": str(run_dir)}
-        (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
-    dist.barrier()
+    run_info = {"backbone": student_name, "backbone_width": student_width, "image_size": image_size,
+                "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0,
+                "num_classes": tinfo["num_classes"], "dataset": dataset_name, "data_dir": data_dir,
+                "dataset_mean": list(train.mean), "dataset_std": list(train.std), "teacher": str(cfg.teacher),
+                "self_distillation": same_arch, "temperature": temperature, "batch_size": batch,
+                "total_steps": total_steps, "base_lr": base_lr, "precision": precision, "device": str(device),
+                "world_size": world}
+    teacher_result = Path(cfg.teacher) / RESULTS_FILE
+    teacher_top1 = json.loads(teacher_result.read_text()).get("top1") if teacher_result.is_file() else None
+    result = train_and_evaluate(cfg, spec, student, optimizer, run_dir, device, precision, state, progress, run_info,
+                                test, image_size, {"teacher": str(cfg.teacher), "teacher_top1": teacher_top1,
+                                                   "student": student_name, "student_width": student_width,
+                                                   "self_distillation": same_arch, "temperature": temperature,
+                                                   "labeled_weight": cfg.labeled_weight})
     if owns_group:
         dist.destroy()
     return result

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,14 +39,13 @@ from selfsup import checkpoint as ckpt
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
 from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone
-from selfsup.config import ConfigError, OptimConfig, _check, _choice, save_yaml
+from selfsup.config import ConfigError, OptimConfig, _check, _choice
 from selfsup.data import label_subset, load_dataset
 from selfsup.heads import ProjectionHead
-from selfsup.supervised import (LoopSpec, classifier_optimizer, effective_batch, evaluate_classifier, labeled_stream,
-                                length_in_steps, mix_seed, prepare_run_dir, resume_state, run_supervised, setup_device)
+from selfsup.supervised import (RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream,  # noqa: F401 (RESULTS_FILE: public name)
+                                length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)
 
 LABEL_SUBSET_FILE = "label_subset.json"
-RESULTS_FILE = "results.json"
 HEAD_PREFIXES = ("head.", "projector.")  # SimCLR's projection head, BYOL's projector
 
 
@@ -412,34 +410,14 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     spec = LoopSpec("finetune", total_steps, base_lr, int(round(cfg.optim.warmup_fraction * total_steps)),
                     base_lr * cfg.optim.final_lr_fraction, step_loss,
                     lambda s, t: labeled_stream(train, idx, batch, mix_seed(cfg.seed, 5), s, t, device), batch)
-    if dist.is_main_process():
-        save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({
-            "kind": "finetune", **info, "num_classes": train.num_classes, "dataset": dataset_name, "data_dir": data_dir,
-            "dataset_mean": list(train.mean), "dataset_std": list(train.std), "num_labeled": len(idx),
-            "batch_size": batch, "total_steps": total_steps, "base_lr": base_lr, "precision": precision,
-            "device": str(device), "world_size": world,
-        }, indent=1))
-        if not resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        else:
-            from selfsup.train import _truncate_metrics
-
-            _truncate_metrics(run_dir / "metrics.jsonl", int(state["step"]))
-    t0 = time.perf_counter()
-    start = int(state["step"]) if state else 0
-    bad = run_supervised(cfg, spec, model, optimizer, run_dir, device, precision, start, progress,
-                         int(state.get("bad_steps", 0)) if state else 0)
-    result = {"top1": None, "top5": None}
-    if dist.is_main_process():
-        ev = evaluate_classifier(model, test, device, image_size, cfg.eval_batch_size, precision)
-        result = {"top1": ev["top1"], "top5": ev["top5"], "dataset": dataset_name, "split": "test",
-                  "num_test": ev["num_test"], "label_fraction": cfg.label_fraction, "num_labeled": len(idx),
-                  "from_head_layer": info["from_head_layer"], "pretrain_run": cfg.run, "backbone": info["backbone"],
-                  "steps": total_steps, "skipped_steps": bad,
-                  "train_seconds_this_session": round(time.perf_counter() - t0, 1), "run": str(run_dir)}
-        (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
-    dist.barrier()
+    run_info = {**info, "num_classes": train.num_classes, "dataset": dataset_name, "data_dir": data_dir,
+                "dataset_mean": list(train.mean), "dataset_std": list(train.std), "num_labeled": len(idx),
+                "batch_size": batch, "total_steps": total_steps, "base_lr": base_lr, "precision": precision,
+                "device": str(device), "world_size": world}
+    result = train_and_evaluate(cfg, spec, model, optimizer, run_dir, device, precision, state, progress, run_info,
+                                test, image_size, {"label_fraction": cfg.label_fraction, "num_labeled": len(idx),
+                                                   "from_head_layer": info["from_head_layer"],
+                                                   "pretrain_run": cfg.run, "backbone": info["backbone"]})
     if owns_group:
         dist.destroy()
     return result

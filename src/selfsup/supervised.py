@@ -175,6 +175,45 @@ def run_supervised(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim
         logger.close()
 
 
+RESULTS_FILE = "results.json"
+
+
+def train_and_evaluate(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path,
+                       device: torch.device, precision: str, state: dict | None, progress: bool, run_info: dict,
+                       test, image_size: int, result_info: dict) -> dict:
+    """A fine-tuning or distillation run from its run folder to ``results.json``.
+
+    Writes ``config.yaml`` and ``run.json`` (``{"kind": spec.kind, **run_info}``), starts or truncates
+    ``metrics.jsonl``, trains with ``run_supervised`` from ``state`` (a resumed checkpoint, or None),
+    then scores ``model`` on ``test`` and writes the result (``top1``, ``top5``, the run's facts and
+    ``result_info``) to ``RUN_DIR/results.json``. Returns it (top1/top5 None on other ranks).
+    """
+    from selfsup.config import save_yaml
+    from selfsup.train import _truncate_metrics
+
+    main = dist.is_main_process()
+    start = int(state["step"]) if state else 0
+    if main:
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps({"kind": spec.kind, **run_info}, indent=1))
+        if state is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+    t0 = time.perf_counter()
+    bad = run_supervised(cfg, spec, model, optimizer, run_dir, device, precision, start, progress,
+                         int(state.get("bad_steps", 0)) if state else 0)
+    result = {"top1": None, "top5": None}
+    if main:
+        ev = evaluate_classifier(model, test, device, image_size, cfg.eval_batch_size, precision)
+        result = {"top1": ev["top1"], "top5": ev["top5"], "dataset": run_info["dataset"], "split": "test",
+                  "num_test": ev["num_test"], **result_info, "steps": spec.total_steps, "skipped_steps": bad,
+                  "train_seconds_this_session": round(time.perf_counter() - t0, 1), "run": str(run_dir)}
+        (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    return result
+
+
 def save_state(cfg, spec: LoopSpec, run_dir: Path, model: nn.Module, optimizer, step: int, bad_total: int) -> None:
     if not dist.is_main_process():
         return
