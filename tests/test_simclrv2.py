@@ -225,6 +225,23 @@ def test_finetune_cli_trains_backbone_and_first_head_layer(pretrain_run, finetun
     assert (out / "config.yaml").is_file() and (out / "label_subset.json").is_file()
 
 
+
+def test_finetuned_encoder_serves_eval_embed_and_export(finetune_run, tmp_path):
+    # The fine-tuned backbone is an encoder like any other: load_run reads it from run.json.
+    from safetensors.torch import load_file
+
+    from selfsup.cli import main
+    from selfsup.runs import load_encoder, load_run
+
+    out, _ = finetune_run
+    encoder = load_encoder(load_run(out))
+    ft = load_weights(out / "model.safetensors")
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, ft["backbone." + k]), k
+    assert main(["export", "--run", str(out), "--to", "safetensors", "--out", str(tmp_path / "ft.safetensors")]) == 0
+    exported = load_file(tmp_path / "ft.safetensors")
+    assert torch.equal(exported["conv1.weight"], ft["backbone.conv1.weight"])
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

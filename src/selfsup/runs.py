@@ -26,15 +26,25 @@ class RunInfo:
 
 
 def load_run(run_dir: str | Path) -> RunInfo:
-    """Config and weights of a pre-training run (final weights, else the newest checkpoint)."""
+    """Config and weights of a run folder (final weights, else the newest checkpoint).
+
+    A pre-training run, or a fine-tuning / distillation run (``selfsup finetune`` / ``distill``): for
+    those the encoder is the classifier's trained backbone, described by the run's ``run.json``, so
+    ``eval``, ``embed`` and ``export`` take either kind of folder.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"--run {run_dir}: no such run folder")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml; is this a selfsup run folder?")
-    cfg = from_dict(PretrainConfig, load_yaml(cfg_path))
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    if info.get("kind") in ("finetune", "distill"):
+        # Their config.yaml is a FinetuneConfig / DistillConfig; what the encoder needs is in run.json.
+        cfg = from_dict(PretrainConfig, {"backbone": info["backbone"], "backbone_width": info.get("backbone_width"),
+                                         "dataset": info.get("dataset", "embedded"), "data_dir": info.get("data_dir")})
+    else:
+        cfg = from_dict(PretrainConfig, load_yaml(cfg_path))
     final = run_dir / "model.safetensors"
     if final.is_file():
         path, weights = final, ckpt.load_weights(final)
