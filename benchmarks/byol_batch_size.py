@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from byol_common import machine_note, markdown_table, pretrain_and_probe, random_init_probe  # noqa: E402
+from byol_common import add_common_args, machine_note, markdown_table, pretrain_and_probe, random_init_probe  # noqa: E402
 
 SHORT = {"dataset": "embedded", "images": 10000, "backbone_width": 0.0625}
 FULL = {"dataset": "fashion-mnist", "images": 600000, "backbone_width": None}
@@ -34,12 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone-width", type=float, help="width multiplier of the default backbone")
     ap.add_argument("--batch-sizes", default="32,64,128,256")
     ap.add_argument("--methods", default="byol,simclr")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config key for every run (e.g. device=cuda)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_byol_batch"))
-    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
-                    "of retraining (only valid if the code did not change in between)")
+    add_common_args(ap, "runs/bench_byol_batch")
     args = ap.parse_args(argv)
     from selfsup.config import merge, parse_overrides
     preset = dict(FULL if args.full else SHORT)

@@ -14,6 +14,16 @@ from pathlib import Path
 import torch
 
 
+def add_common_args(ap, out_default: str) -> None:
+    """The options every BYOL benchmark takes: --seed, --set KEY=VALUE, --out, --reuse."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config key for every run (e.g. device=cuda)")
+    ap.add_argument("--out", type=Path, default=Path(out_default))
+    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
+                    "of retraining (only valid if the code did not change in between)")
+
+
 def machine_note() -> str:
     """Threads and load average at the time of measuring (the CPU is shared)."""
     try:

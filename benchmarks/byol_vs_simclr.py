@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from byol_common import machine_note, markdown_table, pretrain_and_probe, random_init_probe  # noqa: E402
+from byol_common import add_common_args, machine_note, markdown_table, pretrain_and_probe, random_init_probe  # noqa: E402
 
 SHORT = {"dataset": "embedded", "minutes": 2.0}
 FULL = {"dataset": "fashion-mnist", "minutes": 10.0}
@@ -29,12 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="byol,simclr")
     ap.add_argument("--steps", help="fixed step counts instead of --minutes, e.g. byol=750,simclr=1000 (the steps "
                     "each method reaches in the CPU budget, to rerun the comparison on a faster device)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config key for every run (e.g. backbone_width=0.125)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_byol_vs_simclr"))
-    ap.add_argument("--reuse", action="store_true", help="read back runs in --out with the same config instead "
-                    "of retraining (only valid if the code did not change in between)")
+    add_common_args(ap, "runs/bench_byol_vs_simclr")
     args = ap.parse_args(argv)
     from selfsup.config import merge, parse_overrides
 
