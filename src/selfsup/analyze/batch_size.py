@@ -53,15 +53,9 @@ def run(args: argparse.Namespace) -> dict:
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
         C.line(ax, [r["batch_size"] for r in rs], rs, "linear_h", "o-", label=method)
-    C.draw_baseline(ax, baseline)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, labels=[str(b) for b in batches])
-    ax.set_xlabel("batch size (same number of images for every run)")
-    ax.set_ylabel("linear top-1 (%)")
-    ax.set_title(f"Batch size, {ctx.dataset}, {args.images} images per run", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    png = C.save_figure(fig, ctx.out / "batch_size.png")
+    png = C.finish_log_axes(fig, ax, batches, "batch size (same number of images for every run)",
+                            f"Batch size, {ctx.dataset}, {args.images} images per run", baseline,
+                            ctx.out / "batch_size.png", base=2)
 
     spread = {m: (max(r["linear_h"] for r in rows if r["method"] == m) - min(r["linear_h"] for r in rows if r["method"] == m))
               for m in methods}

@@ -421,6 +421,21 @@ def draw_baseline(ax, value: float) -> None:
     ax.axhline(value, ls=":", color="gray", label=f"untrained encoder ({value:.1f}%)")
 
 
+def finish_log_axes(fig, ax, ticks: list, xlabel: str, title: str, baseline: float, path: Path, base: int = 10) -> Path:
+    """The studies' common figure ending: baseline line, log x axis labelled at ``ticks``, linear top-1
+    on y, grid, legend; saved to ``path`` (returned)."""
+    draw_baseline(ax, baseline)
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("linear top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
 def line(ax, xs, rows: list[dict], key: str, fmt: str, **kw) -> None:
     """``rows[key]`` against ``xs``, with error bars (one standard deviation over seeds) when there are any."""
     errs = [r.get(f"{key}_std") for r in rows]

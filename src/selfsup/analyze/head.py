@@ -84,15 +84,9 @@ def run(args: argparse.Namespace) -> dict:
         xs = [r["out_dim"] for r in rs]
         C.line(ax, xs, rs, "linear_h", "o-", color=colours[head], label=f"{head}: h")
         C.line(ax, xs, rs, "linear_z", "s--", color=colours[head], alpha=0.6, label=f"{head}: z = g(h)")
-    C.draw_baseline(ax, baseline)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(dims, labels=[str(d) for d in dims])
-    ax.set_xlabel("projection output dimensionality")
-    ax.set_ylabel("linear top-1 (%)")
-    ax.set_title(f"Projection head, SimCLR on {ctx.dataset}, {args.steps} steps x {args.batch_size}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    png = C.save_figure(fig, ctx.out / "head.png")
+    png = C.finish_log_axes(fig, ax, dims, "projection output dimensionality",
+                            f"Projection head, SimCLR on {ctx.dataset}, {args.steps} steps x {args.batch_size}",
+                            baseline, ctx.out / "head.png", base=2)
 
     table = C.markdown_table(["head", "output dim", "linear top-1 of h %", "of z %", "h - z"],
                              [[r["head"], r["out_dim"], C.pm(r, "linear_h"), C.pm(r, "linear_z"),

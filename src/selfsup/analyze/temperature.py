@@ -68,17 +68,10 @@ def run(args: argparse.Namespace) -> dict:
             if r.get("linear_h_std"):
                 ax.axhspan(r["linear_h"] - r["linear_h_std"], r["linear_h"] + r["linear_h_std"], color="tab:orange",
                            alpha=0.15, lw=0)
-    C.draw_baseline(ax, baseline)
-    ax.set_xscale("log")
-    ax.set_xticks(temps, labels=[f"{t:g}" for t in temps])
-    ax.minorticks_off()
-    ax.set_xlabel("NT-Xent temperature")
-    ax.set_ylabel("linear top-1 (%)")
     seeds = f", mean ± sd of {args.seeds} seeds" if args.seeds > 1 else ""
-    ax.set_title(f"Temperature, {ctx.dataset}, {args.steps} steps x {args.batch_size}{seeds}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    png = C.save_figure(fig, ctx.out / "temperature.png")
+    png = C.finish_log_axes(fig, ax, temps, "NT-Xent temperature",
+                            f"Temperature, {ctx.dataset}, {args.steps} steps x {args.batch_size}{seeds}", baseline,
+                            ctx.out / "temperature.png")
 
     best = max(sim, key=lambda r: r["linear_h"]) if sim else None
     lines = [
