@@ -211,9 +211,11 @@ def pil_pipeline(args, data, view, mean, std, model, opt, device, precision, fn)
 def kornia_pipeline(args, data_dev, view, mean, std, model, opt, device, precision, fn) -> float:
     import kornia.augmentation as K
 
+    colour = data_dev.shape[1] == 3  # saturation and hue mean nothing for one channel (selfsup skips them too)
     ops = [K.RandomResizedCrop((args.image_size, args.image_size), scale=view.crop_scale, ratio=view.crop_ratio),
            K.RandomHorizontalFlip(p=view.flip_p),
-           K.ColorJitter(view.brightness, view.contrast, view.saturation, view.hue, p=view.jitter_p)]
+           K.ColorJitter(view.brightness, view.contrast, view.saturation if colour else 0.0,
+                         view.hue if colour else 0.0, p=view.jitter_p)]
     if data_dev.shape[1] == 3:
         ops.append(K.RandomGrayscale(p=view.grayscale_p))
     ops.append(K.Normalize(torch.tensor(mean), torch.tensor(std)))
