@@ -298,3 +298,42 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, mo
     assert len(state["optimizer"]["state"]) <= n_student and meta["kind"] == "distill"
     saved = load_weights(tmp_path / "distill" / "model.safetensors")
     assert set(saved) == set(wrapped[0].state_dict())  # the student only
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill"])
+def test_finetune_and_distill_resume_equals_uninterrupted(kind, pretrain_run, finetune_run, tmp_path, monkeypatch):
+    import selfsup.supervised as sup
+    from selfsup.finetune import FinetuneConfig, finetune
+
+    def make():
+        common = {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1}
+        if kind == "finetune":
+            return FinetuneConfig(run=str(pretrain_run), label_fraction=0.01, from_head_layer=1, **common)
+        return DistillConfig(teacher=str(finetune_run[0]), student="resnet18", student_width=0.0625, **common)
+
+    run = finetune if kind == "finetune" else distill
+    full = run(make(), tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    original = sup.save_state
+
+    def save_then_stop(cfg, spec, run_dir, model, optimizer, step, bad_total):
+        original(cfg, spec, run_dir, model, optimizer, step, bad_total)
+        if step == 2:
+            raise Stop  # killed right after the checkpoint at step 2
+
+    monkeypatch.setattr(sup, "save_state", save_then_stop)
+    with pytest.raises(Stop):
+        run(make(), tmp_path / "cut", progress=False)
+    monkeypatch.setattr(sup, "save_state", original)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_00000002"]
+    resumed = run(make(), tmp_path / "cut", resume=True, progress=False)
+    a, b = load_weights(tmp_path / "full" / "model.safetensors"), load_weights(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["top1"] == full["top1"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
