@@ -255,14 +255,9 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
         what = "a pre-training run" if info.get("kind") in (None, "pretrain") else f"a {info['kind']} run"
         raise ConfigError(f"{run_dir} is {what}, not a fine-tuning or distillation run; give the folder written by "
                           f"`selfsup finetune` (fine-tune it first: selfsup finetune --run {run_dir} --out ...)")
-    final = run_dir / "model.safetensors"
-    if final.is_file():
-        weights = ckpt.load_weights(final)
-    else:
-        found = ckpt.list_checkpoints(run_dir)
-        if not found:
-            raise ckpt.CheckpointError(f"{run_dir}: no model.safetensors and no checkpoint; the run never saved weights")
-        weights = ckpt.load_weights(found[-1] / "model.safetensors")
+    from selfsup.runs import run_weights
+
+    _, weights = run_weights(run_dir, str(run_dir))
     model = _empty_classifier(info)
     try:
         model.load_state_dict(weights, strict=True)

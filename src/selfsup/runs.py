@@ -25,6 +25,21 @@ class RunInfo:
     weights: dict[str, torch.Tensor]
 
 
+def run_weights(run_dir: Path, where: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) of a run's final ``model.safetensors``, else of its newest checkpoint.
+
+    ``where`` starts the error message when the run never saved weights.
+    """
+    final = run_dir / "model.safetensors"
+    if final.is_file():
+        return final, ckpt.load_weights(final)
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        raise ckpt.CheckpointError(f"{where}: no model.safetensors and no checkpoint; the run never saved weights")
+    path = found[-1] / "model.safetensors"
+    return path, ckpt.load_weights(path)
+
+
 def load_run(run_dir: str | Path) -> RunInfo:
     """Config and weights of a run folder (final weights, else the newest checkpoint).
 
@@ -45,15 +60,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
                                          "dataset": info.get("dataset", "embedded"), "data_dir": info.get("data_dir")})
     else:
         cfg = from_dict(PretrainConfig, load_yaml(cfg_path))
-    final = run_dir / "model.safetensors"
-    if final.is_file():
-        path, weights = final, ckpt.load_weights(final)
-    else:
-        found = ckpt.list_checkpoints(run_dir)
-        if not found:
-            raise ckpt.CheckpointError(f"--run {run_dir}: no model.safetensors and no checkpoint; the run never saved weights")
-        path = found[-1] / "model.safetensors"
-        weights = ckpt.load_weights(path)
+    path, weights = run_weights(run_dir, f"--run {run_dir}")
     in_channels = int(info.get("in_channels") or weights["backbone.conv1.weight"].shape[1])
     image_size = int(info.get("image_size") or cfg.image_size or 32)
     mean = tuple(info.get("dataset_mean") or ())
