@@ -45,7 +45,7 @@ def _pretrain_config(args, **defaults):
 
     cli = dict(defaults)
     for key in ("method", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
-                "checkpoint_every", "on_bad_image"):
+                "checkpoint_every", "on_bad_image", "init", "logger"):
         v = getattr(args, key, None)
         if v is not None:
             cli[key] = str(v) if key == "data_dir" else v
@@ -102,8 +102,9 @@ def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_di
     name = dataset or run.config.dataset
     if name.startswith("stl10"):
         name = "stl10"
-    train = load_dataset(name, "train", data_dir=data_dir or run.config.data_dir, image_size=run.image_size)
-    test = load_dataset(name, "test", data_dir=data_dir or run.config.data_dir, image_size=run.image_size)
+    cols = {"image_column": run.config.hf.image_column, "label_column": run.config.hf.label_column}  # hf:PATH
+    train = load_dataset(name, "train", data_dir=data_dir or run.config.data_dir, image_size=run.image_size, **cols)
+    test = load_dataset(name, "test", data_dir=data_dir or run.config.data_dir, image_size=run.image_size, **cols)
     if train.labels is None or test.labels is None:
         raise _config_error(f"--dataset {name}: evaluation needs labels, and this data set has none")
     if train.num_channels != run.in_channels:
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train an encoder without labels")
     p.add_argument("--method", help="simclr (default) or another registered method")
-    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded or imagefolder:PATH")
+    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded, imagefolder:PATH or hf:PATH "
+                   "(a Hugging Face data set saved with save_to_disk)")
     p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
     p.add_argument("--backbone", help="encoder name from the registry")
     p.add_argument("--out", help="run folder to create")
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=("error", "skip"),
                    help="image folders: error (default; name bad files before training) or skip (leave them out, counted)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    p.add_argument("--init", metavar="SOURCE", help="start the encoder from weights: .safetensors, a torchvision/timm "
+                   ".pt/.pth state dict, or a run folder (not re-applied on --resume)")
+    p.add_argument("--logger", metavar="LIST", help="experiment trackers besides metrics.jsonl, comma-separated: "
+                   "tensorboard (default), csv, wandb, mlflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)

@@ -48,6 +48,17 @@ class OptimConfig:
 
 
 @dataclass
+class HFConfig:
+    """Columns of a Hugging Face ``datasets`` data set (``dataset: hf:PATH``); None: found by feature type."""
+
+    image_column: str | None = None  # None: the one Image feature (or a column named image / img)
+    label_column: str | None = None  # None: the one ClassLabel feature (or label / labels), else unlabeled
+
+
+TRACKERS = ("tensorboard", "csv", "wandb", "mlflow")  # --logger; metrics.jsonl is always written
+
+
+@dataclass
 class PretrainConfig:
     """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST, 10 minutes).
 
@@ -96,6 +107,9 @@ class PretrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     num_workers: int = 2  # DataLoader workers for data streamed from disk
     on_bad_image: str = "error"  # image folders: error (name the bad files, before training) or skip (count them)
+    init: str | None = None  # start the encoder from weights: a .safetensors / .pt file or a run folder (init_weights.py)
+    logger: str = "tensorboard"  # comma-separated experiment trackers (TRACKERS) besides metrics.jsonl; "" for none
+    hf: HFConfig = field(default_factory=HFConfig)  # columns of an hf:PATH data set
 
     @staticmethod
     def method_defaults(data: dict) -> dict:
@@ -154,6 +168,9 @@ class PretrainConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         self.optim.validate()
+        for name in (t.strip() for t in self.logger.split(",")):
+            if name and name != "none":
+                _choice("logger", name, TRACKERS)
         for key in ("view", "view2"):
             v = getattr(self, key)
             if v is not None:
@@ -173,13 +190,13 @@ def _check_names(cfg: PretrainConfig) -> None:
     from selfsup.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
     from selfsup.image_checks import BAD_IMAGE_POLICIES
 
-    if not cfg.dataset.startswith(IMAGEFOLDER_PREFIX):
+    if not cfg.dataset.startswith((IMAGEFOLDER_PREFIX, "hf:")):
         name = canonical_dataset_name(cfg.dataset)
         if name not in DATASET_NAMES and not (name.startswith("stl10") and "stl10" in DATASET_NAMES):
             close = difflib.get_close_matches(name, DATASET_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASET_NAMES)} or "
-                              f"imagefolder:PATH{hint}")
+                              f"imagefolder:PATH or hf:PATH{hint}")
     if not cfg.backbone.startswith("timm:"):
         _choice("backbone", cfg.backbone, tuple(BACKBONES))
     _choice("on_bad_image", cfg.on_bad_image, BAD_IMAGE_POLICIES)

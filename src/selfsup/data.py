@@ -268,8 +268,13 @@ def load_dataset(
     *,
     num_channels: int | None = None,
     on_bad_image: str = "error",
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> InMemoryDataset | ImageFolderDataset:
-    """Load a data set by name; see :data:`DATASET_NAMES`, or ``"imagefolder:PATH"``.
+    """Load a data set by name; see :data:`DATASET_NAMES`, ``"imagefolder:PATH"`` or ``"hf:PATH"``.
+
+    ``hf:PATH``: a Hugging Face data set saved with ``save_to_disk`` (:mod:`selfsup.hf_data`);
+    ``image_column`` / ``label_column`` name its columns when they cannot be told by feature type.
 
     ``split`` is ``"train"`` or ``"test"``; STL-10 also has ``"unlabeled"`` (labels ``None``) and
     ``"train+unlabeled"`` (labels ``-1`` for the unlabeled part). The built-in sets are always in
@@ -294,6 +299,10 @@ def load_dataset(
     """
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_image_folder(name, split, image_size, in_memory, num_channels, on_bad_image)
+    if name.startswith("hf:"):
+        from selfsup.hf_data import load_hf_dataset  # optional extra (datasets): imported only for hf: names
+
+        return load_hf_dataset(name, split, image_size, in_memory, image_column, label_column)
     key = canonical_dataset_name(name)
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)} or imagefolder:PATH")

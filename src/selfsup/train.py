@@ -31,8 +31,10 @@ from selfsup.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from selfsup.data import load_dataset
 from selfsup.guards import channels_last_hazard
 from selfsup.image_checks import BadImageError, clean_error_message, final_report
+from selfsup.init_weights import load_init
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
+from selfsup.trackers import open_trackers
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
 
 
@@ -162,10 +164,15 @@ def resolve_views(cfg: PretrainConfig, image_size: int) -> tuple[ViewConfig, Vie
     return v1, v2
 
 
-def build_model(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
+def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, init: str | None = None) -> nn.Module:
+    """The method around a fresh backbone; ``init`` (``--init``) loads the backbone's starting weights first,
+    so a BYOL target starts as the same copy. ``model.init_record`` then says what was loaded."""
     kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
     backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
-    return METHODS[cfg.method](cfg, backbone)
+    record = load_init(backbone, init) if init is not None else None
+    model = METHODS[cfg.method](cfg, backbone)
+    model.init_record = record
+    return model
 
 
 def total_steps_for(cfg: PretrainConfig, n: int) -> int | None:
@@ -182,13 +189,17 @@ def total_steps_for(cfg: PretrainConfig, n: int) -> int | None:
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard (if installed), written by rank 0 only."""
+    """metrics.jsonl + TensorBoard (if installed), written by rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    ``trackers`` (from ``selfsup.trackers.open_trackers``, ``--logger``) replace the built-in TensorBoard writer.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, trackers: list | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
-        if enabled:
+        self.trackers = list(trackers or [])
+        if enabled and trackers is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -211,10 +222,14 @@ class _Logger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -270,7 +285,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                           f"({world} x {cfg.accumulate})")
 
     dataset = load_dataset(cfg.dataset, "train" if not cfg.dataset.startswith("stl10") else "train+unlabeled",
-                           data_dir=cfg.data_dir, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image)
+                           data_dir=cfg.data_dir, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
+                           image_column=cfg.hf.image_column, label_column=cfg.hf.label_column)
     image_report = getattr(dataset, "image_report", None)  # bad/small images found by the scan (image folders)
     if main and image_report is not None and (image_report.bad or image_report.upscaled):
         print(f"[selfsup] {image_report.summary()}", file=sys.stderr)
@@ -283,7 +299,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dataset.num_channels, image_size).to(device)
+    # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
+    model = build_model(cfg, dataset.num_channels, image_size, init=cfg.init if weights is None else None).to(device)
     if weights is not None:
         _load_model_weights(model, weights, run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
@@ -381,6 +398,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             "sync_bn": bool(cfg.sync_bn and world > 1), "image_size": image_size, "num_images": n, "in_channels": dataset.num_channels,
             "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std),
         }, indent=1))
+        if getattr(model, "init_record", None) is not None:  # what --init loaded (file, sha256, prefix removed, classifier dropped)
+            (run_dir / "init.json").write_text(json.dumps(model.init_record, indent=1))
         try:
             from selfsup.augment import save_view_grid
 
@@ -389,7 +408,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         except Exception as e:  # a picture must never cost a run
             warnings.warn(f"could not write views.png: {e}")
     dist.barrier()
-    logger = _Logger(run_dir, main)
+    trackers = open_trackers(cfg.logger, run_dir, to_dict(cfg), resume, start_step) if main else []
+    logger = _Logger(run_dir, main, trackers)
     bar = None
     if main and progress:
         from tqdm.auto import tqdm
@@ -567,14 +587,14 @@ def _load_resume(cfg: PretrainConfig, run_dir: Path):
                                    f"({type(e).__name__}: {e}); resume it with the release that wrote it") from None
     # Everything but bookkeeping must match the interrupted run; the saved config wins.
     free = {"device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "knn_monitor",
-            "epochs", "steps", "minutes", "on_bad_image"}
+            "epochs", "steps", "minutes", "on_bad_image", "logger"}
     given, kept = to_dict(cfg), to_dict(saved)
     diff = [k for k in kept if k not in free and given.get(k) != kept.get(k)
             and not (k in ("view", "view2") and given.get(k) is None)]
     if diff:
         raise ConfigError(f"--resume {run_dir}: the command line differs from the interrupted run in "
                           f"{', '.join(diff)}; resume with the run's own settings (saved in {run_dir / 'config.yaml'})")
-    for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "on_bad_image"):
+    for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "on_bad_image", "logger"):
         setattr(saved, k, getattr(cfg, k))
     return saved, weights, state
 
@@ -651,7 +671,8 @@ def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logge
         perm = torch.randperm(len(dataset), generator=g)
         try:
             test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,
-                                on_bad_image=cfg.on_bad_image)
+                                on_bad_image=cfg.on_bad_image, image_column=cfg.hf.image_column,
+                                label_column=cfg.hf.label_column)
             tperm = torch.randperm(len(test), generator=g)[:KNN_QUERIES]
             cache = (perm[:KNN_BANK], test, tperm)
         except Exception:
