@@ -3,5 +3,28 @@
 Building blocks (plain torch): ``selfsup.losses``, ``selfsup.backbones``, ``selfsup.heads``,
 ``selfsup.augment``, ``selfsup.schedules``, ``selfsup.optim``, ``selfsup.methods``.
 The training loop (``selfsup.train``) and the command line (``selfsup.cli``) sit on top.
+
+The short path for notebooks, loaded on first use so ``import selfsup`` stays light:
+``selfsup.PretrainConfig`` / ``selfsup.build_config`` (config), ``selfsup.pretrain`` (the loop),
+``selfsup.load_encoder(DIR)`` / ``selfsup.from_pretrained(DIR)`` (a run folder, or a Hub-style folder
+from ``selfsup export --to hub``); ``selfsup.hub.embed(encoder, images)`` gives features of a tensor of images.
 """
 __version__ = "0.1.0"
+
+# name -> (module, attribute), resolved by __getattr__ (PEP 562) when first used.
+_LAZY = {
+    "PretrainConfig": ("selfsup.config", "PretrainConfig"),
+    "build_config": ("selfsup.config", "build_config"),
+    "pretrain": ("selfsup.train", "pretrain"),
+    "load_encoder": ("selfsup.hub", "load_encoder"),
+    "from_pretrained": ("selfsup.hub", "from_pretrained"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'selfsup' has no attribute {name!r}")

@@ -27,6 +27,11 @@ def cmd_embed(args) -> int:
 def cmd_export(args) -> int:
     from selfsup.export import export_run
 
+    if args.to == "hub":  # a folder: model.safetensors, config.json, model card README.md (selfsup.hub)
+        from selfsup.hub import export_hub
+
+        print(json.dumps(export_hub(args.run, args.out)))
+        return 0
     summary = export_run(args.run, args.to, args.out, opset=args.opset, dynamo=args.onnx_dynamo,
                          verify=not args.no_verify)
     print(json.dumps(summary))
@@ -57,11 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("export", help="write the encoder for torchvision, timm, safetensors or ONNX",
+    p = sub.add_parser("export", help="write the encoder for torchvision, timm, safetensors, ONNX or a Hub-style folder",
                        description="Export the run's encoder f (no projection head).")
-    p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--to", required=True, choices=EXPORT_TARGETS)
-    p.add_argument("--out", required=True, type=Path, help="file to write (.safetensors, .pt or .onnx)")
+    p.add_argument("--run", required=True, help="run folder (or a Lightning .ckpt from selfsup.lightning)")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS + ("hub",))
+    p.add_argument("--out", required=True, type=Path, help="file to write (.safetensors, .pt or .onnx); a folder for --to hub")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     p.add_argument("--onnx-dynamo", action="store_true", help="use torch's dynamo ONNX exporter (slower)")
     p.add_argument("--no-verify", action="store_true", help="do not compare the ONNX file with PyTorch")
