@@ -11,6 +11,7 @@ from torch import nn
 from selfsup import checkpoint as ckpt
 from selfsup.backbones import build_backbone
 from selfsup.config import ConfigError, PretrainConfig, from_dict, load_yaml
+from selfsup.lightning_ckpt import read_lightning_checkpoint
 
 
 @dataclass
@@ -48,6 +49,10 @@ def load_run(run_dir: str | Path) -> RunInfo:
     ``eval``, ``embed`` and ``export`` take either kind of folder.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".ckpt":  # a Lightning checkpoint of a selfsup.lightning module
+        config, info, weights = read_lightning_checkpoint(run_dir)
+        return RunInfo(run_dir, from_dict(PretrainConfig, config), int(info["image_size"]), int(info["in_channels"]),
+                       tuple(info.get("mean", ())), tuple(info.get("std", ())), run_dir, weights)
     if not run_dir.is_dir():
         raise ConfigError(f"--run {run_dir}: no such run folder")
     cfg_path = run_dir / "config.yaml"
