@@ -112,7 +112,9 @@ def load_init(backbone: nn.Module, source: str | Path) -> dict:
     missing = [k for k in own if k not in state]
     if missing:
         extra = [k for k in state if k not in own]
-        hint = f"; the file has {extra[0]!r} instead" if extra else ""
+        alike = [k for k in extra if k.endswith("." + missing[0])]  # same name under another prefix
+        hint = (f"; the file has {alike[0]!r}: its names carry the prefix {alike[0][:-len(missing[0])]!r}" if alike
+                else f"; the file has {extra[0]!r} instead" if extra else "")
         raise InitError(f"{where}: the encoder's tensor {missing[0]!r} is not in the file ({len(missing)} of {len(own)} "
                         f"missing{hint}); was it saved from another architecture (--backbone)?")
     extra = [k for k in state if k not in own]

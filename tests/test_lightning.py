@@ -1,0 +1,90 @@
+"""selfsup.lightning: the plain loop's first step under lightning.Trainer, BYOL's EMA hook, .ckpt export."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from selfsup import cli  # noqa: E402
+from selfsup.config import ConfigError  # noqa: E402
+from selfsup.data import load_dataset  # noqa: E402
+from selfsup.export import load_exported  # noqa: E402
+from selfsup.lightning import BYOLModule, SimCLRModule, SimCLRv2Module, step_dataloader  # noqa: E402
+from selfsup.schedules import ema_tau  # noqa: E402
+from selfsup.train import pretrain  # noqa: E402
+
+TINY = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
+        "proj_out_dim": 16, "precision": "fp32", "knn_monitor": False, "log_every": 1}
+
+
+class FirstLoss(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(module, dataset, steps, root: Path, callbacks=()):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=str(root),
+                        logger=L.pytorch.loggers.CSVLogger(str(root)), log_every_n_steps=1,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(module, step_dataloader(dataset, module.cfg, steps))
+    return trainer
+
+
+def _logged(root: Path) -> list[dict]:
+    path = next(root.rglob("metrics.csv"))
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_first_step_loss_equals_the_plain_loop_and_the_checkpoint_exports(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(**TINY, steps=1)
+    pretrain(cfg, tmp_path / "plain", progress=False)
+    plain = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])
+    assert plain["step"] == 1
+
+    dataset = load_dataset("embedded", "train")
+    module = SimCLRModule.for_dataset(dataset, cfg)
+    first = FirstLoss()
+    _fit(module, dataset, 2, tmp_path / "lt", [first])
+    assert first.losses[0] == pytest.approx(plain["loss"], rel=1e-6, abs=1e-7)
+    assert first.losses[1] != first.losses[0]
+    logged = _logged(tmp_path / "lt")
+    assert {"loss", "lr", "z_std"} <= set(logged[0]), logged[0].keys()
+
+    ckpt = next((tmp_path / "lt").rglob("*.ckpt"))
+    out = tmp_path / "enc.safetensors"
+    assert cli.main(["export", "--run", str(ckpt), "--to", "safetensors", "--out", str(out)]) == 0
+    exported = load_exported(out)
+    for k, v in module.model.backbone.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v.cpu()), k
+
+
+def test_byol_target_is_updated_after_the_optimiser_step(tmp_path):
+    dataset = load_dataset("embedded", "train")
+    module = BYOLModule.for_dataset(dataset, **{k: v for k, v in TINY.items() if k not in ("dataset", "log_every", "knn_monitor")})
+    xi0 = {k: v.clone() for k, v in module.model.target_backbone.named_parameters()}
+    _fit(module, dataset, 1, tmp_path)
+    tau = ema_tau(0, 1, module.cfg.base_tau)
+    online = dict(module.model.backbone.named_parameters())
+    for k, t in module.model.target_backbone.named_parameters():
+        # BYOL Eq. 1 with the *updated* online weights: an update before the step would give xi0 back.
+        torch.testing.assert_close(t, tau * xi0[k] + (1 - tau) * online[k].detach(), rtol=0, atol=1e-6)
+    assert any(not torch.equal(xi0[k], online[k]) for k in xi0)
+    assert {"loss", "lr", "collapse_std", "target_collapse_std"} <= set(_logged(tmp_path)[0])
+
+
+def test_config_or_keywords_with_the_methods_defaults():
+    by_kwargs = SimCLRv2Module(backbone="resnet18", backbone_width=0.0625, in_channels=1, image_size=28)
+    assert by_kwargs.cfg.method == "simclrv2" and by_kwargs.cfg.proj_layers == 3  # the method's default
+    with pytest.raises(ConfigError, match="temprature"):
+        SimCLRModule(temprature=0.1)
+    with pytest.raises(ConfigError, match="BYOLModule trains 'byol'"):
+        BYOLModule({"method": "simclr"})
