@@ -122,10 +122,11 @@ class WandbTracker:
             raise TrackerError("--logger wandb needs the wandb package; pip install 'selfsup[wandb]' "
                                "(set WANDB_MODE=offline to log without an account)") from None
         saved = state.get("wandb") or {}
-        run_id = saved.get("id") or wandb.util.generate_id()
         kwargs = {} if os.environ.get("WANDB_DIR") else {"dir": str(run_dir)}
+        if saved.get("id"):  # continue the run this folder started
+            kwargs.update(id=saved["id"], resume="allow")
         self.run = wandb.init(project=saved.get("project") or os.environ.get("WANDB_PROJECT", "selfsup"),
-                              name=run_dir.name, id=run_id, resume="allow", config=config, **kwargs)
+                              name=run_dir.name, config=config, **kwargs)
         self.run.define_metric("trainer/step")
         self.run.define_metric("*", step_metric="trainer/step")
         state["wandb"] = {"id": self.run.id, "project": self.run.project}
