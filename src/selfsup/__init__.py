@@ -22,6 +22,10 @@ _LAZY = {
 
 
 def __getattr__(name):
+    if name == "hub":  # selfsup.hub.embed(...) without importing the submodule first
+        import importlib
+
+        return importlib.import_module("selfsup.hub")
     if name in _LAZY:
         import importlib
 
