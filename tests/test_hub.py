@@ -65,6 +65,8 @@ def test_push_one_liner_binds_to_huggingface_hub():
     hf = pytest.importorskip("huggingface_hub")
     guide = (ROOT / "docs" / "user_guide.md").read_text()
     assert 'HfApi().upload_folder(repo_id="USER/NAME", folder_path="hub/pets", repo_type="model")' in guide
+    assert 'HfApi().create_repo("USER/NAME", exist_ok=True)' in guide
+    inspect.signature(hf.HfApi.create_repo).bind(hf.HfApi(), "USER/NAME", exist_ok=True)
     inspect.signature(hf.HfApi.upload_folder).bind(hf.HfApi(), repo_id="USER/NAME", folder_path="hub/pets",
                                                      repo_type="model")  # not run: no network in tests
 

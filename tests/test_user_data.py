@@ -139,7 +139,7 @@ def test_every_command_in_the_guide_is_valid():
                     pytest.fail(f"the user guide shows a command the CLI rejects: {line}")
                 counts[words[0]] += 1
             elif words[:3] == ["pip", "install", "-e"]:
-                extra = re.fullmatch(r"\.\[(\w+)\]", words[3]).group(1)
+                extra = re.fullmatch(r"\.\[([\w-]+)\]", words[3]).group(1)
                 assert extra in extras, f"guide installs extra {extra!r}, pyproject.toml has {sorted(extras)}"
                 counts["pip"] += 1
             elif words[0] == "make":
@@ -147,7 +147,7 @@ def test_every_command_in_the_guide_is_valid():
                 counts["make"] += 1
             else:
                 pytest.fail(f"the guide shows a command this test does not know how to check: {line}")
-    assert counts["selfsup"] >= 25 and counts["torchrun"] == 2 and counts["pip"] == 3 and counts["make"] == 1, counts
+    assert counts["selfsup"] >= 25 and counts["torchrun"] == 2 and counts["pip"] == 8 and counts["make"] == 1, counts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +180,8 @@ def workspace(tmp_path_factory):
 
 
 # Guide commands that need an optional extra; without it they are left out of the end-to-end run.
-_EXTRA_FOR = {"--to onnx": "onnx", "import onnxruntime": "onnxruntime"}
+_EXTRA_FOR = {"--to onnx": "onnx", "import onnxruntime": "onnxruntime", "import lightning": "lightning",
+              "lightning_logs/": "lightning"}
 
 
 def _needs_missing_extra(text: str) -> bool:
@@ -426,3 +427,15 @@ def test_timm_backbone_pretrains_and_exports_for_timm(tiny_cfg, tmp_path):
     export_run(tmp_path / "run", "safetensors", tmp_path / "enc.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path / "enc.safetensors")(x), ours(x))
+
+
+def test_guide_integrations_wrote_everything(workspace):
+    """--init from a torchvision export and from a run, --logger csv, --to hub and the Lightning checkpoint's export."""
+    runs = workspace / "runs"
+    from_tv = json.loads((runs / "pets-from-tv" / "init.json").read_text())
+    assert from_tv["prefix_removed"] == "" and from_tv["tensors_loaded"] > 0
+    assert json.loads((runs / "pets-from-run" / "init.json").read_text())["prefix_removed"] == "backbone."
+    assert (runs / "flat-csv" / "metrics.csv").read_text().startswith("step,name,value\n")
+    assert sorted(p.name for p in (workspace / "hub" / "pets").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    if importlib.util.find_spec("lightning") is not None:
+        assert (workspace / "lightning_encoder.safetensors").is_file()
