@@ -163,7 +163,8 @@ def _describe(backbone: nn.Module, image_size: int, in_channels: int, mean, std)
 
 
 def load_encoder(path: str | Path) -> nn.Module:
-    """The encoder f, in eval mode, from a Hub-style folder, a run folder, or a ``--to safetensors`` file.
+    """The encoder f, in eval mode, from a Hub-style folder, a run folder (or a ``selfsup.lightning`` ``.ckpt``),
+    or a ``--to safetensors`` file.
 
     The module carries ``image_size``, ``in_channels``, ``mean`` and ``std`` (how to prepare its input;
     :func:`embed` uses them) and ``num_features``.
@@ -171,7 +172,7 @@ def load_encoder(path: str | Path) -> nn.Module:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _from_hub_folder(path).eval()
-    if path.is_dir():
+    if path.is_dir() or path.suffix == ".ckpt":  # a run folder or a selfsup.lightning checkpoint
         run = load_run(path)
         backbone = run_encoder(run)
         mean, std = run.mean, run.std
@@ -201,7 +202,7 @@ def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
     if images.ndim != 4 or images.shape[1] != encoder.in_channels:
         raise ValueError(f"images must be (B, {encoder.in_channels}, H, W), got {tuple(images.shape)}")
     if images.is_floating_point():
-        images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        images = images.clamp(0, 1) * 255  # prepare_images divides by 255 (no rounding to uint8)
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()

@@ -1,6 +1,6 @@
 """Reading a ``.ckpt`` written by Lightning for a ``selfsup.lightning`` module, without importing Lightning.
 
-``selfsup export|eval|embed --run FILE.ckpt`` take such a file wherever they take a run folder. It is
+``selfsup export --run FILE.ckpt`` and ``selfsup embed --run FILE.ckpt`` take such a file for a run folder. It is
 read with ``torch.load(weights_only=True)``: tensors and plain containers only (the modules store
 their hyper-parameters as a plain dict for this); any other pickled object is refused unrun.
 """
