@@ -77,3 +77,4 @@ def test_unknown_or_missing_trackers_are_user_errors(tmp_path, monkeypatch, caps
                      "--logger", "wandb", "--no-progress", "--backbone", "resnet18", "--set", "backbone_width=0.0625",
                      "--batch-size", "8", "--set", "knn_monitor=false"])
     assert code == 2 and "needs the wandb package" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -15,6 +15,7 @@ repeats steps since its last checkpoint is not refused.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 from selfsup.config import TRACKERS, ConfigError
 
-__all__ = ["parse_trackers", "open_trackers", "TrackerError", "STATE_FILE"]
+__all__ = ["parse_trackers", "check_trackers", "open_trackers", "TrackerError", "STATE_FILE"]
 
 STATE_FILE = "trackers.json"
 
@@ -40,6 +41,27 @@ def parse_trackers(spec: str) -> list[str]:
         if name not in TRACKERS:
             raise TrackerError(f"--logger {name!r}: choose from {', '.join(TRACKERS)} (comma-separated)")
     return list(dict.fromkeys(names))
+
+
+_MISSING = {
+    "wandb": "--logger wandb needs the wandb package; pip install 'selfsup[wandb]' (set WANDB_MODE=offline to log "
+             "without an account)",
+    "mlflow": "--logger mlflow needs the mlflow package; pip install 'selfsup[mlflow]'",
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_trackers(spec: str) -> None:
+    """Raise ``TrackerError`` before any work when a tracker in ``spec`` is not installed (finds, does not import)."""
+    for name in parse_trackers(spec):
+        if name in _MISSING and not _installed(name):
+            raise TrackerError(_MISSING[name])
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -119,8 +141,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise TrackerError("--logger wandb needs the wandb package; pip install 'selfsup[wandb]' "
-                               "(set WANDB_MODE=offline to log without an account)") from None
+            raise TrackerError(_MISSING["wandb"]) from None
         saved = state.get("wandb") or {}
         kwargs = {} if os.environ.get("WANDB_DIR") else {"dir": str(run_dir)}
         if saved.get("id"):  # continue the run this folder started
@@ -144,7 +165,7 @@ class MLflowTracker:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise TrackerError("--logger mlflow needs the mlflow package; pip install 'selfsup[mlflow]'") from None
+            raise TrackerError(_MISSING["mlflow"]) from None
         saved = state.get("mlflow") or {}
         self.client = MlflowClient(tracking_uri=saved.get("tracking_uri"))
         if saved.get("run_id"):

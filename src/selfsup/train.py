@@ -34,7 +34,7 @@ from selfsup.image_checks import BadImageError, clean_error_message, final_repor
 from selfsup.init_weights import load_init
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
-from selfsup.trackers import open_trackers
+from selfsup.trackers import check_trackers, open_trackers
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
 
 
@@ -259,6 +259,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     """
     run_dir = Path(run_dir)
     cfg.validate()
+    check_trackers(cfg.logger)  # a --logger whose package is missing fails here, before any work
     owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/distributed.md)
     main = dist.is_main_process()
     if main:
