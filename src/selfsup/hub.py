@@ -128,7 +128,7 @@ def export_hub(run_dir: str | Path, out: str | Path) -> dict:
                                 **({} if width is None else {"width": float(width)})},
               "num_features": int(backbone.num_features), "image_size": run.image_size,
               "in_channels": run.in_channels, "mean": list(run.mean), "std": list(run.std),
-              "method": run.config.method, "dataset": run.config.dataset, "source_weights": str(run.weights_path)}
+              "method": run.config.method, "dataset": run.config.dataset, "source_run": run.run_dir.name}
     info, summary = _read_json(run.run_dir / "run.json"), _read_json(run.run_dir / "train_summary.json")
     evals = [e for e in (_read_json(run.run_dir / f"eval_{k}.json") for k in ("knn", "linear")) if e]
     out.mkdir(parents=True, exist_ok=True)
