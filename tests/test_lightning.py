@@ -81,6 +81,8 @@ def test_byol_target_is_updated_after_the_optimiser_step(tmp_path):
         torch.testing.assert_close(t, tau * xi0[k] + (1 - tau) * online[k].detach(), rtol=0, atol=1e-6)
     assert any(not torch.equal(xi0[k], online[k]) for k in xi0)
     assert {"loss", "lr", "collapse_std", "target_collapse_std"} <= set(_logged(tmp_path)[0])
+    again = BYOLModule.load_from_checkpoint(next(tmp_path.rglob("*.ckpt")))  # plain hyper-parameters rebuild it
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_config_or_keywords_with_the_methods_defaults():
