@@ -301,7 +301,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
 
     torch.manual_seed(cfg.seed)
     # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
-    model = build_model(cfg, dataset.num_channels, image_size, init=cfg.init if weights is None else None).to(device)
+    init = cfg.init if weights is None else None
+    model = (build_model(cfg, dataset.num_channels, image_size, init=init) if init is not None
+             else build_model(cfg, dataset.num_channels, image_size)).to(device)
     if weights is not None:
         _load_model_weights(model, weights, run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
