@@ -34,8 +34,8 @@ from selfsup.image_checks import BadImageError, clean_error_message, final_repor
 from selfsup.init_weights import load_init
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
-from selfsup.trackers import check_trackers, open_trackers
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
+from selfsup.trackers import check_trackers, open_trackers
 
 
 class TrainingError(RuntimeError):
