@@ -22,6 +22,8 @@ the same code; only the loop is Lightning's.
 - Logging: ``loss``, ``lr`` and the method's monitors (``collapse_std`` and ``target_collapse_std``
   for BYOL, ``z_std`` for SimCLR) through ``self.log``, so any Lightning logger receives them; the
   collapse monitor warns as in the loop.
+- Precision and devices are the Trainer's (``precision="bf16-mixed"``, ``devices=8``); ``cfg.precision``,
+  ``cfg.device`` and ``cfg.accumulate`` apply to ``selfsup pretrain`` only (use ``accumulate_grad_batches``).
 - Checkpoints: Lightning's ``.ckpt`` files hold only tensors and plain containers (the hyper-parameters
   are stored as a plain dict), so ``selfsup export --run FILE.ckpt --to ...`` reads them with
   ``torch.load(weights_only=True)``.
@@ -104,6 +106,10 @@ class SelfSupModule(L.LightningModule):
         return warmup_cosine(step, total, warmup, self.base_lr, self.base_lr * self.cfg.optim.final_lr_fraction)
 
     # -- hooks ----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # As in the loop: the collapse warning is armed once warm-up is over.
+        self.collapse.after_step = int(round(self.cfg.optim.warmup_fraction * self.total_steps()))
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Two augmented views of the uint8 batch, on the device, seeded as the loop's step (and micro-batch)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
