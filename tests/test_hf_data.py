@@ -92,9 +92,6 @@ def test_pretrain_resume_and_eval_with_named_columns(hf_folder, tmp_path):
 def test_reads_a_folder_written_by_datasets(tmp_path):
     """The real writer, in a subprocess (datasets is slow to import)."""
     code = textwrap.dedent(f"""
-        import pyarrow
-        if not hasattr(pyarrow, "PyExtensionType"):  # datasets < 2.19 with pyarrow >= 21 (test only, to run the writer)
-            pyarrow.PyExtensionType = pyarrow.ExtensionType
         try:
             import datasets
         except ImportError:
