@@ -51,9 +51,11 @@ def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | No
         return None, str(err)
     if fmt == "raw":
         return image.numpy().tobytes(), None
-    from torchvision.io import encode_jpeg  # libjpeg-turbo, as the reader's decode_jpeg
+    import simplejpeg  # the store extra: libjpeg-turbo, as the reader's decoder
 
-    return encode_jpeg(image, quality=quality).numpy().tobytes(), None
+    c = image.shape[0]
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), quality=quality,
+                                  colorspace="GRAY" if c == 1 else "RGB", colorsubsampling="Gray" if c == 1 else "420"), None
 
 
 def _splits(path: Path) -> list[tuple[str, Path, list[str] | None]]:

@@ -19,8 +19,9 @@ encodings are accepted (its ``pkl`` encoding would unpickle; the reader refuses 
 :class:`selfsup.data.ImageFolderDataset`: ``dataset[i]`` is ``(uint8 (C, L, L), label)``. The
 training order therefore stays :func:`selfsup.train.step_indices` (a function of seed and step), so
 exact resume and the per-rank shards under ``torchrun`` are the same as for any other data set.
-JPEGs are decoded with libjpeg-turbo through ``torchvision.io.decode_jpeg``; on a CUDA device the
-training loop can decode whole batches with nvJPEG instead (:func:`decode_jpeg_batch`).
+JPEGs are decoded on the CPU with libjpeg-turbo through ``simplejpeg`` (torchvision 0.29 deprecates
+its own CPU codecs); on a CUDA device whole batches can be decoded with nvJPEG instead
+(:func:`decode_jpeg_batch`, through ``torchvision.io.decode_jpeg(device="cuda")``).
 """
 from __future__ import annotations
 
@@ -139,14 +140,14 @@ class StoreDataset(torch.utils.data.Dataset):
         return self.sample(index)["name"]
 
     def decode(self, data: bytes) -> torch.Tensor:
-        """Stored bytes to ``(C, L, L)`` uint8."""
+        """Stored bytes to ``(C, L, L)`` uint8 (JPEGs with simplejpeg, i.e. libjpeg-turbo)."""
         c, side = self.num_channels, self.load_size
         if self.format == "raw":
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(c, side, side)
-        from torchvision.io import ImageReadMode, decode_jpeg  # libjpeg-turbo
+        import simplejpeg  # the store extra
 
-        mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        array = simplejpeg.decode_jpeg(data, colorspace="GRAY" if c == 1 else "RGB")
+        return torch.from_numpy(np.ascontiguousarray(array.reshape(side, side, c).transpose(2, 0, 1)))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = int(index)
