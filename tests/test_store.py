@@ -133,6 +133,10 @@ def test_cli_prepare_then_pretrain_and_eval_from_the_store(folder, tmp_path, cap
     assert cli.main(["eval", "knn", "--run", str(run), "--k", "3", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_train"] == 12 and result["num_test"] == 6 and result["dataset"] == f"store:{store}"
+    assert cli.main(["embed", "--run", str(run), "--images", f"store:{store}", "--out", str(tmp_path / "e.csv"),
+                     "--num-workers", "0", "--no-progress"]) == 0
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[1].startswith("a/img000.jpg,")  # header + one row per image, by file name
 
 
 def test_store_errors_are_one_line_with_the_fix(folder, raw_store, tmp_path, capsys):

@@ -147,7 +147,8 @@ class StoreDataset(torch.utils.data.Dataset):
         import simplejpeg  # the store extra
 
         array = simplejpeg.decode_jpeg(data, colorspace="GRAY" if c == 1 else "RGB")
-        return torch.from_numpy(np.ascontiguousarray(array.reshape(side, side, c).transpose(2, 0, 1)))
+        # A (C, H, W) view of the (H, W, C) pixels: the batch's stack copies it once (a copy here would be a second).
+        return torch.from_numpy(array.reshape(side, side, c)).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = int(index)
