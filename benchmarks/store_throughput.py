@@ -9,7 +9,8 @@ Three comparisons on the generated 0.5-MP JPEG folder of ``benchmarks/imagefolde
    device, nvJPEG batch decoding of that store;
 3. ``selfsup prepare`` of ``--prepare-images`` images (``--prepare-images 100000`` is the full
    figure): images/s and peak RSS (this process and its decoding workers) vs decoding every file
-   once with PIL (full decode, same number of processes).
+   once with PIL (full decode, same number of processes) and vs one epoch of the folder loader's own
+   decoding (PIL draft + resize, what ``imagefolder:PATH`` pays every epoch).
 
 Usage::
 
@@ -55,13 +56,16 @@ def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch
     from selfsup.prepare import prepare_store
 
     for size in sizes:
-        store = root / f"store{size}"
+        store, raw = root / f"store{size}", root / f"store{size}raw"
         prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False)
+        prepare_store(f"imagefolder:{folder}", raw, size=size, format="raw", workers=workers, progress=False)
         pil = measure_loader(folder, size, batch_size, workers, steps)["loader_images_per_sec"]
         fast = _loader(f"store:{store}", size, batch_size, workers, steps * 4)
+        fast_raw = _loader(f"store:{raw}", size, batch_size, workers, steps * 4)
         print(json.dumps({"bench": "loader", "image_size": size, "workers": workers, "batch_size": batch_size,
                           "imagefolder_pil_images_per_s": round(pil, 1), "store_jpeg_images_per_s": round(fast, 1),
-                          "ratio": round(fast / pil, 1)}), flush=True)
+                          "ratio": round(fast / pil, 1), "store_raw_images_per_s": round(fast_raw, 1),
+                          "ratio_raw": round(fast_raw / pil, 1)}), flush=True)
 
 
 def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, run: Path, backbone: str | None,
@@ -126,28 +130,62 @@ def _pil_decode(path: str) -> int:
         return img.convert("RGB").size[0]
 
 
+def _folder_decode(job: tuple[str, int]) -> int:
+    from selfsup.data import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
+
+    return _decode_image(Path(job[0]), job[1], 3).shape[-1]
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (the pools' workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn()``: on a shared CPU the second is the steadier measure of work."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    fn()
+    return time.perf_counter() - t0, _cpu_seconds() - c0
+
+
 def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
+    from selfsup.data import default_load_size
     from selfsup.prepare import prepare_store
 
     files = sorted(str(p) for p in folder.iterdir())
-    t0 = time.perf_counter()
-    with get_context().Pool(workers) as pool:
-        for _ in pool.imap_unordered(_pil_decode, files, chunksize=16):
-            pass
-    pil = len(files) / (time.perf_counter() - t0)
+    n = len(files)
+
+    def pool_over(fn, jobs):
+        with get_context().Pool(workers) as pool:
+            for _ in pool.imap_unordered(fn, jobs, chunksize=16):
+                pass
+
+    # The engine's import is a fixed cost once per process (seconds of CPU here): timed apart, not per image.
+    import_wall, _ = _timed(lambda: __import__("streaming.base.format.mds.writer"))
+    pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))
+    load = default_load_size(size)
+    folder_wall, folder_cpu = _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))
+    shutil.rmtree(root / "prepared", ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    prepare_store(f"imagefolder:{folder}", root / "prepared", size=size, workers=workers, progress=False)
-    fast = len(files) / (time.perf_counter() - t0)
+    wall, cpu = _timed(lambda: prepare_store(f"imagefolder:{folder}", root / "prepared", size=size, workers=workers,
+                                             progress=False))
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
-    print(json.dumps({"bench": "prepare", "images": len(files), "image_size": size, "workers": workers,
-                      "pil_decode_once_images_per_s": round(pil, 1), "prepare_images_per_s": round(fast, 1),
-                      "ratio": round(fast / pil, 2), "peak_rss_mb_main": round(rss_self),
-                      "peak_rss_mb_main_before_prepare": round(before / 1024),
+    print(json.dumps({"bench": "prepare", "images": n, "image_size": size, "workers": workers,
+                      "pil_decode_once_images_per_s": round(n / pil_wall, 1), "prepare_images_per_s": round(n / wall, 1),
+                      "ratio": round(pil_wall / wall, 2),
+                      "folder_loader_decode_images_per_s": round(n / folder_wall, 1),
+                      "ratio_to_folder_loader": round(folder_wall / wall, 2),
+                      "cpu_ms_per_image": {"pil_decode_once": round(1e3 * pil_cpu / n, 2),
+                                           "folder_loader_decode": round(1e3 * folder_cpu / n, 2),
+                                           "prepare": round(1e3 * cpu / n, 2)},
+                      "cpu_ratio": round(pil_cpu / cpu, 2),
+                      "peak_rss_mb_main": round(rss_self), "peak_rss_mb_main_before_prepare": round(before / 1024),
                       "peak_rss_mb_largest_child": round(rss_child),
-                      "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1)}), flush=True)
+                      "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
+                      "engine_import_s": round(import_wall, 1)}), flush=True)
 
 
 def main() -> None:
