@@ -58,6 +58,15 @@ def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | No
                                   colorspace="GRAY" if c == 1 else "RGB", colorsubsampling="Gray" if c == 1 else "420"), None
 
 
+def _require_store_extra() -> None:
+    """A one-line error naming the extra, before any work, when the engine or the JPEG codec is missing."""
+    try:
+        import simplejpeg  # noqa: F401
+        import streaming.base.format.mds.writer  # noqa: F401
+    except ImportError as err:
+        raise DataError(f"selfsup prepare needs the store extra ({err}); install it: pip install 'selfsup[store]'") from err
+
+
 def _splits(path: Path) -> list[tuple[str, Path, list[str] | None]]:
     """``[(split, folder, classes to use or None)]`` for a source folder, as ``imagefolder:`` reads it."""
     folder, _ = _resolve_split_folder(path, "train")
@@ -142,6 +151,7 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     if not 8 <= int(size) <= 4096 or not 1 <= int(quality) <= 100 or int(part_size) < 1:
         raise DataError(f"need 8 <= --size <= 4096, 1 <= --quality <= 100, --part-size >= 1; got {size}, {quality}, {part_size}")
     policy = check_policy(on_bad_image)
+    _require_store_extra()
     path = Path(source[len(IMAGEFOLDER_PREFIX):]).expanduser().resolve()
     if not path.is_dir():
         raise DataNotFoundError(f"image folder {str(path)!r} (from {source!r}) does not exist or is not a folder")
