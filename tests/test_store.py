@@ -179,7 +179,9 @@ def test_an_interrupted_prepare_resumes_keeping_finished_parts(folder, raw_store
     for split in ("train", "test"):
         a, b = StoreDataset(out, split), StoreDataset(raw_store, split)
         assert [a.sample(i) for i in range(len(a))] == [b.sample(i) for i in range(len(b))]
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="choose a new --out"):  # a finished store is not overwritten
+        prepare_store(f"imagefolder:{folder}", out, size=SIZE, format="jpeg", part_size=5, workers=0, progress=False)
+    with pytest.raises(ValueError, match="other settings"):  # nor is an unfinished one resumed with other settings
         (out / "manifest.json").unlink()
         prepare_store(f"imagefolder:{folder}", out, size=SIZE, format="jpeg", part_size=5, workers=0, progress=False)
 

@@ -156,8 +156,13 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     if not path.is_dir():
         raise DataNotFoundError(f"image folder {str(path)!r} (from {source!r}) does not exist or is not a folder")
     root = Path(out).expanduser()
-    if (root / MANIFEST).is_file():
-        return json.loads((root / MANIFEST).read_text())
+    if (root / MANIFEST).is_file():  # finished before: the same command is a no-op, another one is refused
+        done = json.loads((root / MANIFEST).read_text())
+        asked = {"source": IMAGEFOLDER_PREFIX + str(path), "size": int(size), "format": format}
+        if any(done.get(k) != v for k, v in asked.items()):
+            raise DataError(f"{root} already holds a store of {done.get('source')} at --size {done.get('size')}, "
+                            f"--format {done.get('format')}; choose a new --out for this one")
+        return done
     t0 = time.perf_counter()
     load_size = default_load_size(int(size))
     splits = []
@@ -174,8 +179,9 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     started = root / "prepare.json"
     if started.is_file():
         before = json.loads(started.read_text())
-        if before != settings:
-            changed = [k for k in settings if before.get(k) != settings[k]]
+        # The policy may change on resume (an "error" stop, then --on-bad-image skip); nothing else may.
+        changed = [k for k in settings if k != "on_bad_image" and before.get(k) != settings[k]]
+        if changed:
             raise DataError(f"{root} holds an unfinished prepare with other settings ({', '.join(changed)} differ; "
                             "'files' means the folder changed); run the original command to resume it, or use a new --out")
     else:
