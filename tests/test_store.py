@@ -278,3 +278,24 @@ def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
         assert not set(ids[0][step]) & set(ids[1][step])
         assert ids[0][step] + ids[1][step] == step_indices(N_ID, BATCH, 11, step).tolist()  # the global batch
     assert sorted(i for rank in ids for step in rank for i in step) == list(range(N_ID))  # the whole epoch
+
+
+def test_a_file_that_fails_to_decode_stops_error_then_resume_with_skip_leaves_it_out(folder, tmp_path, monkeypatch):
+    """Damage the scan cannot see: "error" names the file; the same command with skip resumes and reports it."""
+    real = prepare._decode_image
+
+    def damaged(path, *args):
+        if path.name == "img004.jpg" and "train" in str(path):
+            raise OSError(f"could not decode image {path}: broken data stream")
+        return real(path, *args)
+
+    monkeypatch.setattr(prepare, "_decode_image", damaged)
+    out = tmp_path / "s"
+    with pytest.raises(BadImageError, match="img004.jpg.*--on-bad-image skip"):
+        prepare_store(f"imagefolder:{folder}", out, size=SIZE, format="raw", part_size=2, workers=0, progress=False)
+    assert (out / "train" / "part-00000" / "done.json").is_file()  # the part before it is kept
+    m = prepare_store(f"imagefolder:{folder}", out, size=SIZE, format="raw", part_size=2, on_bad_image="skip",
+                      workers=0, progress=False)
+    assert m["splits"]["train"]["images"] == 11
+    assert [Path(b["file"]).name for b in m["splits"]["train"]["bad"]] == ["img004.jpg"]
+    assert "img004.jpg" not in {StoreDataset(out).name_of(i).split("/")[-1] for i in range(11)}
