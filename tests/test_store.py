@@ -10,6 +10,7 @@ interrupted ``prepare`` keeps its finished parts and ends with the same store; b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-pytest.importorskip("streaming")
+if importlib.util.find_spec("streaming") is None or importlib.util.find_spec("simplejpeg") is None:
+    pytest.skip("needs the store extra: pip install 'selfsup[store]'", allow_module_level=True)
 
 from selfsup import cli, prepare  # noqa: E402
 from selfsup.checkpoint import list_checkpoints, load_weights  # noqa: E402

@@ -33,7 +33,7 @@ import numpy as np
 from selfsup.data import (IMAGEFOLDER_PREFIX, _MEAN_STD, DataNotFoundError, _class_folders, _decode_image,
                           _detect_channels, _is_image, _resolve_split_folder, _scan_image_folder, default_load_size)
 from selfsup.image_checks import BadImageError, DataError, check_policy, describe_bad, scan_images
-from selfsup.store import MANIFEST, SAFE_ENCODINGS, STORE_FORMATS, STORE_VERSION
+from selfsup.store import MANIFEST, SAFE_ENCODINGS, STORE_FORMATS, STORE_VERSION, _engine
 
 __all__ = ["prepare_store", "add_parser"]
 
@@ -60,9 +60,9 @@ def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | No
 
 def _require_store_extra() -> None:
     """A one-line error naming the extra, before any work, when the engine or the JPEG codec is missing."""
+    _engine()  # raises the one-line error itself
     try:
         import simplejpeg  # noqa: F401
-        import streaming.base.format.mds.writer  # noqa: F401
     except ImportError as err:
         raise DataError(f"selfsup prepare needs the store extra ({err}); install it: pip install 'selfsup[store]'") from err
 
@@ -88,8 +88,7 @@ def _list_digest(files: list[Path], labels: list[int] | None) -> str:
 def _write_part(part_dir: Path, jobs: list, files: list[Path], labels: list[int] | None, root: Path, pool,
                 policy: str, bar) -> dict:
     """Encode and write one part; returns its summary (also saved as ``done.json``, which marks it finished)."""
-    from streaming.base.format.mds.writer import MDSWriter
-
+    MDSWriter = _engine()[1]
     if part_dir.exists():
         shutil.rmtree(part_dir)  # a part interrupted half-way is written again from its start
     kept_labels, bad = [], []

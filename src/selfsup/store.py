@@ -26,8 +26,11 @@ its own CPU codecs); on a CUDA device whole batches can be decoded with nvJPEG i
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +49,43 @@ STORE_VERSION = 1
 _INSTALL_HINT = "install the store extra: pip install 'selfsup[store]' (MosaicML Streaming)"
 
 
-def _engine():
-    """The MDS shard reader; imported here so the core works without the optional engine."""
+_MDS: tuple | None = None
+
+
+def _engine() -> tuple:
+    """``(reader_from_json, MDSWriter)``: the engine's MDS format modules, imported where used.
+
+    Imported without running ``streaming/__init__``, which loads the engine's whole
+    ``StreamingDataset`` stack and, where installed, ``transformers`` (seconds and hundreds of MB
+    per process, and an ``ImportError`` whenever transformers' pins disagree with the environment).
+    Only for that first import are ``streaming`` and ``streaming.base`` stand-in packages; they are
+    removed afterwards, so a later ``import streaming`` loads the real package.
+    """
+    global _MDS
+    if _MDS is not None:
+        return _MDS
+    spec = importlib.util.find_spec("streaming") if "streaming" not in sys.modules else None
+    if spec is None and "streaming" not in sys.modules:
+        raise DataError(f"stores need mosaicml-streaming, which is not installed; {_INSTALL_HINT}")
+    stubs = []
+    if spec is not None and spec.submodule_search_locations:
+        root = list(spec.submodule_search_locations)[0]
+        for name, folder in (("streaming", root), ("streaming.base", os.path.join(root, "base"))):
+            stub = types.ModuleType(name)
+            stub.__path__ = [folder]
+            sys.modules[name] = stub
+            stubs.append((name, stub))
     try:
         from streaming.base.format import reader_from_json
+        from streaming.base.format.mds.writer import MDSWriter
     except ImportError as err:
-        raise DataError(f"reading a store needs mosaicml-streaming ({err}); {_INSTALL_HINT}") from err
-    return reader_from_json
+        raise DataError(f"reading or writing a store needs mosaicml-streaming ({err}); {_INSTALL_HINT}") from err
+    finally:
+        for name, stub in stubs:
+            if sys.modules.get(name) is stub:
+                del sys.modules[name]
+    _MDS = (reader_from_json, MDSWriter)
+    return _MDS
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -103,22 +136,29 @@ class StoreDataset(torch.utils.data.Dataset):
         self.image_report = None
         folder = self.root / split
         index = json.loads((folder / "index.json").read_text())
-        reader_from_json = _engine()
-        self._shards = []
         for obj in index["shards"]:
             columns = dict(zip(obj.get("column_names", []), obj.get("column_encodings", [])))
             if obj.get("format") != "mds" or columns != SAFE_ENCODINGS:
                 raise DataError(f"store {self.root}: shard {obj.get('raw_data', {}).get('basename')} has columns "
                                 f"{columns}, expected {SAFE_ENCODINGS}; refusing to read it (prepare the store again)")
-            shard = reader_from_json(str(self.root), split, obj)
-            shard.validate(allow_unsafe_types=False)  # the engine's own check: no pickled columns
-            self._shards.append(shard)
-        self._starts = np.cumsum([0] + [s.samples for s in self._shards]).tolist()
+        self._shard_objs = index["shards"]  # readers are built per process (DataLoader workers pickle only JSON)
+        self._shards = self._readers()
+        self._starts = np.cumsum([0] + [int(o["samples"]) for o in self._shard_objs]).tolist()
         labels = np.load(folder / "labels.npy", allow_pickle=False).astype(np.int64)
         if len(labels) != self._starts[-1]:
             raise DataError(f"store {self.root}/{split}: {len(labels)} labels for {self._starts[-1]} images; "
                             "prepare the store again")
         self.labels = torch.from_numpy(labels) if manifest["labeled"] else None
+
+    def _readers(self) -> list:
+        reader_from_json = _engine()[0]
+        shards = [reader_from_json(str(self.root), self.split, obj) for obj in self._shard_objs]
+        for shard in shards:
+            shard.validate(allow_unsafe_types=False)  # the engine's own check: no pickled columns
+        return shards
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
 
     @property
     def num_classes(self) -> int:
@@ -131,6 +171,8 @@ class StoreDataset(torch.utils.data.Dataset):
         """The stored sample: ``{"image": bytes, "label": int, "name": str}``."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a store split of {len(self)} images")
+        if self._shards is None:
+            self._shards = self._readers()
         k = bisect.bisect_right(self._starts, index) - 1
         shard = self._shards[k]
         return shard.decode_sample(shard.get_sample_data(index - self._starts[k]))
