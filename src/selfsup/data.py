@@ -285,6 +285,9 @@ def load_dataset(
     into an :class:`InMemoryDataset`; otherwise an :class:`ImageFolderDataset` streams them.
     ``num_channels`` (image folders only) forces 1 or 3 channels instead of detecting them.
 
+    ``"store:PATH"`` is a folder written by ``selfsup prepare`` (:mod:`selfsup.store`): streamed by
+    index at its stored size, read whole with ``in_memory=True``; splits ``"train"`` and ``"test"``.
+
     ``on_bad_image`` (image folders only): ``"error"`` refuses a folder with corrupt, truncated,
     zero-byte or non-image files, naming them; ``"skip"`` leaves them out and records them in the
     data set's ``image_report`` (see :mod:`selfsup.image_checks`, which decides every case).
