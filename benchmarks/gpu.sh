@@ -3,6 +3,7 @@
 #   1. the CPU-default search at fixed step budgets (accuracy does not depend on the device)
 #   2. throughput (a)/(b)/(c) for ResNet-50 at 224 px and ResNet-18 at 32 px, bf16
 #   3. a torchrun (NCCL) smoke run of the distributed path on one GPU
+#   4. ResNet-50 at 224 px streamed from a prepared JPEG store vs the same store in memory, plus nvJPEG (~2-3 min)
 # Run from the repository root with the Fashion-MNIST idx files in .gpu_data/fashion-mnist/.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -22,3 +23,8 @@ timeout 60 python3 benchmarks/throughput.py --backbone resnet18 --image-size 32 
 echo "== torchrun smoke (NCCL, 1 process)"
 timeout 60 torchrun --nproc-per-node 1 -m selfsup pretrain --dataset fashion-mnist --data-dir .gpu_data \
     --out /tmp/ddp_run --steps 100 --no-progress --set knn_monitor=false 2>&1 | tail -3 | tee "$OUT/torchrun.txt"
+echo "== store: resnet50 224px bf16 from a prepared JPEG store vs in memory (target >= 0.9x), nvJPEG batch decode"
+python3 -c "import streaming, simplejpeg" || echo "the store line needs: pip install '.[store]' (mosaicml-streaming, simplejpeg)"
+timeout 240 python3 benchmarks/store_throughput.py --only pretrain --num-images 3000 --pretrain-size 224 \
+    --backbone resnet50 --batch-size 256 --pretrain-steps 15 --workers 14 --device cuda --nvjpeg \
+    --root /tmp/store_bench 2>&1 | grep -v Warning | tee "$OUT/store_r50.txt"

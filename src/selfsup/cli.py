@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train an encoder without labels")
     p.add_argument("--method", help="simclr (default) or another registered method")
-    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded, imagefolder:PATH or hf:PATH "
+    p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded, imagefolder:PATH, store:PATH "
+                   "(made by selfsup prepare) or hf:PATH "
                    "(a Hugging Face data set saved with save_to_disk)")
     p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
     p.add_argument("--backbone", help="encoder name from the registry")
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     from selfsup.cli_artifacts import add_parsers as add_artifact_parsers  # embed, export, report
 
     add_artifact_parsers(sub)
+
+    from selfsup.prepare import add_parser as add_prepare_parser  # prepare (image folder -> store:PATH)
+
+    add_prepare_parser(sub)
     return parser
 
 

@@ -190,13 +190,13 @@ def _check_names(cfg: PretrainConfig) -> None:
     from selfsup.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
     from selfsup.image_checks import BAD_IMAGE_POLICIES
 
-    if not cfg.dataset.startswith((IMAGEFOLDER_PREFIX, "hf:")):
+    if not cfg.dataset.startswith((IMAGEFOLDER_PREFIX, "hf:", "store:")):
         name = canonical_dataset_name(cfg.dataset)
         if name not in DATASET_NAMES and not (name.startswith("stl10") and "stl10" in DATASET_NAMES):
             close = difflib.get_close_matches(name, DATASET_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASET_NAMES)} or "
-                              f"imagefolder:PATH or hf:PATH{hint}")
+                              f"imagefolder:PATH, store:PATH or hf:PATH{hint}")
     if not cfg.backbone.startswith("timm:"):
         _choice("backbone", cfg.backbone, tuple(BACKBONES))
     _choice("on_bad_image", cfg.on_bad_image, BAD_IMAGE_POLICIES)

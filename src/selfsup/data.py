@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 
 from selfsup.image_checks import DECODE_ERRORS, BadImageError, DataError, ImageReport, check_policy, convert_image
 from selfsup.image_checks import decode_with_policy, describe_bad, scan_images
+from selfsup.store import STORE_PREFIX, StoreDataset, open_store
 
 __all__ = [
     "DATASET_NAMES",
@@ -44,7 +45,7 @@ __all__ = [
     "default_load_size",
 ]
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "embedded")  # plus "imagefolder:PATH"
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "embedded")  # plus "imagefolder:PATH", "store:PATH"
 IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -289,6 +290,9 @@ def load_dataset(
     into an :class:`InMemoryDataset`; otherwise an :class:`ImageFolderDataset` streams them.
     ``num_channels`` (image folders only) forces 1 or 3 channels instead of detecting them.
 
+    ``"store:PATH"`` is a folder written by ``selfsup prepare`` (:mod:`selfsup.store`): streamed by
+    index at its stored size, read whole with ``in_memory=True``; splits ``"train"`` and ``"test"``.
+
     ``on_bad_image`` (image folders only): ``"error"`` refuses a folder with corrupt, truncated,
     zero-byte or non-image files, naming them; ``"skip"`` leaves them out and records them in the
     data set's ``image_report`` (see :mod:`selfsup.image_checks`, which decides every case).
@@ -299,6 +303,8 @@ def load_dataset(
     """
     if name.startswith(IMAGEFOLDER_PREFIX):
         return _load_image_folder(name, split, image_size, in_memory, num_channels, on_bad_image)
+    if name.startswith(STORE_PREFIX):  # made by `selfsup prepare`; see selfsup.store
+        return _load_store(name, split, image_size, in_memory)
     if name.startswith("hf:"):
         from selfsup.hf_data import load_hf_dataset  # optional extra (datasets): imported only for hf: names
 
@@ -664,6 +670,16 @@ def _load_image_folder(
     if not in_memory:
         return dataset
     return _decode_all(dataset, size)
+
+
+def _load_store(name: str, split: str, image_size: int | None, in_memory: bool | None) -> InMemoryDataset | StoreDataset:
+    """A prepared store, streamed by index; ``in_memory=True`` reads it whole (at its stored size)."""
+    store = open_store(name, split, image_size)
+    if not in_memory:
+        return store
+    images = torch.stack([store[i][0] for i in range(len(store))])
+    return InMemoryDataset(images=images, labels=store.labels, classes=store.classes, name=store.name,
+                           mean=store.mean, std=store.std)
 
 
 def _decode_all(dataset: ImageFolderDataset, size: int) -> InMemoryDataset:

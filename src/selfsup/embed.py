@@ -30,6 +30,7 @@ import torch
 
 from selfsup.config import ConfigError
 from selfsup.data import IMAGE_EXTENSIONS, _decode_image
+from selfsup.store import STORE_PREFIX, open_store
 
 __all__ = ["EMBED_FORMATS", "EmbedError", "list_images", "ImageListDataset", "embed_images", "write_embeddings",
            "read_embeddings", "embed_run", "index_path"]
@@ -221,6 +222,8 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
         raise EmbedError(f"--num-workers must be >= 0, got {num_workers}")
     t0 = time.perf_counter()
     run = load_run(run_dir)
+    if str(images).startswith(STORE_PREFIX):  # a prepared store (selfsup prepare): its train split, by file name
+        return _embed_store(run, str(images), out, batch_size, resolve_device(device), num_workers, progress, t0)
     base, relative = list_images(images)
     dev = resolve_device(device)
     encoder = load_encoder(run).to(dev)
@@ -237,3 +240,25 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
     seconds = time.perf_counter() - t0
     return {"out": [str(p) for p in written], "num_images": len(kept), "dim": int(emb.shape[1]),
             "skipped": skipped, "seconds": round(seconds, 2), "images_per_sec": round(len(kept) / max(seconds, 1e-9), 1)}
+
+
+@torch.no_grad()
+def _embed_store(run, name: str, out: Path, batch_size: int, device: torch.device, num_workers: int, progress: bool,
+                 t0: float) -> dict:
+    """``embed_run`` over a store's train split: images as stored (the folder's centre square), names from the store."""
+    from selfsup.evaluate import extract_features
+    from selfsup.runs import load_encoder
+
+    store = open_store(name, "train")
+    encoder = load_encoder(run).to(device)
+    if len(run.mean) == len(run.std) == run.in_channels:
+        store.mean, store.std = tuple(run.mean), tuple(run.std)  # normalise as the encoder was trained
+    emb, _ = extract_features(encoder, store, device, run.image_size, batch_size=batch_size, num_workers=num_workers,
+                              progress=progress)
+    names = [store.name_of(i) for i in range(len(store))]
+    meta = {"run": str(run.run_dir), "weights": str(run.weights_path), "backbone": run.config.backbone,
+            "images": name, "image_size": run.image_size}
+    written = write_embeddings(out, names, emb.numpy(), metadata=meta)
+    seconds = time.perf_counter() - t0
+    return {"out": [str(p) for p in written], "num_images": len(names), "dim": int(emb.shape[1]), "skipped": [],
+            "seconds": round(seconds, 2), "images_per_sec": round(len(names) / max(seconds, 1e-9), 1)}
