@@ -12,7 +12,7 @@ def tiny_cfg():
     from selfsup.config import PretrainConfig, build_config
 
     def make(**kw):
-        base = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
+        base = {"recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
                 "steps": 6, "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16}
         base.update(kw)
         return build_config(PretrainConfig, base)

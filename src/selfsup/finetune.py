@@ -38,7 +38,7 @@ from torch import nn
 from selfsup import checkpoint as ckpt
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone
+from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
 from selfsup.config import ConfigError, OptimConfig, _check, _choice
 from selfsup.data import label_subset, load_dataset
 from selfsup.heads import ProjectionHead
@@ -240,7 +240,8 @@ def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[
         spec, head = None, HeadLayers([], backbone.num_features)
     info = {"backbone": run.config.backbone, "backbone_width": run.config.backbone_width,
             "image_size": run.image_size, "in_channels": run.in_channels, "head_spec": spec,
-            "from_head_layer": k, "pretrain_dataset": run.config.dataset}
+            "from_head_layer": k, "pretrain_dataset": run.config.dataset,
+            "small_stem": getattr(backbone, "small_stem", None)}
     return Classifier(backbone, head, num_classes), info
 
 
@@ -269,6 +270,7 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
 
 def _empty_classifier(info: dict) -> Classifier:
     kw = {} if info.get("backbone_width") is None else {"width": info["backbone_width"]}
+    kw.update(saved_stem(info["backbone"], info.get("small_stem"), info["image_size"]))
     backbone = build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"], **kw)
     k = int(info["from_head_layer"])
     head = build_head(info["head_spec"], k) if k > 0 else HeadLayers([], backbone.num_features)
@@ -368,7 +370,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
         backbone = build_backbone(name, in_channels=train.num_channels, image_size=image_size, **kw)
         model = Classifier(backbone, HeadLayers([], backbone.num_features), train.num_classes)
         info = {"backbone": name, "backbone_width": cfg.backbone_width, "image_size": image_size,
-                "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0}
+                "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0,
+                "small_stem": getattr(backbone, "small_stem", None)}
     default_optim = FinetuneOptimConfig() if cfg.run is not None else replace(SCRATCH_OPTIM)
     cfg = replace(cfg, from_head_layer=info["from_head_layer"], dataset=dataset_name,
                   view=cfg.view if cfg.view is not None else crop_flip_view(), optim=cfg.optim or default_optim)
