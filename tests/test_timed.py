@@ -83,6 +83,7 @@ def test_timed_run_without_drift_equals_a_fixed_step_run(tmp_path, tiny_cfg, mon
     _equal(timed, fixed)
 
 
+@pytest.mark.precision
 def test_resumed_timed_run_follows_the_recorded_plan(tmp_path, tiny_cfg, monkeypatch):
     def run(out, **kw):
         clock = FakeClock(0.5)
@@ -108,6 +109,7 @@ def test_resumed_timed_run_follows_the_recorded_plan(tmp_path, tiny_cfg, monkeyp
     _equal(full, resumed)
 
 
+@pytest.mark.precision
 def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path, tiny_cfg, capsys):
     cfg = tiny_cfg(checkpoint_every=1000)
     full = pretrain(cfg, tmp_path / "full", progress=False)

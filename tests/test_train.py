@@ -46,6 +46,7 @@ def test_every_registered_method_runs_a_step(method, tiny_cfg):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.precision
 def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     cfg = tiny_cfg()
     full = pretrain(cfg, tmp_path / "full", progress=False)
