@@ -174,7 +174,10 @@ def resolve(data: dict, defaults: dict) -> dict:
         raise RecipeError(f"recipe: {name!r} is defined for {', '.join(recipe.methods)}, not {method!r}; "
                           f"use --recipe {PAPER_RECIPE.get(method, 'cpu')} or --recipe cpu")
     dataset = get("dataset")
-    size = native_image_size(dataset if isinstance(dataset, str) else "", data.get("image_size"))
+    given = data.get("image_size")
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not 8 <= given <= 4096 or given != int(given):
+        given = None  # absent or invalid: validation names an invalid one
+    size = native_image_size(dataset if isinstance(dataset, str) else "", given)
     batch = get("batch_size")
     batch = batch if isinstance(batch, int) and batch >= 1 else 256
     layer = recipe.values(method, size, batch)
