@@ -195,3 +195,23 @@ def test_zero_init_residual_and_small_stem_cut_off():
     stl = resolved("simclr", {"dataset": "stl10", "backbone": "resnet18"})
     assert stl.small_stem is False  # 96 px: the ImageNet stem
     assert resolved("simclr", {"dataset": "stl10", "backbone": "resnet18"}, small_stem=True).small_stem
+
+
+def test_simclrv2_finetuning_values_are_the_finetune_defaults():
+    from selfsup.finetune import FinetuneOptimConfig, paper_epochs
+    from selfsup.recipes import SIMCLRV2_FINETUNE
+
+    o = FinetuneOptimConfig()
+    assert {"name": o.name, "lr": o.lr, "lr_scaling": o.lr_scaling, "weight_decay": o.weight_decay} == SIMCLRV2_FINETUNE["optim"]
+    assert (paper_epochs(0.01), paper_epochs(0.1)) == (SIMCLRV2_FINETUNE["epochs_at_1pct"], SIMCLRV2_FINETUNE["epochs_at_10pct"])
+
+
+def test_evaluation_crops_the_centre_above_32_px():
+    from selfsup.evaluate import eval_crop, prepare_images
+
+    assert eval_crop(28) == eval_crop(32) == 1.0 and eval_crop(96) == 0.875
+    img = torch.zeros(1, 1, 96, 96, dtype=torch.uint8)
+    img[..., 6:90, 6:90] = 255  # a border of 6 px: the central 84 px (87.5%) are white
+    x = prepare_images(img, (0.0,), (1.0,), 96, eval_crop(96))
+    assert x.shape == (1, 1, 96, 96) and float(x.min()) == 1.0
+    assert float(prepare_images(img, (0.0,), (1.0,), 96).min()) == 0.0

@@ -152,8 +152,8 @@ def test_minutes_budget_fixes_a_step_count_and_stays_reproducible(tmp_path, tiny
     import selfsup.train
 
     ticks = iter(range(10**6))
-    monkeypatch.setattr(selfsup.train, "_clock", lambda: next(ticks) * 0.05)
-    timed = pretrain(tiny_cfg(steps=None, minutes=0.02, checkpoint_every=1000), tmp_path / "timed", progress=False)
+    monkeypatch.setattr(selfsup.train, "_clock", lambda: next(ticks) * 0.25)
+    timed = pretrain(tiny_cfg(steps=None, minutes=0.5, checkpoint_every=1000), tmp_path / "timed", progress=False)
     total = json.loads((tmp_path / "timed" / "run.json").read_text())["total_steps"]
     assert total >= 1 and "ms/step measured" in capsys.readouterr().err
     fixed = pretrain(tiny_cfg(steps=total, checkpoint_every=1000), tmp_path / "fixed", progress=False)

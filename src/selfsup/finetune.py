@@ -121,6 +121,8 @@ class FinetuneConfig:
 
 
 def _common_checks(cfg) -> None:
+    _check("optim.warmup_epochs", getattr(cfg, "optim", None) is None or cfg.optim.warmup_epochs is None,
+           "is a pre-training key; fine-tuning and distillation take optim.warmup_fraction")
     _check("batch_size", cfg.batch_size >= 1, "must be >= 1")
     _check("steps", cfg.steps is None or cfg.steps >= 1, "must be >= 1")
     _check("epochs", cfg.epochs is None or (cfg.epochs > 0 and math.isfinite(cfg.epochs)), "must be > 0")
@@ -198,7 +200,11 @@ def _head_spec(weights: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
             first, last = weights[f"{prefix}layers.0.0.weight"], weights[f"{prefix}layers.{n - 1}.0.weight"]
             return prefix, {"in_dim": int(first.shape[1]), "hidden_dim": int(first.shape[0]) if n > 1 else int(last.shape[0]),
                             "out_dim": int(last.shape[0]), "num_layers": n,
-                            "last_bn": f"{prefix}layers.{n - 1}.1.running_mean" in weights}
+                            # a scale-only BN (official code's ending) has a weight; the plain one has none
+                            "last_bn": "scale" if f"{prefix}layers.{n - 1}.1.weight" in weights
+                            else f"{prefix}layers.{n - 1}.1.running_mean" in weights,
+                            "last_bias": f"{prefix}layers.{n - 1}.0.bias" in weights
+                            or f"{prefix}layers.{n - 1}.1.running_mean" in weights}
     return None
 
 

@@ -164,6 +164,8 @@ def resolve(data: dict, defaults: dict) -> dict:
     method, backbone = get("method"), get("backbone")
     if not isinstance(method, str) or not isinstance(backbone, str):
         return data  # validation names the bad key
+    if data.get("recipe") is not None and not isinstance(data.get("recipe"), str):
+        return data  # validation names the bad key
     name = data.get("recipe") or auto_recipe(method, backbone)
     if name not in RECIPES:
         close = difflib.get_close_matches(str(name), list(RECIPES), n=1)

@@ -264,9 +264,6 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/distributed.md)
     main = dist.is_main_process()
     if main:
-        print(recipes.describe(cfg), file=sys.stderr, flush=True)  # the first line of every run
-        if (warning := recipes.lr_warning(cfg)) is not None:
-            print(f"[selfsup] warning: {warning}", file=sys.stderr, flush=True)
         ckpt.check_writable(run_dir)  # a read-only, missing or full output folder fails here, before any work
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -290,6 +287,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
                           "or choose a new --out folder")
 
+    if main:  # the first line of every run, and the lr warning, before any data is read
+        print(recipes.describe(cfg), file=sys.stderr, flush=True)
+        if (warning := recipes.lr_warning(cfg)) is not None:
+            print(f"[selfsup] warning: {warning}", file=sys.stderr, flush=True)
     world = dist.world_size()
     if cfg.batch_size % (world * cfg.accumulate):
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by world size x accumulate "
