@@ -141,3 +141,17 @@ def test_cli_resume_before_the_first_checkpoint(tmp_path):
         p.rmdir()
     assert main(["pretrain", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
     assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
+def test_replan_counts_the_evaluations_the_new_total_implies():
+    from selfsup.timed import evaluations_after
+
+    assert evaluations_after(10, 100, 39) == 3  # at 39, 78 and the end (100)
+    assert evaluations_after(90, 100, 39) == 1 and evaluations_after(0, 78, 39) == 2
+    plan = TimePlan(60.0, 100)
+    # 2 s per evaluation, 0.5 s per step, 30 s left at step 40 of 100 (per epoch of 39): the 60 steps and
+    # 2 evaluations need 34 s, so the total shrinks until steps + evaluations fit: 40 + 52 = 92 (52 x 0.5 +
+    # 2 x 2 = 30 s).
+    new = replan(plan, 40, 30.0, 0.5, lambda total: 2.0 * evaluations_after(40, total, 39), total_steps=100)
+    assert new == 92
+    assert replan(plan, 40, 30.0, 0.5, lambda total: 2.0 * evaluations_after(40, total, 39), total_steps=92) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
 PLAN_FILE = "time_plan.json"
@@ -73,20 +74,35 @@ def boundaries(total_steps: int, checkpoint_every: int) -> int:
     return max(10, min(checkpoint_every, total_steps // 10))
 
 
-def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: float = 0.0,
-           tolerance: float = TOLERANCE) -> int | None:
-    """A new total if finishing ``plan.total_steps`` at ``pace_s`` misses the budget by more than ``tolerance``.
+def evaluations_after(step: int, total_steps: int, steps_per_epoch: int) -> int:
+    """How many kNN-monitor evaluations a run still makes after ``step``: one per epoch end, one at the end."""
+    ends = total_steps // steps_per_epoch - step // steps_per_epoch
+    return max(0, ends) + (1 if total_steps % steps_per_epoch and total_steps > step else 0)
+
+
+def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: float | Callable[[int], float] = 0.0,
+           tolerance: float = TOLERANCE, total_steps: int | None = None) -> int | None:
+    """A new total if finishing ``total_steps`` (the total in force; default the first plan's) at ``pace_s``
+    misses the budget by more than ``tolerance``.
 
     ``elapsed_s`` is the time spent since the budget started (calibration included), ``extra_s`` the
-    estimated time of the remaining non-step work (kNN monitor, final save). The new total is never
-    below ``step + 1``.
+    time of the remaining non-step work (kNN monitor), or a function of the total giving it (the number
+    of evaluations left depends on the total; the new total is then found by fixed-point iteration).
+    The new total is never below ``step + 1``.
     """
+    extra = extra_s if callable(extra_s) else (lambda total: extra_s)
+    current = plan.total_steps if total_steps is None else total_steps
     left = plan.budget_s - elapsed_s
-    predicted = (plan.total_steps - step) * pace_s + extra_s
+    predicted = (current - step) * pace_s + extra(current)
     if abs(predicted - left) <= tolerance * plan.budget_s:
         return None
-    total = step + max(1, steps_for(left, pace_s, extra_s))
-    return None if total == plan.total_steps else total
+    total = current
+    for _ in range(8):
+        new = step + max(1, steps_for(left, pace_s, extra(total)))
+        if new == total:
+            break
+        total = new
+    return None if total == current else total
 
 
 def median(xs: list[float]) -> float:

@@ -34,7 +34,7 @@ from selfsup.image_checks import BadImageError, clean_error_message, final_repor
 from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
-from selfsup.timed import TimePlan, boundaries, median, replan
+from selfsup.timed import TimePlan, boundaries, evaluations_after, median, replan
 
 
 _clock = time.perf_counter  # every timing of the loop reads this, so tests can run timed runs on a fake clock
@@ -448,6 +448,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     imgs_since = 0
     t_log = t_start = t_prev = _clock()
     step_times: list[float] = []
+    knn_seconds: list[float] = []
     step = start_step
     # A timed run may re-plan its length, so its stream is open-ended and the loop stops at total_steps.
     stream_end = total_steps if plan is None else 1 << 62
@@ -490,7 +491,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             if on_step is not None:
                 on_step(step)
             if cfg.knn_monitor and dataset.labels is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                t_knn = _clock()
                 knn_data = _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, knn_data)
+                knn_seconds.append(_clock() - t_knn)
             replanned = False
             if plan is not None and step < total_steps:
                 new_total = None
@@ -499,9 +502,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                     new_total = None if (new_total, new_warmup) == (total_steps, warmup_steps) else new_total
                 elif step % replan_every == 0 and step_times:
                     pace = median(step_times)
-                    epochs_left = max(0, math.ceil(total_steps / steps_per_epoch) - step // steps_per_epoch)
-                    extra = _knn_cost_estimate(cfg, pace) * epochs_left if cfg.knn_monitor and dataset.labels is not None else 0.0
-                    new_total = replan(plan, step, now - t_budget, pace, extra)
+                    extra = 0.0
+                    if cfg.knn_monitor and dataset.labels is not None:  # measured once one evaluation has run
+                        cost = sum(knn_seconds) / len(knn_seconds) if knn_seconds else _knn_cost_estimate(cfg, pace)
+                        extra = lambda total: cost * evaluations_after(step, total, steps_per_epoch)  # noqa: E731
+                    new_total = replan(plan, step, now - t_budget, pace, extra, total_steps=total_steps)
                     if dist.is_distributed():  # every rank takes rank 0's decision
                         new_total = _broadcast_int(-1 if new_total is None else new_total, device)
                         new_total = None if new_total < 0 else new_total
