@@ -54,6 +54,9 @@ class OptimConfig:
 class PretrainConfig:
     """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST, 10 minutes).
 
+    ``build_config`` puts a named recipe (``selfsup.recipes``: ``cpu`` for the narrow CPU encoders, the
+    method's paper recipe for others) under the keys given, and records its name in ``recipe``.
+
     Where the defaults differ from the paper's ImageNet recipe it is because of the budget: see
     docs/benchmarks.md for the measurements behind them.
     """
@@ -110,11 +113,11 @@ class PretrainConfig:
 
     @staticmethod
     def method_defaults(data: dict) -> dict:
-        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's projector widths and lr).
+        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's lr): the ``cpu`` recipe's layer.
 
-        Applied by ``build_config`` (the CLI, YAML files, ``--set``), so ``--method byol`` gets BYOL's
-        defaults while every key given explicitly wins. Constructing ``PretrainConfig(...)`` directly
-        takes the generic defaults literally. The resolved values are written to ``config.yaml``.
+        ``build_config`` now applies a whole recipe (``resolve``, ``selfsup.recipes``), of which these
+        are the ``cpu`` recipe's values; kept for callers of this function. Constructing
+        ``PretrainConfig(...)`` directly takes the generic defaults literally.
         """
         from selfsup.methods import METHOD_DEFAULTS
 
