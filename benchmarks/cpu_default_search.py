@@ -51,7 +51,7 @@ CONFIGS = {
     "R2_random_B": (1, {"backbone": "resnet10_narrow", "optim.lr": 1e-12}),
     "R2_random_A": (1, {"optim.lr": 1e-12}),
 }
-BASE = {"backbone": "resnet18_narrow_plain", "temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
+BASE = {"recipe": "cpu", "backbone": "resnet18_narrow_plain", "temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
 
 
 def run_one(name: str, steps: int, sets: dict, args) -> dict:

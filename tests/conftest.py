@@ -5,6 +5,30 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("SELFSUP_TEST_THREADS", "1")))
 
+# Tests that compare numbers run at one pinned precision, so the suite gives the same results on every
+# CPU (precision=auto would pick bf16 on CPUs with AVX512-BF16/AMX and fp32 elsewhere). fp32 by default;
+# `make test` runs the tests marked `precision` a second time with SELFSUP_TEST_PRECISION=bf16.
+TEST_PRECISION = os.environ.get("SELFSUP_TEST_PRECISION", "fp32")
+assert TEST_PRECISION in ("fp32", "bf16"), f"SELFSUP_TEST_PRECISION must be fp32 or bf16, not {TEST_PRECISION!r}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "precision: compares numerics; bounds per precision "
+                            "(run again with SELFSUP_TEST_PRECISION=bf16)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_PRECISION != "bf16":
+        return
+    from selfsup.train import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        skip = pytest.mark.skip(reason="SELFSUP_TEST_PRECISION=bf16 but this CPU has no native bf16 (AVX512-BF16/AMX); "
+                                "emulated bf16 is slow and not what users run")
+        for item in items:
+            if "precision" in item.keywords:
+                item.add_marker(skip)
+
 
 @pytest.fixture
 def tiny_cfg():
@@ -12,7 +36,7 @@ def tiny_cfg():
     from selfsup.config import PretrainConfig, build_config
 
     def make(**kw):
-        base = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
+        base = {"recipe": "cpu", "precision": TEST_PRECISION, "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
                 "steps": 6, "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16}
         base.update(kw)
         return build_config(PretrainConfig, base)

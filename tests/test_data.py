@@ -400,28 +400,46 @@ def test_in_memory_dataset_subset_and_validation():
 # ------------------------------------------------------------------------------------- label_subset
 
 
-def imbalanced_labels() -> torch.Tensor:
-    counts = [100, 50, 10, 1, 33]
+def imbalanced_labels(counts=(100, 50, 10, 1, 33)) -> torch.Tensor:
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
-def test_label_subset_is_class_balanced(fraction):
+def test_label_subset_proportional_keeps_class_shares(fraction):
     labels = imbalanced_labels()
-    indices = label_subset(labels, fraction, seed=0)
+    indices = label_subset(labels, fraction, seed=0, balance="proportional")
     assert indices.dtype == torch.int64 and torch.equal(indices, indices.sort().values)
     assert len(indices.unique()) == len(indices)
     counts = labels[indices].bincount(minlength=5).tolist()
     assert counts == [max(1, round(fraction * n)) for n in [100, 50, 10, 1, 33]]
 
 
-def test_label_subset_seeds():
-    labels = imbalanced_labels()
-    assert torch.equal(label_subset(labels, 0.1, seed=3), label_subset(labels, 0.1, seed=3))
-    assert not torch.equal(label_subset(labels, 0.1, seed=3), label_subset(labels, 0.1, seed=4))
-    small, large = set(label_subset(labels, 0.1, 3).tolist()), set(label_subset(labels, 0.5, 3).tolist())
-    assert small <= large  # nested for one seed
+@pytest.mark.parametrize("balance", ["equal", "proportional"])
+def test_label_subset_seeds(balance):
+    labels = imbalanced_labels(counts=(100, 50, 40, 60, 33))
+    assert torch.equal(label_subset(labels, 0.1, 3, balance=balance), label_subset(labels, 0.1, 3, balance=balance))
+    assert not torch.equal(label_subset(labels, 0.1, 3, balance=balance), label_subset(labels, 0.1, 4, balance=balance))
+    for f1, f2 in [(0.01, 0.1), (0.1, 0.11), (0.1, 0.5), (0.5, 1.0)]:
+        small = set(label_subset(labels, f1, 3, balance=balance).tolist())
+        large = set(label_subset(labels, f2, 3, balance=balance).tolist())
+        assert small <= large  # nested for one seed
+
+
+def test_label_subset_has_equal_counts_per_class_by_default():
+    # ImageNet's 1% list: 12,811 images over 1,000 classes, 12 or 13 each. Here 283 images, 5 classes.
+    labels = imbalanced_labels(counts=(100, 50, 40, 60, 33))
+    counts = labels[label_subset(labels, 0.1, seed=0)].bincount(minlength=5).tolist()
+    assert sum(counts) == round(0.1 * 283) == 28 and sorted(set(counts)) == [5, 6] and counts.count(6) == 3
+    counts = labels[label_subset(labels, 0.5, seed=0)].bincount(minlength=5).tolist()
+    assert sorted(counts) == [28, 28, 28, 29, 29]  # round(141.5) = 142 = 5 x 28 + 2; the smallest class (33) allows it
+
+
+def test_label_subset_equal_counts_capped_by_the_smallest_class_says_so():
+    labels = imbalanced_labels()  # 100, 50, 10, 1, 33
+    with pytest.warns(UserWarning, match="smallest class holds \\(1\\); every class gets 1"):
+        counts = labels[label_subset(labels, 0.1, seed=0)].bincount(minlength=5).tolist()
+    assert counts == [1, 1, 1, 1, 1]
 
 
 def test_label_subset_skips_unlabeled_and_empty_classes():

@@ -30,6 +30,7 @@ from selfsup.sync_batchnorm import convert_sync_batchnorm
 
 B = 4  # per-rank batch
 WORLD = 2
+TEST_PRECISION = os.environ.get("SELFSUP_TEST_PRECISION", "fp32")  # see conftest.py
 ENV = {"OMP_NUM_THREADS": "1", "SELFSUP_TEST_THREADS": "1"}
 
 
@@ -213,9 +214,9 @@ _FIXED_VIEWS = {
 def _run_cfg(**kw):
     from selfsup.config import PretrainConfig, build_config
 
-    base = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
+    base = {"recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
             "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16, "image_size": 16,
-            "precision": "fp32", "channels_last": False, "optim": {"lr": 1.0}, **_FIXED_VIEWS}
+            "precision": TEST_PRECISION, "channels_last": False, "optim": {"lr": 1.0}, **_FIXED_VIEWS}
     base.update(kw)
     return build_config(PretrainConfig, base)
 
@@ -278,6 +279,7 @@ def _metrics(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+@pytest.mark.precision
 def test_two_rank_run_resumes_exactly_on_two_ranks(training_runs):
     full, resumed = load_weights(training_runs / "full" / "model.safetensors"), \
         load_weights(training_runs / "cut_on_2" / "model.safetensors")
@@ -291,6 +293,14 @@ def test_two_rank_run_resumes_exactly_on_two_ranks(training_runs):
     assert [p.name for p in list_checkpoints(training_runs / "cut")] == ["step_00000003"]
 
 
+# 1 process x 16 images vs 2 ranks x 8 images sum in another order. fp32: measured 6e-7 (weights), bound
+# 1e-5. bf16 (autocast; AVX512-BF16/AMX CPUs): bf16 keeps 8 bits of mantissa, so the order of the sums
+# shows at ~4e-3 relative and grows over the 3 resumed steps; measured below, bounded with ~3x room.
+WEIGHT_GAP = {"fp32": 1e-5, "bf16": 5e-2}
+LOSS_GAP = {"fp32": 1e-5, "bf16": 2e-2}
+
+
+@pytest.mark.precision
 def test_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_state(training_runs):
     # The checkpoint holds the global state (weights, optimiser, step, schedule): resuming it on one
     # process continues the same global batches, with global batch norm and the global negatives the
@@ -301,13 +311,16 @@ def test_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_state(t
     on_one = load_weights(training_runs / "cut_on_1" / "model.safetensors")
     assert json.loads((training_runs / "cut_on_1" / "run.json").read_text())["world_size"] == 1
     worst = max((full[k].double() - on_one[k].double()).abs().max().item() for k in full if full[k].is_floating_point())
-    assert worst < 1e-5, worst  # measured: 6e-7 (2-rank resume on 2 ranks: bit-identical)
     changed = max((full[k].double() - load_checkpoint(list_checkpoints(training_runs / "cut")[0])[0][k].double())
                   .abs().max().item() for k in full if full[k].is_floating_point())
-    assert changed > 0.1  # the last 3 steps moved the weights far more than the 1-vs-2 rank difference
     two, one = _metrics(training_runs / "full"), _metrics(training_runs / "cut_on_1")
+    loss_gap = max(abs(two[step]["loss"] - one[step]["loss"]) for step in (4, 5, 6))
+    print(f"[{TEST_PRECISION}] worst weight gap {worst:.3g}, loss gap {loss_gap:.3g}, last 3 steps moved {changed:.3g}")
+    assert worst < WEIGHT_GAP[TEST_PRECISION], worst
+    assert changed > 0.1  # the last 3 steps moved the weights far more than the 1-vs-2 rank difference
+    assert changed > 5 * worst
     for step in (4, 5, 6):  # the logged loss is the global batch's loss, the same on 1 and 2 ranks
-        assert abs(two[step]["loss"] - one[step]["loss"]) < 1e-5, step
+        assert abs(two[step]["loss"] - one[step]["loss"]) < LOSS_GAP[TEST_PRECISION], step
         assert two[step]["lr"] == pytest.approx(one[step]["lr"], rel=1e-12)
 
 

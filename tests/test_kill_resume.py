@@ -25,7 +25,8 @@ from selfsup.checkpoint import list_checkpoints, load_weights
 TOTAL, EVERY = 30, 5
 ARGS = ["pretrain", "--dataset", "embedded", "--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every",
         str(EVERY), "--seed", "3", "--no-progress", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625",
-        "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "knn_monitor=false", "--set", "log_every=1"]
+        "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "knn_monitor=false", "--set", "log_every=1",
+        "--recipe", "cpu", "--set", f"precision={os.environ.get('SELFSUP_TEST_PRECISION', 'fp32')}"]
 
 
 def _start(run: Path, resume: bool) -> subprocess.Popen:
@@ -71,6 +72,7 @@ def _kill_after(proc: subprocess.Popen, run: Path, step: int, delay: float) -> b
 
 
 @pytest.mark.slow
+@pytest.mark.precision
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path):
     reference = _start(tmp_path / "reference", resume=False)  # runs alongside the interrupted chain
     run = tmp_path / "killed"

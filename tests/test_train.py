@@ -46,6 +46,7 @@ def test_every_registered_method_runs_a_step(method, tiny_cfg):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.precision
 def test_resume_equals_uninterrupted(tmp_path, tiny_cfg):
     cfg = tiny_cfg()
     full = pretrain(cfg, tmp_path / "full", progress=False)
@@ -144,10 +145,15 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "cifar" in out.stderr.lower()
 
 
-def test_minutes_budget_fixes_a_step_count_and_stays_reproducible(tmp_path, tiny_cfg, capsys):
+def test_minutes_budget_fixes_a_step_count_and_stays_reproducible(tmp_path, tiny_cfg, capsys, monkeypatch):
     # --minutes times throw-away steps, restores the state, then trains a fixed number of steps: the
     # weights equal those of a --steps run of that length (the timing leaves no trace in the run).
-    timed = pretrain(tiny_cfg(steps=None, minutes=0.02, checkpoint_every=1000), tmp_path / "timed", progress=False)
+    # A steady fake clock, so the pace does not drift and the run is not re-planned (tests/test_timed.py).
+    import selfsup.train
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(selfsup.train, "_clock", lambda: next(ticks) * 0.25)
+    timed = pretrain(tiny_cfg(steps=None, minutes=0.5, checkpoint_every=1000), tmp_path / "timed", progress=False)
     total = json.loads((tmp_path / "timed" / "run.json").read_text())["total_steps"]
     assert total >= 1 and "ms/step measured" in capsys.readouterr().err
     fixed = pretrain(tiny_cfg(steps=total, checkpoint_every=1000), tmp_path / "fixed", progress=False)

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-SMALL_IMAGE_MAX = 64  # inputs of at most this many pixels get the small-image stem
+SMALL_IMAGE_MAX = 32  # inputs of at most this many pixels get the small-image stem (the official code's cut-off)
+LEGACY_SMALL_IMAGE_MAX = 64  # the cut-off before; runs saved without a ``small_stem`` entry were built with it
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -120,7 +121,8 @@ class ResNet(nn.Module):
     ``width`` multiplies every channel count (SimCLR's 2x/4x, SimCLRv2's 2x/3x), unlike torchvision's
     ``wide_resnet`` which widens only the bottleneck. ``small_stem`` (3x3 stride-1 conv, no max-pool;
     SimCLR Appendix B.9 for CIFAR) replaces the 7x7 stride-2 conv + max-pool; by default it is used for
-    inputs of at most 64 px. The classifier is removed: ``forward`` returns the global-average-pooled
+    inputs of at most 32 px (the official SimCLR code's cut-off; 64-96 px inputs such as STL-10 get the
+    ImageNet stem unless ``small_stem=True``). The classifier is removed: ``forward`` returns the global-average-pooled
     features h, of size ``num_features``.
     """
 
@@ -253,6 +255,14 @@ for _depth in (50, 101, 152):
         BACKBONES[f"resnet{_depth}{'' if _w == 1 else f'_{_w}x'}_sk"] = _sk_builder(_depth, float(_w))
 
 CPU_DEFAULT_BACKBONE = "resnet18_narrow"
+
+
+def saved_stem(name: str, small_stem: bool | None, image_size: int) -> dict:
+    """Builder options that rebuild a saved encoder's stem: its recorded ``small_stem``, or, for runs saved
+    before the option existed (``None``), the rule they were built with (at most 64 px: small stem)."""
+    if name.startswith("timm:"):
+        return {}
+    return {"small_stem": small_stem if small_stem is not None else image_size <= LEGACY_SMALL_IMAGE_MAX}
 
 
 def build_backbone(name: str, **kw) -> nn.Module:

@@ -44,7 +44,7 @@ def _pretrain_config(args, **defaults):
     from selfsup.config import PretrainConfig, build_config, load_yaml, parse_overrides
 
     cli = dict(defaults)
-    for key in ("method", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
+    for key in ("method", "recipe", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
                 "checkpoint_every", "on_bad_image", "init", "logger"):
         v = getattr(args, key, None)
         if v is not None:
@@ -56,6 +56,11 @@ def _pretrain_config(args, **defaults):
 def cmd_pretrain(args) -> int:
     from selfsup.train import pretrain
 
+    if getattr(args, "dry_run", False) and args.resume is None:
+        from selfsup.dryrun import render
+
+        print(render(_pretrain_config(args)), end="")  # resolved and checked; no pixels read, nothing built
+        return 0
     if args.out is None and args.resume is None:
         raise _config_error("--out: give the run folder (e.g. --out runs/simclr-fmnist)")
     if args.resume is not None and args.out is not None and Path(args.resume).resolve() != Path(args.out).resolve():
@@ -64,10 +69,18 @@ def cmd_pretrain(args) -> int:
     if args.resume is not None and args.config is None and saved.is_file():
         from selfsup.config import load_yaml
 
-        cfg = _pretrain_config(args, **load_yaml(saved))  # a bare --resume RUN_DIR continues with the run's settings
+        layer = load_yaml(saved)
+        if "recipe" not in layer:  # written before recipes: made with today's CPU default values, all recorded
+            layer.update(recipe="cpu", small_stem=layer.get("small_stem"))
+        cfg = _pretrain_config(args, **layer)  # a bare --resume RUN_DIR continues with the run's settings
     else:
         cfg = _pretrain_config(args)
     run_dir = Path(args.resume or args.out)
+    if getattr(args, "dry_run", False):
+        from selfsup.dryrun import render
+
+        print(render(cfg), end="")
+        return 0
     final = pretrain(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per rank
         print(json.dumps({"run": str(run_dir), "weights": str(final)}))
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train an encoder without labels")
     p.add_argument("--method", help="simclr (default) or another registered method")
+    p.add_argument("--recipe", help="cpu, simclr, byol or simclrv2 (default: chosen from the encoder and image size; "
+                   "keys given explicitly still win)")
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded, imagefolder:PATH, store:PATH "
                    "(made by selfsup prepare) or hf:PATH "
                    "(a Hugging Face data set saved with save_to_disk)")
@@ -210,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logger", metavar="LIST", help="experiment trackers besides metrics.jsonl, comma-separated: "
                    "tensorboard (default), csv, wandb, mlflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check the config, print it as YAML with the effective lr and steps, and exit")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 

@@ -39,7 +39,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--dataset", help="labeled data set (default: the pre-training run's)")
     p.add_argument("--label-fraction", type=float, help="share of the training labels used, e.g. 0.01 or 0.1 (default 0.1)")
     p.add_argument("--label-seed", type=int, help="seed of the label subset (default 0)")
-    p.add_argument("--label-subset", help="label_subset.json of another run, to use exactly its images")
+    p.add_argument("--label-subset", metavar="FILE",
+                   help="label_subset.json of another run, or an official list (one file name per line, e.g. the 1%%/10%% "
+                   "ImageNet files; image folders), to use exactly its images")
+    p.add_argument("--label-balance", choices=("equal", "proportional"),
+                   help="equal (default): the same number of images per class, as the papers' lists; proportional: "
+                   "fraction x each class's count")
     p.add_argument("--from-head-layer", type=int, metavar="K",
                    help="0: classifier on the backbone output; K: on the K-th head layer (default 1 with a head)")
     p.add_argument("--backbone", help="encoder to train from scratch (only without --run)")
@@ -99,7 +104,7 @@ def cmd_finetune(args) -> int:
     from selfsup.finetune import SCRATCH_OPTIM, FinetuneConfig, crop_flip_view, finetune
 
     keys = {"run": "run", "dataset": "dataset", "label_fraction": "label_fraction", "label_seed": "label_seed",
-            "label_subset": "label_subset", "from_head_layer": "from_head_layer", "backbone": "backbone", **_COMMON_KEYS}
+            "label_subset": "label_subset", "label_balance": "label_balance", "from_head_layer": "from_head_layer", "backbone": "backbone", **_COMMON_KEYS}
     def complete(data: dict) -> dict:
         # Keys given under optim.* complete the recipe of this kind of run (from scratch: SCRATCH_OPTIM).
         if data.get("run") is None and isinstance(data.get("optim"), dict):

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from selfsup import recipes
 from selfsup.augment import ViewConfig
 from selfsup.backbones import CPU_DEFAULT_BACKBONE
 
@@ -35,6 +36,7 @@ class OptimConfig:
     weight_decay: float = 1e-6
     momentum: float = 0.9
     warmup_fraction: float = 0.05  # share of the run spent in linear warm-up (paper: 10 of 100+ epochs)
+    warmup_epochs: float | None = None  # warm-up in epochs (the papers' recipes: 10); wins over warmup_fraction
     final_lr_fraction: float = 0.0  # cosine decays to lr x this
 
     def validate(self, prefix: str = "optim.") -> None:
@@ -44,6 +46,7 @@ class OptimConfig:
         _check(prefix + "weight_decay", self.weight_decay >= 0, "must be >= 0")
         _check(prefix + "momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         _check(prefix + "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
+        _check(prefix + "warmup_epochs", self.warmup_epochs is None or self.warmup_epochs >= 0, "must be >= 0")
         _check(prefix + "final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]")
 
 
@@ -62,11 +65,18 @@ TRACKERS = ("tensorboard", "csv", "wandb", "mlflow")  # --logger; metrics.jsonl 
 class PretrainConfig:
     """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST, 10 minutes).
 
+    ``build_config`` puts a named recipe (``selfsup.recipes``: ``cpu`` for the narrow CPU encoders, the
+    method's paper recipe for others) under the keys given, and records its name in ``recipe``.
+
     Where the defaults differ from the paper's ImageNet recipe it is because of the budget: see
     docs/benchmarks.md for the measurements behind them.
     """
 
     method: str = "simclr"
+    # Named recipe (selfsup.recipes.RECIPES) whose values fill the keys not given; build_config picks one
+    # from the encoder and image size when this is None and writes the name here. None after direct
+    # construction: the values are taken literally.
+    recipe: str | None = None
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     backbone: str = CPU_DEFAULT_BACKBONE
@@ -80,6 +90,10 @@ class PretrainConfig:
     proj_hidden_dim: int | None = None  # None: the backbone's num_features
     proj_out_dim: int = 128
     proj_layers: int = 2  # 0: no head, z = h (SimCLR only; Figure 8 ablation); 1: linear head
+    proj_last_bn: bool = False  # head ends in BN with a scale and no bias (official SimCLR/SimCLRv2 code)
+    proj_last_bias: bool = True  # bias of the head's (and BYOL predictor's) last Linear (official BYOL code: false)
+    zero_init_residual: bool = False  # last BN scale of each residual block starts at 0 (official codes)
+    small_stem: bool | None = None  # 3x3/1 stem, no max-pool; None: inputs of at most 32 px (official cut-off)
     # BYOL (Grill et al. 2020). Method defaults (selfsup.methods.METHOD_DEFAULTS) replace the generic
     # defaults above for keys the user did not give; see build_config.
     predictor: bool = True  # false: BYOL without predictor (Table 5b ablation)
@@ -113,21 +127,33 @@ class PretrainConfig:
 
     @staticmethod
     def method_defaults(data: dict) -> dict:
-        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's projector widths and lr).
+        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's lr): the ``cpu`` recipe's layer.
 
-        Applied by ``build_config`` (the CLI, YAML files, ``--set``), so ``--method byol`` gets BYOL's
-        defaults while every key given explicitly wins. Constructing ``PretrainConfig(...)`` directly
-        takes the generic defaults literally. The resolved values are written to ``config.yaml``.
+        ``build_config`` now applies a whole recipe (``resolve``, ``selfsup.recipes``), of which these
+        are the ``cpu`` recipe's values; kept for callers of this function. Constructing
+        ``PretrainConfig(...)`` directly takes the generic defaults literally.
         """
         from selfsup.methods import METHOD_DEFAULTS
 
         method = data.get("method", PretrainConfig.method) if isinstance(data, dict) else None
         return METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
 
+    @staticmethod
+    def resolve(data: dict) -> dict:
+        """The recipe's values under ``data`` and partial view overrides merged onto the presets (selfsup.recipes)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)
+                    if f.default is not dataclasses.MISSING}
+        try:
+            return recipes.resolve(data, defaults)
+        except recipes.RecipeError as e:
+            raise ConfigError(str(e)) from None
+
     def validate(self) -> None:
         from selfsup.methods import METHODS
 
         _choice("method", self.method, tuple(METHODS))
+        if self.recipe is not None:
+            _choice("recipe", self.recipe, tuple(recipes.RECIPES))
         _check_names(self)
         _check("batch_size", self.batch_size >= 1, "must be >= 1")
         if self.method in ("simclr", "simclrv2"):
@@ -370,7 +396,9 @@ def build_config(cls, *layers: dict):
     data: dict = {}
     for layer in layers:
         data = merge(data, layer)
-    if hasattr(cls, "method_defaults"):
+    if hasattr(cls, "resolve"):
+        data = cls.resolve(data)  # the recipe's values fill only keys not given (selfsup.recipes)
+    elif hasattr(cls, "method_defaults"):
         data = merge(cls.method_defaults(data), data)  # the method's defaults fill only keys not given
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):

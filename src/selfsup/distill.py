@@ -39,7 +39,7 @@ from torch import nn
 
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import build_backbone
+from selfsup.backbones import build_backbone, saved_stem
 from selfsup.config import ConfigError, OptimConfig, _check
 from selfsup.data import load_dataset
 from selfsup.finetune import (LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view,
@@ -174,6 +174,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
         if cfg.student is None or (cfg.student == tinfo["backbone"] and student_width is None):
             student_width = tinfo.get("backbone_width")
         kw = {} if student_width is None else {"width": student_width}
+        if student_name == tinfo["backbone"]:  # the teacher's stem (runs saved before small_stem: the 64 px rule)
+            kw.update(saved_stem(student_name, tinfo.get("small_stem"), image_size))
         backbone = build_backbone(student_name, in_channels=train.num_channels, image_size=image_size, **kw)
     # A randomly initialised classifier (a zero one would have no scale for LARS's trust ratio to keep).
     student = Classifier(backbone, HeadLayers([], backbone.num_features), tinfo["num_classes"], zero_init=False)
@@ -228,6 +230,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
     spec = LoopSpec("distill", total_steps, base_lr, int(round(cfg.optim.warmup_fraction * total_steps)),
                     base_lr * cfg.optim.final_lr_fraction, step_loss, batches, batch)
     run_info = {"backbone": student_name, "backbone_width": student_width, "image_size": image_size,
+                "small_stem": getattr(student.backbone, "small_stem", None),
                 "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0,
                 "num_classes": tinfo["num_classes"], "dataset": dataset_name, "data_dir": data_dir,
                 "dataset_mean": list(train.mean), "dataset_std": list(train.std), "teacher": str(cfg.teacher),

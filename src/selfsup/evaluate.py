@@ -21,12 +21,23 @@ class BackboneChangedError(RuntimeError):
     pass
 
 
-def prepare_images(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float at ``size`` px: centre crop to a square, then resize."""
+EVAL_CENTER_CROP = 0.875  # official SimCLR code: evaluation crops the central 87.5%, for images above 32 px
+
+
+def eval_crop(image_size: int) -> float:
+    """Share of the image side kept by evaluation's centre crop: 0.875 above 32 px (official code), else 1."""
+    return EVAL_CENTER_CROP if image_size > 32 else 1.0
+
+
+def prepare_images(images: torch.Tensor, mean, std, size: int, crop: float = 1.0) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float at ``size`` px: centre crop to a square (``crop`` of its
+    side, e.g. the official code's 0.875), then resize."""
     x = images.float().div_(255.0)
     h, w = x.shape[-2:]
-    if h != w:
-        s = min(h, w)
+    s = min(h, w)
+    if crop < 1.0:
+        s = max(1, int(round(s * crop)))
+    if (h, w) != (s, s):
         top, left = (h - s) // 2, (w - s) // 2
         x = x[..., top:top + s, left:left + s]
     if x.shape[-1] != size:
@@ -57,8 +68,13 @@ def iterate_batches(dataset, batch_size: int, num_workers: int = 0, indices: tor
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset, device: torch.device | str, image_size: int, batch_size: int = 512,
                      num_workers: int = 0, indices: torch.Tensor | None = None, precision: str = "fp32",
-                     channels_last: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of every image (eval mode, no augmentation): (N, D) float32 on CPU, labels (N,)."""
+                     channels_last: bool = False, progress: bool = False,
+                     crop: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every image (eval mode, no augmentation): (N, D) float32 on CPU, labels (N,).
+
+    ``crop``: centre-crop share; None: :func:`eval_crop` (0.875 above 32 px, as the official code).
+    """
+    crop = eval_crop(image_size) if crop is None else crop
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -72,7 +88,7 @@ def extract_features(model: nn.Module, dataset, device: torch.device | str, imag
         batches = tqdm(batches, total=total, desc="features", leave=False)
     try:
         for images, y in batches:
-            x = prepare_images(images.to(device, non_blocking=True), dataset.mean, dataset.std, image_size)
+            x = prepare_images(images.to(device, non_blocking=True), dataset.mean, dataset.std, image_size, crop)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:

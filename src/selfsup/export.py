@@ -235,7 +235,8 @@ def export_backbone(backbone: nn.Module, to: str, out: str | Path, *, backbone_n
         raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / ('encoder.' + _default_suffix(to))}")
     meta = {"selfsup_backbone": backbone_name, "in_channels": str(in_channels), "image_size": str(image_size),
             "num_features": str(backbone.num_features), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
-            "backbone_width": "" if width is None else repr(float(width))}
+            "backbone_width": "" if width is None else repr(float(width)),
+            "small_stem": str(getattr(backbone, "small_stem", ""))}
     summary = {"to": to, "out": str(out), "num_features": int(backbone.num_features), "backbone": backbone_name}
     if to == "torchvision":
         arch, state = torchvision_state_dict(backbone)
@@ -297,7 +298,7 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, *, opset: int | No
 
 def load_exported(path: str | Path) -> nn.Module:
     """Rebuild the backbone of a ``--to safetensors`` (or ``torchvision``) file from its metadata and load it strictly."""
-    from selfsup.backbones import build_backbone
+    from selfsup.backbones import build_backbone, saved_stem
     from selfsup.checkpoint import CheckpointError, load_weights, weights_metadata
 
     path = Path(path)
@@ -309,6 +310,8 @@ def load_exported(path: str | Path) -> nn.Module:
     kw = {"in_channels": int(meta["in_channels"]), "image_size": int(meta["image_size"])}
     if meta.get("backbone_width"):
         kw["width"] = float(meta["backbone_width"])
+    stem = {"True": True, "False": False}.get(meta.get("small_stem", ""))
+    kw.update(saved_stem(name, stem, kw["image_size"]))
     backbone = build_backbone(name, **kw)
     target = backbone.model if meta.get("format") == "timm" and hasattr(backbone, "model") else backbone
     target.load_state_dict(state, strict=True)

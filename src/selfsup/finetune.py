@@ -38,9 +38,9 @@ from torch import nn
 from selfsup import checkpoint as ckpt
 from selfsup import dist
 from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone
+from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
 from selfsup.config import ConfigError, OptimConfig, _check, _choice
-from selfsup.data import label_subset, load_dataset
+from selfsup.data import LABEL_BALANCES, label_subset, load_dataset, read_label_list
 from selfsup.heads import ProjectionHead
 from selfsup.supervised import (RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream,  # noqa: F401 (RESULTS_FILE: public name)
                                 length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)
@@ -87,7 +87,8 @@ class FinetuneConfig:
     data_dir: str | None = None
     label_fraction: float = 0.1
     label_seed: int = 0
-    label_subset: str | None = None  # a label_subset.json from another run, to reuse its images exactly
+    label_subset: str | None = None  # a label_subset.json from another run, or an official list (one file name a line)
+    label_balance: str = "equal"  # equal: the same count per class (the papers' lists); proportional: f x n_c per class
     from_head_layer: int | None = None  # None: 1 with a pre-trained projection head, else 0
     batch_size: int = 256
     epochs: float | None = None  # None (and no steps): paper_epochs(label_fraction)
@@ -111,6 +112,7 @@ class FinetuneConfig:
                 _check(key, getattr(self, key) is None, f"is set by the pre-training run {self.run}; "
                        "leave it out (it is only for training from scratch)")
         _check("label_fraction", 0 < self.label_fraction <= 1, "must be in (0, 1], e.g. 0.01 or 0.1")
+        _choice("label_balance", self.label_balance, LABEL_BALANCES)
         _check("from_head_layer", self.from_head_layer is None or self.from_head_layer >= 0, "must be >= 0")
         _check("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
                "must be > 0")
@@ -119,6 +121,8 @@ class FinetuneConfig:
 
 
 def _common_checks(cfg) -> None:
+    _check("optim.warmup_epochs", getattr(cfg, "optim", None) is None or cfg.optim.warmup_epochs is None,
+           "is a pre-training key; fine-tuning and distillation take optim.warmup_fraction")
     _check("batch_size", cfg.batch_size >= 1, "must be >= 1")
     _check("steps", cfg.steps is None or cfg.steps >= 1, "must be >= 1")
     _check("epochs", cfg.epochs is None or (cfg.epochs > 0 and math.isfinite(cfg.epochs)), "must be > 0")
@@ -196,7 +200,11 @@ def _head_spec(weights: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
             first, last = weights[f"{prefix}layers.0.0.weight"], weights[f"{prefix}layers.{n - 1}.0.weight"]
             return prefix, {"in_dim": int(first.shape[1]), "hidden_dim": int(first.shape[0]) if n > 1 else int(last.shape[0]),
                             "out_dim": int(last.shape[0]), "num_layers": n,
-                            "last_bn": f"{prefix}layers.{n - 1}.1.running_mean" in weights}
+                            # a scale-only BN (official code's ending) has a weight; the plain one has none
+                            "last_bn": "scale" if f"{prefix}layers.{n - 1}.1.weight" in weights
+                            else f"{prefix}layers.{n - 1}.1.running_mean" in weights,
+                            "last_bias": f"{prefix}layers.{n - 1}.0.bias" in weights
+                            or f"{prefix}layers.{n - 1}.1.running_mean" in weights}
     return None
 
 
@@ -240,7 +248,8 @@ def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[
         spec, head = None, HeadLayers([], backbone.num_features)
     info = {"backbone": run.config.backbone, "backbone_width": run.config.backbone_width,
             "image_size": run.image_size, "in_channels": run.in_channels, "head_spec": spec,
-            "from_head_layer": k, "pretrain_dataset": run.config.dataset}
+            "from_head_layer": k, "pretrain_dataset": run.config.dataset,
+            "small_stem": getattr(backbone, "small_stem", None)}
     return Classifier(backbone, head, num_classes), info
 
 
@@ -269,6 +278,7 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
 
 def _empty_classifier(info: dict) -> Classifier:
     kw = {} if info.get("backbone_width") is None else {"width": info["backbone_width"]}
+    kw.update(saved_stem(info["backbone"], info.get("small_stem"), info["image_size"]))
     backbone = build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"], **kw)
     k = int(info["from_head_layer"])
     head = build_head(info["head_spec"], k) if k > 0 else HeadLayers([], backbone.num_features)
@@ -280,22 +290,38 @@ def _empty_classifier(info: dict) -> Classifier:
 
 
 def prepare_label_subset(run_dir: Path, labels: torch.Tensor, dataset: str, fraction: float, seed: int,
-                         num_classes: int, source: str | Path | None = None) -> torch.Tensor:
+                         num_classes: int, source: str | Path | None = None, balance: str = "equal",
+                         files: list | None = None) -> torch.Tensor:
     """The labeled subset of a run: read from ``run_dir/label_subset.json`` (or ``source``) when present,
     else drawn by :func:`label_subset` (class-balanced, seeded) and written there.
+
+    ``source`` may also be an official list (the 1% / 10% ImageNet files: one file name per line),
+    matched against ``files``, the training folder's file names (image folders only).
 
     A stored subset must be for the same data set, training-split size and fraction, else
     :class:`ConfigError`. Indices refer to the training split; the test split is never drawn from.
     """
     own = run_dir / LABEL_SUBSET_FILE
-    path = Path(source) if source is not None else own
-    if path.is_file():
+    path = own if own.is_file() or source is None else Path(source)  # a resumed run keeps the subset it recorded
+    data = None
+    if not own.is_file() and source is not None and path.is_file() and not path.read_text()[:64].lstrip().startswith("{"):
+        if files is None:
+            raise ConfigError(f"--label-subset {source}: a list of file names needs an image-folder data set "
+                              "(imagefolder:PATH), whose file names it refers to")
+        try:
+            idx = read_label_list(path, files)
+        except ValueError as e:
+            raise ConfigError(f"--label-subset {e}") from None
+        data = {"seed": None, "source": str(path)}
+    elif path.is_file():
         try:
             data = json.loads(path.read_text())
             idx = torch.tensor(data["indices"], dtype=torch.int64)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{path} is not a readable label subset ({e}); delete it or give another") from None
         expect = {"dataset": dataset, "split": "train", "num_train": len(labels), "fraction": fraction}
+        if data.get("balance") == "list":  # read from an official list: its own fraction
+            expect.pop("fraction")
         wrong = [f"{k} {data.get(k)!r} (this run: {v!r})" for k, v in expect.items() if data.get(k) != v]
         if wrong:
             raise ConfigError(f"{path} holds a label subset for another setting: {'; '.join(wrong)}. "
@@ -305,13 +331,15 @@ def prepare_label_subset(run_dir: Path, labels: torch.Tensor, dataset: str, frac
     elif source is not None:
         raise ConfigError(f"label_subset: {source} does not exist")
     else:
-        idx = label_subset(labels, fraction, seed, num_classes)
-        data = None
+        idx = label_subset(labels, fraction, seed, num_classes, balance=balance)
     if not own.is_file() and dist.is_main_process():
         counts = torch.bincount(labels[idx], minlength=num_classes).tolist()
         record = {"dataset": dataset, "split": "train", "num_train": len(labels), "fraction": fraction,
                   "seed": data.get("seed") if data else seed, "num_labeled": int(idx.numel()),
-                  "per_class": counts, "indices": idx.tolist()}
+                  "per_class": counts, "balance": data.get("balance", balance) if data else balance,
+                  "indices": idx.tolist()}
+        if data and data.get("source"):
+            record.update(fraction=round(len(idx) / len(labels), 6), list=data["source"], balance="list")
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = own.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record))
@@ -368,7 +396,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
         backbone = build_backbone(name, in_channels=train.num_channels, image_size=image_size, **kw)
         model = Classifier(backbone, HeadLayers([], backbone.num_features), train.num_classes)
         info = {"backbone": name, "backbone_width": cfg.backbone_width, "image_size": image_size,
-                "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0}
+                "in_channels": train.num_channels, "head_spec": None, "from_head_layer": 0,
+                "small_stem": getattr(backbone, "small_stem", None)}
     default_optim = FinetuneOptimConfig() if cfg.run is not None else replace(SCRATCH_OPTIM)
     cfg = replace(cfg, from_head_layer=info["from_head_layer"], dataset=dataset_name,
                   view=cfg.view if cfg.view is not None else crop_flip_view(), optim=cfg.optim or default_optim)
@@ -379,7 +408,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
 
     # The label subset, its batches and their augmentation.
     idx = prepare_label_subset(run_dir, train.labels, dataset_name, cfg.label_fraction, cfg.label_seed,
-                               train.num_classes, cfg.label_subset)
+                               train.num_classes, cfg.label_subset, cfg.label_balance, getattr(train, "files", None))
     world = dist.world_size()
     batch = effective_batch(cfg.batch_size, len(idx), world)
     total_steps = int(state["total_steps"]) if state else length_in_steps(

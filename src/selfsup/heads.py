@@ -10,12 +10,16 @@ class ProjectionHead(nn.Module):
 
     ``num_layers=2`` is SimCLR's head (and BYOL's projector / predictor), ``num_layers=3`` SimCLRv2's
     deeper head. The last layer has no ReLU; ``last_bn=True`` adds a BN without affine parameters
-    after it (SimCLRv2's official code does so; off by default). Biases are dropped where a BN follows.
+    after it (off by default). ``last_bn="scale"`` is the official SimCLR/SimCLRv2 code's ending: a BN
+    with a learnable scale and no bias (PyTorch's affine BN with its bias frozen at zero, so state-dict
+    keys and synchronised BN stay the usual ones). ``last_bias=False`` drops the last Linear's bias
+    (the official BYOL code's projector and predictor). Biases are dropped where a BN follows.
     ``forward(x, return_all=True)`` returns ``[h, out_1, ..., out_L]`` where ``out_k`` is the
     output of layer k (after its ReLU), so SimCLRv2 can fine-tune from layer k (``[0]`` is the input).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool | str = False,
+                 last_bias: bool = True):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -29,8 +33,12 @@ class ProjectionHead(nn.Module):
             last = i == num_layers - 1
             width = out_dim if last else hidden_dim
             if last:
-                block = [nn.Linear(dim, width, bias=not last_bn)]
-                if last_bn:
+                block = [nn.Linear(dim, width, bias=last_bias and not last_bn)]
+                if last_bn == "scale":
+                    bn = nn.BatchNorm1d(width)
+                    bn.bias.requires_grad_(False)  # scale only: the bias stays 0 (official code: center=False)
+                    block.append(bn)
+                elif last_bn:
                     block.append(nn.BatchNorm1d(width, affine=False))
             else:
                 block = [nn.Linear(dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]

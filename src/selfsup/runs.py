@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from selfsup import checkpoint as ckpt
-from selfsup.backbones import build_backbone
+from selfsup.backbones import build_backbone, saved_stem
 from selfsup.config import ConfigError, PretrainConfig, from_dict, load_yaml
 from selfsup.lightning_ckpt import read_lightning_checkpoint
 
@@ -76,6 +76,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
 def load_encoder(run: RunInfo, prefix: str = "backbone.") -> nn.Module:
     """The backbone of a run with its trained weights (strict: every tensor must match)."""
     kw = {} if run.config.backbone_width is None else {"width": run.config.backbone_width}
+    kw.update(saved_stem(run.config.backbone, getattr(run.config, "small_stem", None), run.image_size))
     backbone = build_backbone(run.config.backbone, in_channels=run.in_channels, image_size=run.image_size, **kw)
     sub = {k[len(prefix):]: v for k, v in run.weights.items() if k.startswith(prefix)}
     if not sub:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from selfsup import checkpoint as ckpt
-from selfsup import dist
+from selfsup import dist, recipes
 from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import build_backbone
+from selfsup.backbones import SMALL_IMAGE_MAX, build_backbone, saved_stem
 from selfsup.collapse import CollapseMonitor
 from selfsup.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from selfsup.data import load_dataset
@@ -36,6 +36,10 @@ from selfsup.methods import METHODS
 from selfsup.optim import build_optimizer
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
 from selfsup.trackers import check_trackers, open_trackers
+from selfsup.timed import TimePlan, boundaries, evaluations_after, median, replan
+
+
+_clock = time.perf_counter  # every timing of the loop reads this, so tests can run timed runs on a fake clock
 
 
 class TrainingError(RuntimeError):
@@ -168,6 +172,9 @@ def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, init: st
     """The method around a fresh backbone; ``init`` (``--init``) loads the backbone's starting weights first,
     so a BYOL target starts as the same copy. ``model.init_record`` then says what was loaded."""
     kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
+    kw.update(saved_stem(cfg.backbone, cfg.small_stem, image_size))
+    if cfg.zero_init_residual:
+        kw["zero_init_residual"] = True
     backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
     record = load_init(backbone, init) if init is not None else None
     model = METHODS[cfg.method](cfg, backbone)
@@ -182,6 +189,16 @@ def total_steps_for(cfg: PretrainConfig, n: int) -> int | None:
     if cfg.epochs is not None:
         return max(1, int(round(cfg.epochs * steps_per_epoch)))
     return None  # minutes: fixed after timing the first steps
+
+
+def warmup_steps_for(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """``optim.warmup_epochs`` (the papers' 10 epochs) if set, else ``warmup_fraction`` of the run.
+
+    Warm-up in epochs is capped at half the run, so a short run still has a cosine phase.
+    """
+    if cfg.optim.warmup_epochs is not None:
+        return min(int(round(cfg.optim.warmup_epochs * steps_per_epoch)), total_steps // 2)
+    return int(round(cfg.optim.warmup_fraction * total_steps))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,12 +291,22 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
 
     state: dict[str, Any] | None = None
     weights = None
-    if resume:
+    if resume and not ckpt.list_checkpoints(run_dir):
+        # Killed before its first checkpoint: the run starts again from step 0 with the same seed and
+        # (for --minutes) the recorded step plan, so it ends as an uninterrupted run would.
+        if main:
+            print(f"[selfsup] --resume {run_dir}: no checkpoint was written yet; starting from step 0", file=sys.stderr)
+        _truncate_metrics(run_dir / "metrics.jsonl", 0)
+    elif resume:
         cfg, weights, state = _load_resume(cfg, run_dir)
     elif (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
                           "or choose a new --out folder")
 
+    if main:  # the first line of every run, and the lr warning, before any data is read
+        print(recipes.describe(cfg), file=sys.stderr, flush=True)
+        if (warning := recipes.lr_warning(cfg)) is not None:
+            print(f"[selfsup] warning: {warning}", file=sys.stderr, flush=True)
     world = dist.world_size()
     if cfg.batch_size % (world * cfg.accumulate):
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by world size x accumulate "
@@ -298,6 +325,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     view1, view2 = resolve_views(cfg, image_size)
     if cfg.view is None or cfg.view2 is None:
         cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
+    if cfg.small_stem is None and not cfg.backbone.startswith("timm:"):
+        cfg = replace(cfg, small_stem=image_size <= SMALL_IMAGE_MAX)  # recorded, so the run reloads the same
 
     torch.manual_seed(cfg.seed)
     # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
@@ -383,9 +412,23 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     start_step = 0 if state is None else int(state["step"])
     total_steps = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
     steps_per_epoch = n // cfg.batch_size
-    if total_steps is None:
-        total_steps = _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main)
-    warmup_steps = int(round(cfg.optim.warmup_fraction * total_steps))
+    plan, replaying, t_budget = None, False, _clock()
+    if cfg.minutes is not None and resume:
+        plan = TimePlan.load(run_dir)  # a resumed timed run follows the recorded plan, never re-plans
+        replaying = plan is not None
+    if total_steps is None and plan is not None:
+        total_steps = plan.total_steps
+    elif total_steps is None:
+        total_steps, t_budget = _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main)
+    warmup_steps = warmup_steps_for(cfg, total_steps, steps_per_epoch)
+    if cfg.minutes is not None and plan is None:
+        plan = TimePlan(cfg.minutes * 60.0, total_steps, warmup_steps=warmup_steps)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            plan.save(run_dir)
+    if plan is not None:
+        total_steps, warmup_steps = plan.state_at(start_step)
+    replan_every = boundaries(total_steps, cfg.checkpoint_every)
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -425,11 +468,17 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     bad_in_a_row, bad_total = 0, (state or {}).get("bad_steps", 0)
     last_ckpt = ckpt.list_checkpoints(run_dir)[-1] if ckpt.list_checkpoints(run_dir) else None
     model.train()
-    t_log, imgs_since = time.perf_counter(), 0
-    t_start = time.perf_counter()
+    imgs_since = 0
+    t_log = t_start = t_prev = _clock()
+    step_times: list[float] = []
+    knn_seconds: list[float] = []
     step = start_step
+    # A timed run may re-plan its length, so its stream is open-ended and the loop stops at total_steps.
+    stream_end = total_steps if plan is None else 1 << 62
     try:
-        for images in batch_stream(dataset, cfg.batch_size, cfg.seed, start_step, total_steps, cfg.num_workers, device):
+        for images in batch_stream(dataset, cfg.batch_size, cfg.seed, start_step, stream_end, cfg.num_workers, device):
+            if step >= total_steps:
+                break
             lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, base_lr * cfg.optim.final_lr_fraction)
             loss, logs = train_step(step, images, lr)
             step += 1
@@ -447,10 +496,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             if main:
                 collapse.check(step, logs.get("collapse_std"))
             imgs_since += cfg.batch_size
+            now = _clock()  # one read per step: the step's duration and the log's time
+            step_times.append(now - t_prev)
+            t_prev = now
             if step % cfg.log_every == 0 or step == total_steps:
                 loss, logs = _mean_over_ranks(loss, logs, device)  # the global batch's loss, not rank 0's share
             if main and (step % cfg.log_every == 0 or step == total_steps):
-                now = time.perf_counter()
                 ips = imgs_since / max(now - t_log, 1e-9)
                 t_log, imgs_since = now, 0
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": lr, "images_per_sec": ips,
@@ -463,8 +514,40 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             if on_step is not None:
                 on_step(step)
             if cfg.knn_monitor and dataset.labels is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                t_knn = _clock()
                 knn_data = _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, knn_data)
-            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                knn_seconds.append(_clock() - t_knn)
+            replanned = False
+            if plan is not None and step < total_steps:
+                new_total = None
+                if replaying:
+                    new_total, new_warmup = plan.state_at(step)
+                    new_total = None if (new_total, new_warmup) == (total_steps, warmup_steps) else new_total
+                elif step % replan_every == 0 and step_times:
+                    pace = median(step_times)
+                    extra = 0.0
+                    if cfg.knn_monitor and dataset.labels is not None:  # measured once one evaluation has run
+                        cost = sum(knn_seconds) / len(knn_seconds) if knn_seconds else _knn_cost_estimate(cfg, pace)
+                        extra = lambda total: cost * evaluations_after(step, total, steps_per_epoch)  # noqa: E731
+                    new_total = replan(plan, step, now - t_budget, pace, extra, total_steps=total_steps)
+                    if dist.is_distributed():  # every rank takes rank 0's decision
+                        new_total = _broadcast_int(-1 if new_total is None else new_total, device)
+                        new_total = None if new_total < 0 else new_total
+                    step_times = []
+                    if new_total is not None:
+                        new_warmup = min(warmup_steps, new_total // 2) if step < warmup_steps else warmup_steps
+                        plan.record(step, new_total, new_warmup, pace)
+                        if main:
+                            plan.save(run_dir)
+                            _update_run_json(run_dir, total_steps=new_total, warmup_steps=new_warmup)
+                            print(f"[selfsup] --minutes {cfg.minutes}: {pace * 1000:.0f} ms/step since the last check; "
+                                  f"{total_steps} -> {new_total} steps", file=sys.stderr)
+                if new_total is not None:
+                    total_steps, warmup_steps, replanned = new_total, new_warmup, True
+                    if bar is not None:
+                        bar.total = total_steps
+                        bar.refresh()
+            if (step % cfg.checkpoint_every == 0 or (replanned and not replaying)) and step < total_steps:
                 last_ckpt = _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main)
         _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main)
         final = run_dir / "model.safetensors"
@@ -474,7 +557,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             if image_report is not None and image_report.skipped:
                 print(f"[selfsup] {image_report.skipped} bad images skipped: {image_report.summary()}", file=sys.stderr)
             (run_dir / "train_summary.json").write_text(json.dumps({
-                "steps": step, "bad_steps": bad_total, "train_seconds_this_session": time.perf_counter() - t_start,
+                "steps": step, "bad_steps": bad_total, "train_seconds_this_session": _clock() - t_start,
+                "budget_seconds_used": None if plan is None or replaying else _clock() - t_budget,
                 "bad_images": None if image_report is None else image_report.to_dict(),
                 "collapse_warning_step": collapse.warned_at,
             }, indent=1))
@@ -590,7 +674,7 @@ def _load_resume(cfg: PretrainConfig, run_dir: Path):
                                    f"({type(e).__name__}: {e}); resume it with the release that wrote it") from None
     # Everything but bookkeeping must match the interrupted run; the saved config wins.
     free = {"device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "knn_monitor",
-            "epochs", "steps", "minutes", "on_bad_image", "logger"}
+            "epochs", "steps", "minutes", "on_bad_image", "logger", "recipe"}
     given, kept = to_dict(cfg), to_dict(saved)
     diff = [k for k in kept if k not in free and given.get(k) != kept.get(k)
             and not (k in ("view", "view2") and given.get(k) is None)]
@@ -611,19 +695,19 @@ def _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_
     import copy
 
     budget = cfg.minutes * 60.0
-    t0 = time.perf_counter()
+    t0 = _clock()
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
     # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
     # steady-state cost (a mean over the first steps overestimated it by ~10% on 2 CPU cores).
     warm, timed = 3, 6
     it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device)
-    times, t_prev = [], time.perf_counter()
+    times, t_prev = [], _clock()
     for i, images in enumerate(it):  # each time includes fetching the batch
         train_step(i, images, 0.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = _clock()
         if i >= warm:
             times.append(now - t_prev)
         t_prev = now
@@ -632,7 +716,7 @@ def _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_
     optimizer.load_state_dict(opt_state)
     steps_per_epoch = n // cfg.batch_size
     # Per-epoch extras (kNN monitor) cost time too: estimate them as a few steps' worth each.
-    remaining = budget - (time.perf_counter() - t0)
+    remaining = budget - (_clock() - t0)
     total = int(remaining / per_step)
     if cfg.knn_monitor and dataset.labels is not None:
         epochs = total / steps_per_epoch
@@ -647,8 +731,23 @@ def _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_
         total = int(t.item())
     if main:
         print(f"[selfsup] --minutes {cfg.minutes}: {per_step * 1000:.0f} ms/step measured, training for {total} steps "
-              f"({total / steps_per_epoch:.2f} epochs)", file=sys.stderr)
-    return total
+              f"({total / steps_per_epoch:.2f} epochs); re-planned if the pace drifts", file=sys.stderr)
+    return total, t0
+
+
+def _update_run_json(run_dir: Path, **values) -> None:
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.update(values)
+    path.write_text(json.dumps(info, indent=1))
+
+
+def _broadcast_int(value: int, device: torch.device) -> int:
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
+    tdist.broadcast(t, 0)
+    return int(t.item())
 
 
 KNN_BANK, KNN_QUERIES = 10000, 2000

@@ -21,6 +21,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     global batch (views of every rank, gathered with gradients); each rank averages over its own
     anchors, so DDP's gradient averaging yields the global mean. Computed in fp32 whatever the
     autocast state, since a bf16 softmax over thousands of logits loses the positives' signal.
+
+    Mean versus sum: the paper's Eq. (1)-(2) average over the 2N anchors, as here. The official code
+    (``objective.py``) adds the two directions, each averaged over N, so its loss and gradients are
+    2x ours. What that means for the hyper-parameters: under LARS (the recipes) the update's size is
+    set by the trust ratio, so the learning rate carries over unchanged and the official weight decay
+    ``wd`` acts like ``wd / 2`` here (the update is ``g + wd w`` with ``g`` halved); under plain SGD
+    the official ``(lr, wd)`` equal our ``(2 lr, wd / 2)``; under AdamW (scale-invariant in ``g``)
+    nothing changes. The recipes keep the papers' values (``selfsup.recipes``).
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"nt_xent expects two (N, d) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")

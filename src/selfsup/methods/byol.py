@@ -95,8 +95,11 @@ class BYOL(nn.Module):
 
 def build_byol(cfg, backbone: nn.Module) -> BYOL:
     hidden = cfg.proj_hidden_dim or backbone.num_features
-    projector = ProjectionHead(backbone.num_features, hidden, cfg.proj_out_dim, num_layers=cfg.proj_layers)
+    last = {"last_bias": getattr(cfg, "proj_last_bias", True),
+            "last_bn": "scale" if getattr(cfg, "proj_last_bn", False) else False}
+    projector = ProjectionHead(backbone.num_features, hidden, cfg.proj_out_dim, num_layers=cfg.proj_layers, **last)
     predictor = None
     if cfg.predictor:
-        predictor = ProjectionHead(cfg.proj_out_dim, cfg.pred_hidden_dim or hidden, cfg.proj_out_dim, num_layers=2)
+        predictor = ProjectionHead(cfg.proj_out_dim, cfg.pred_hidden_dim or hidden, cfg.proj_out_dim, num_layers=2,
+                                   last_bias=last["last_bias"])
     return BYOL(backbone, projector, predictor)

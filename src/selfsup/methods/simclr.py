@@ -42,5 +42,6 @@ def build_simclr(cfg, backbone: nn.Module) -> SimCLR:
     if cfg.proj_layers == 0:  # "no projection head" of SimCLR Figure 8: the loss is computed on h
         return SimCLR(backbone, nn.Identity(), temperature=cfg.temperature)
     head = ProjectionHead(backbone.num_features, cfg.proj_hidden_dim or backbone.num_features, cfg.proj_out_dim,
-                          num_layers=cfg.proj_layers)
+                          num_layers=cfg.proj_layers, last_bn="scale" if getattr(cfg, "proj_last_bn", False) else False,
+                          last_bias=getattr(cfg, "proj_last_bias", True))
     return SimCLR(backbone, head, temperature=cfg.temperature)
