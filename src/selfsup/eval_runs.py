@@ -131,9 +131,8 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
                       "probe": "weighted-knn", "paper": "Wu et al. 2018 (k=200, t=0.1 in the peer libraries' CIFAR monitor)",
                       "similarity": "cosine (features L2-normalised)", "features_dtype": str(ftr.dtype).replace("torch.", "")}
         else:
-            use = solver if solver != "auto" else ("torch" if dev.type == "cuda" else "sklearn")
-            result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=use,
-                                 device=dev if use == "torch" else "cpu")
+            result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=solver,
+                                 device=dev if solver != "sklearn" else "cpu")
         result["feature_precision"] = precision
     if state_fingerprint(encoder) != before:
         raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")

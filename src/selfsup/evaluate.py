@@ -18,6 +18,8 @@ from torch import nn
 
 from selfsup.linear_probe import DEFAULT_C_GRID, select_and_fit
 
+SKLEARN_MAX_ENTRIES = 2**24  # linear_eval(solver="auto"): scikit-learn up to 16.7M feature values (e.g. 16k x 1024)
+
 
 class BackboneChangedError(RuntimeError):
     pass
@@ -129,7 +131,7 @@ def standardise(train_features: torch.Tensor, *others: torch.Tensor) -> tuple[to
 
 def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 test_labels: torch.Tensor, num_classes: int, c_grid=DEFAULT_C_GRID, max_iter: int = 10000,
-                seed: int = 0, *, val_fraction: float = 0.1, solver: str = "sklearn", tol: float = 1e-4,
+                seed: int = 0, *, val_fraction: float = 0.1, solver: str = "auto", tol: float = 1e-4,
                 device: str | torch.device = "cpu", widen: bool = True, refine: bool = True) -> dict:
     """Multinomial logistic regression on standardised frozen features (``selfsup.linear_probe``).
 
@@ -137,13 +139,19 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     stratified, seeded ``val_fraction`` (10%) of the training features from ``c_grid`` (widened by
     decades while the best sits at an end, refined by half-decades), then the probe is refitted on
     all training features and scored on the test features. ``solver="torch"`` fits the same objective
-    in torch on ``device`` (GPUs, very large feature sets). The result holds top-1/top-5 and every
+    in torch on ``device`` (GPUs, very large feature sets); ``"auto"`` (the default) is scikit-learn for
+    up to ``SKLEARN_MAX_ENTRIES`` feature values on a CPU and torch beyond or on a GPU (float32 reads half
+    the memory of scikit-learn's iterations: 316 s vs 540 s for the whole search on 60k x 1024 features
+    on a shared 2-core CPU, same C, top-1 87.10 vs 87.12). The result holds top-1/top-5 and every
     parameter of the protocol (grid, chosen C, validation scores, iterations, converged, features'
     dtype and preprocessing, seed), so a figure can be reproduced from it alone.
     """
     if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
         raise ValueError(f"features and labels differ in length: train {len(train_features)} vs {len(train_labels)}, "
                          f"test {len(test_features)} vs {len(test_labels)}")
+    if solver == "auto":
+        big = train_features.numel() > SKLEARN_MAX_ENTRIES or torch.device(device).type != "cpu"
+        solver = "torch" if big else "sklearn"
     xtr, xte = standardise(train_features.float(), test_features.float())
     ytr, yte = train_labels.long(), test_labels.long()
     probe = select_and_fit(xtr, ytr, num_classes, c_grid, val_fraction, seed, max_iter, tol, solver, device,
