@@ -195,3 +195,29 @@ def test_sgd_protocol_trains_a_linear_layer_and_leaves_the_encoder_bit_identical
     assert out["backbone_unchanged"]
     with pytest.raises(ValueError, match="epochs"):
         LinearSGDConfig(epochs=0)
+
+
+def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys, monkeypatch):
+    """``selfsup demo``: pre-training, linear + kNN + the raw-pixel baseline, report and pictures."""
+    import selfsup.data
+    from selfsup.cli import main
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(selfsup.data, "fashion_mnist_available", lambda data_dir=None: False)  # the embedded sample
+    code = main(["demo", "--minutes", "0.03", "--out", str(out), "--no-progress",
+                 "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "image_size=8",
+                 "--set", "batch_size=64", "--set", "knn_monitor=false"])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert printed["dataset"] == "embedded"
+    for key in ("linear_top1", "knn_top1", "pixels_linear_top1"):
+        assert 10.0 < printed[key] <= 100.0, key  # above chance (10 classes)
+    assert "raw pixels, same linear probe" in captured.err
+    pixels = json.loads((out / "eval_linear_pixels.json").read_text())
+    assert pixels["feature_dim"] == 64 and pixels["top1"] == printed["pixels_linear_top1"]
+    report = (out / "report.md").read_text()
+    assert "raw-pixel baseline" in report and f"{pixels['top1']:.2f}%" in report
+    for png in ("loss.png", "views.png"):
+        assert (out / png).is_file() and (out / png).stat().st_size > 1000, png
+        assert png in report
