@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/selfsup demo
 
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} SELFSUP_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
 
 docs: $(STAMP)
 	$(PY) -c 'import pdoc' 2>/dev/null || $(PY) -m pip install -q 'pdoc>=14'
