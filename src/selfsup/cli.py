@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="pre-train SimCLR on Fashion-MNIST (or the embedded sample), evaluate, report")
-    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget (default 8; evaluation adds ~1-2)")
+    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget (default 8; evaluation, with the raw-pixel baseline, adds a few minutes)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
