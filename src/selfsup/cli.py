@@ -107,6 +107,8 @@ def cmd_eval(args) -> int:
             sgd = LinearSGDConfig(lr=args.lr, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
         except ValueError as e:
             raise _config_error(str(e)) from None
+    elif args.protocol == "knn" and args.linear_protocol != "logreg":
+        raise _config_error("--protocol sgd is a linear protocol; use selfsup eval linear --protocol sgd")
     elif args.epochs is not None or args.lr is not None:
         raise _config_error("--epochs and --lr belong to the SGD linear protocol; add --protocol sgd")
     result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
