@@ -295,7 +295,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dataset.num_channels, image_size, dataset.num_classes if with_labels else None).to(device)
+    num_classes = (dataset.num_classes,) if with_labels else ()  # only labelled methods take it
+    model = build_model(cfg, dataset.num_channels, image_size, *num_classes).to(device)
     if weights is not None:
         _load_model_weights(model, weights, run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
