@@ -42,3 +42,15 @@ def tiny_cfg():
         return build_config(PretrainConfig, base)
 
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``SELFSUP_REQUIRE_EXTRAS=1`` (``make test``) a test skipped for a missing import fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("SELFSUP_REQUIRE_EXTRAS") == "1" and call.excinfo is not None:
+        reason = str(call.excinfo.value)
+        if "could not import" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"SELFSUP_REQUIRE_EXTRAS=1 but an optional extra is missing: {reason}"

@@ -264,3 +264,20 @@ def test_minutes_budget_with_byol(tmp_path, tiny_cfg):
     cfg = tiny_cfg(method="byol", steps=None, minutes=0.01, proj_hidden_dim=32)
     final = load_weights(pretrain(cfg, tmp_path / "run", progress=False))
     assert any(k.startswith("target_backbone.") for k in final)
+
+
+def test_byol_pairs_each_prediction_with_the_other_views_target():
+    """BYOL Eq. 2: L = byol_loss(p1, sg(t2)) + byol_loss(p2, sg(t1)), summed (not averaged) over directions."""
+    model = tiny_byol()
+    with torch.no_grad():  # make the target differ from the online network, as after some training
+        for p in model.target_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(6, 1, 16, 16, generator=g), torch.randn(6, 1, 16, 16, generator=g)
+    loss, _ = model(x1, x2)
+    x = torch.cat([x1, x2])  # the submodules, in train mode on the same 2N batch as forward
+    p1, p2 = model.predictor(model.projector(model.backbone(x))).chunk(2)
+    t1, t2 = model.target_projector(model.target_backbone(x)).chunk(2)
+    torch.testing.assert_close(loss, byol_loss(p1, t2) + byol_loss(p2, t1))
+    own_view = byol_loss(p1, t1) + byol_loss(p2, t2)  # each view regressed onto its own target: wrong
+    assert not torch.isclose(loss, own_view, rtol=1e-3, atol=1e-4)

@@ -74,3 +74,30 @@ def test_build_optimizer_no_decay_on_bias_and_bn():
         build_optimizer("adam", model, 0.1, 0.0)
     with pytest.raises(ValueError):
         LARS(model.parameters(), lr=-1)
+
+
+def test_lars_over_a_changing_learning_rate_against_hand_computed_updates():
+    """SimCLR's LARS (official TF code): the momentum buffer holds lr-scaled updates, v <- m v + lr trust g.
+
+    w = s (0.6, 0.8) with |w| = s and a fixed unit gradient along it, so trust = eta s, and by hand:
+    step 1 (lr 1.0):  v = 0.01 x 5 = 0.05,                           s = 4.95
+    step 2 (lr 0.5):  v = 0.9 x 0.05 + 0.5 x 0.0495 = 0.06975,       s = 4.88025
+    step 3 (lr 0.25): v = 0.9 x 0.06975 + 0.25 x 0.0488025 = 0.074975625, s = 4.805274375
+    The bias (1-d, excluded) gets plain momentum SGD with gradient 0.5:
+    v = 0.5, 0.7, 0.755 and b = 1.0 - v cumulated: 0.5, -0.2, -0.955.
+    (An SGD-style buffer v <- m v + g, w -= lr v would give s = 4.95, 4.9025, ... instead.)
+    """
+    u = torch.tensor([[0.6, 0.8]], dtype=torch.float64)  # 2-d: a weight, so LARS's trust ratio applies
+    w = nn.Parameter(5.0 * u.clone())
+    b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.01)
+    expected_s = [4.95, 4.88025, 4.805274375]
+    expected_b = [0.5, -0.2, -0.955]
+    for lr, s, bb in zip([1.0, 0.5, 0.25], expected_s, expected_b):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        w.grad = u.clone()
+        b.grad = torch.tensor([0.5], dtype=torch.float64)
+        opt.step()
+        torch.testing.assert_close(w.detach(), s * u, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b.detach(), torch.tensor([bb], dtype=torch.float64), rtol=0, atol=1e-12)

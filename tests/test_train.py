@@ -41,7 +41,8 @@ def test_simclr_one_step_changes_weights_and_lowers_loss_on_fixed_batch():
 def test_every_registered_method_runs_a_step(method, tiny_cfg):
     cfg = tiny_cfg(method=method)
     model = METHODS[method](cfg, build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625))
-    loss, logs = model(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16))
+    labels = (torch.tensor([0, 1, 2, 3]),) if getattr(model, "needs_labels", False) else ()
+    loss, logs = model(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16), *labels)
     loss.backward()
     assert torch.isfinite(loss)
 

@@ -97,65 +97,36 @@ def _config_error(msg: str):
 # eval
 
 
-def run_eval(kind: str, run_dir: str | Path, dataset: str | None = None, data_dir: str | None = None,
-             batch_size: int = 512, device: str = "auto", k: int = 200, temperature: float = 0.1,
-             progress: bool = False) -> dict:
-    """Evaluate a run's frozen encoder; writes ``RUN_DIR/eval_{kind}.json`` and returns the result."""
-    import time
+def run_eval(kind: str, run_dir: str | Path | None, dataset: str | None = None, data_dir: str | None = None,
+             batch_size: int | None = None, device: str = "auto", k: int = 200, temperature: float = 0.1,
+             progress: bool = False, **protocol) -> dict:
+    """Evaluate a run's frozen encoder (or ``baseline=...`` beside it); see ``selfsup.eval_runs.evaluate``.
 
-    import torch
+    Writes ``RUN_DIR/eval_{kind}.json`` (``eval_linear_sgd.json``, ``eval_{kind}_{baseline}.json``) and
+    returns the result.
+    """
+    from selfsup.eval_runs import evaluate
 
-    from selfsup.data import load_dataset
-    from selfsup.evaluate import BackboneChangedError, knn_eval, linear_eval, state_fingerprint
-    from selfsup.runs import load_encoder, load_run
-    from selfsup.train import resolve_device, resolve_precision
-
-    t0 = time.perf_counter()
-    run = load_run(run_dir)
-    name = dataset or run.config.dataset
-    if name.startswith("stl10"):
-        name = "stl10"
-    cols = {"image_column": run.config.hf.image_column, "label_column": run.config.hf.label_column}  # hf:PATH
-    train = load_dataset(name, "train", data_dir=data_dir or run.config.data_dir, image_size=run.image_size, **cols)
-    test = load_dataset(name, "test", data_dir=data_dir or run.config.data_dir, image_size=run.image_size, **cols)
-    if train.labels is None or test.labels is None:
-        raise _config_error(f"--dataset {name}: evaluation needs labels, and this data set has none")
-    if train.num_channels != run.in_channels:
-        raise _config_error(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
-                            f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
-    from selfsup import dist
-    from selfsup.dist_eval import extract_features_sharded
-
-    owns_group = dist.init_from_env(device)  # under torchrun each rank embeds a shard (docs/distributed.md)
-    dev = resolve_device(device)
-    precision = resolve_precision("auto", dev)
-    encoder = load_encoder(run).to(dev)
-    before = state_fingerprint(encoder)
-    ftr, ytr = extract_features_sharded(encoder, train, dev, run.image_size, batch_size=batch_size, precision=precision,
-                                        progress=progress and dist.is_main_process())
-    fte, yte = extract_features_sharded(encoder, test, dev, run.image_size, batch_size=batch_size, precision=precision,
-                                        progress=progress and dist.is_main_process())
-    main = dist.is_main_process()
-    if owns_group:
-        dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
-    if kind == "knn":
-        result = knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature)
-    else:
-        result = linear_eval(ftr, ytr, fte, yte, train.num_classes)
-    if state_fingerprint(encoder) != before:
-        raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")
-    result = {"top1": result["top1"], "top5": result["top5"], "dataset": name, "protocol": kind,
-              "num_train": len(train), "num_test": len(test), "feature_dim": int(ftr.shape[1]),
-              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
-              **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
-    if main:
-        Path(run_dir, f"eval_{kind}.json").write_text(json.dumps(result, indent=1))
-    return result
+    return evaluate(kind, run_dir, dataset, data_dir, batch_size, device, k, temperature, progress, **protocol)
 
 
 def cmd_eval(args) -> int:
+    from selfsup.linear_sgd import LinearSGDConfig
+
+    sgd = None
+    if args.protocol == "linear" and args.linear_protocol == "sgd":
+        try:
+            given = {"epochs": args.epochs, "batch_size": args.batch_size}
+            sgd = LinearSGDConfig(lr=args.lr, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+        except ValueError as e:
+            raise _config_error(str(e)) from None
+    elif args.protocol == "knn" and args.linear_protocol != "logreg":
+        raise _config_error("--protocol sgd is a linear protocol; use selfsup eval linear --protocol sgd")
+    elif args.epochs is not None or args.lr is not None:
+        raise _config_error("--epochs and --lr belong to the SGD linear protocol; add --protocol sgd")
     result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
-                      args.k, args.temperature, progress=not args.no_progress)
+                      args.k, args.temperature, progress=not args.no_progress, baseline=args.baseline,
+                      linear_protocol=args.linear_protocol, solver=args.solver, sgd=sgd, seed=args.seed, out=args.out)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0
@@ -184,11 +155,13 @@ def cmd_demo(args) -> int:
     pretrain(cfg, run_dir, resume=resume, progress=not args.no_progress)
     lin = run_eval("linear", run_dir, progress=not args.no_progress)
     knn = run_eval("knn", run_dir, progress=not args.no_progress)
+    pixels = run_eval("linear", run_dir, progress=not args.no_progress, baseline="pixels")  # what pre-training added
     report = write_markdown_report(run_dir)
-    print(f"[selfsup] demo finished: linear top-1 {lin['top1']:.2f}%, kNN top-1 {knn['top1']:.2f}% on {dataset}; "
-          f"report: {report}", file=sys.stderr)
+    print(f"[selfsup] demo finished: linear top-1 {lin['top1']:.2f}%, kNN top-1 {knn['top1']:.2f}% on {dataset} "
+          f"(raw pixels, same linear probe: {pixels['top1']:.2f}%); report: {report}", file=sys.stderr)
     print(json.dumps({"run": str(run_dir), "dataset": dataset, "linear_top1": lin["top1"], "linear_top5": lin["top5"],
-                      "knn_top1": knn["top1"], "knn_top5": knn["top5"], "report": str(report)}))
+                      "knn_top1": knn["top1"], "knn_top5": knn["top5"], "pixels_linear_top1": pixels["top1"],
+                      "report": str(report)}))
     return 0
 
 
@@ -230,20 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="evaluate a run's frozen encoder")
+    p = sub.add_parser("eval", help="evaluate a run's frozen encoder (or a baseline) by kNN or a linear probe")
     p.add_argument("protocol", choices=("knn", "linear"))
-    p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--dataset", help="labelled data set (default: the run's)")
+    p.add_argument("--run", help="run folder (required unless --baseline is given)")
+    p.add_argument("--baseline", choices=("pixels", "random-init"),
+                   help="evaluate raw pixels, or the encoder of --run (else the default config's) at random "
+                        "initialisation, with the same protocol; written beside the run as eval_KIND_BASELINE.json")
+    p.add_argument("--dataset", help="labelled data set (default: the run's, else fashion-mnist)")
     p.add_argument("--data-dir")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--protocol", dest="linear_protocol", choices=("logreg", "sgd"), default="logreg",
+                   help="linear: logreg (default; logistic regression on frozen features, C chosen on a held-out 10%%) "
+                        "or sgd (the papers' protocol: SGD on crop+flip views of the frozen encoder)")
+    p.add_argument("--solver", choices=("auto", "sklearn", "torch"), default="auto",
+                   help="logreg solver: auto (scikit-learn up to 16.7M feature values on a CPU, else torch), sklearn "
+                        "or torch (the same objective and stopping rule)")
+    p.add_argument("--epochs", type=float, help="--protocol sgd: epochs (default 90, SimCLR B.6)")
+    p.add_argument("--lr", type=float, help="--protocol sgd: learning rate (default 0.1 x batch size / 256)")
+    p.add_argument("--batch-size", type=int, help="feature-extraction batch (default 512); --protocol sgd: the "
+                                                  "training batch (default 1024, BYOL C.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split / SGD run")
+    p.add_argument("--out", help="write the result JSON here (default: into the run folder)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--k", type=int, default=200, help="kNN neighbours")
-    p.add_argument("--temperature", type=float, default=0.1, help="kNN temperature")
+    p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    p.add_argument("--temperature", type=float, default=0.1, help="kNN temperature (default 0.1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="pre-train SimCLR on Fashion-MNIST (or the embedded sample), evaluate, report")
-    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget (default 8; evaluation adds ~1-2)")
+    p.add_argument("--minutes", type=float, default=8.0, help="pre-training budget (default 8; evaluation, with the raw-pixel baseline, adds a few minutes)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")

@@ -65,11 +65,12 @@ def write_markdown_report(run_dir: str | Path, extra: dict | None = None) -> Pat
         ips = [r["images_per_sec"] for r in train[1:]] or [train[0]["images_per_sec"]]
         lines += [f"- final loss {last['loss']:.4f} after {last.get('elapsed_sec', 0) / 60:.1f} min; "
                   f"median throughput {sorted(ips)[len(ips) // 2]:.0f} images/s (two views each)"]
-    for name in ("eval_linear.json", "eval_knn.json"):
+    for name in ("eval_linear.json", "eval_knn.json", "eval_linear_pixels.json"):
         p = run_dir / name
         if p.is_file():
             r = json.loads(p.read_text())
-            lines.append(f"- {name[5:-5]} evaluation on {r.get('dataset')}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%")
+            what = "raw-pixel baseline (the same linear probe on the pixels)" if name.endswith("_pixels.json") else name[5:-5]
+            lines.append(f"- {what} evaluation on {r.get('dataset')}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%")
     for k, v in (extra or {}).items():
         lines.append(f"- {k}: {v}")
     lines.append("")

@@ -32,7 +32,7 @@ from selfsup.data import load_dataset
 from selfsup.guards import channels_last_hazard
 from selfsup.image_checks import BadImageError, clean_error_message, final_report
 from selfsup.init_weights import load_init
-from selfsup.methods import METHODS
+from selfsup.methods import LABELLED_METHODS, METHODS
 from selfsup.optim import build_optimizer
 from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
 from selfsup.trackers import check_trackers, open_trackers
@@ -133,8 +133,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def batch_stream(dataset, global_batch: int, seed: int, start_step: int, total_steps: int, num_workers: int,
-                 device: torch.device) -> Iterator[torch.Tensor]:
-    """uint8 image batches (this rank's share) for steps ``start_step .. total_steps - 1``."""
+                 device: torch.device, with_labels: bool = False) -> Iterator[torch.Tensor]:
+    """uint8 image batches (this rank's share) for steps ``start_step .. total_steps - 1``.
+
+    ``with_labels``: yield ``(images, labels)`` instead (``--method supervised``).
+    """
     n, r, w = len(dataset), dist.rank(), dist.world_size()
     if hasattr(dataset, "images"):
         images = dataset.images
@@ -142,15 +145,17 @@ def batch_stream(dataset, global_batch: int, seed: int, start_step: int, total_s
             images = images.to(device)  # small data sets live on the GPU: no per-step host copy
         for step in range(start_step, total_steps):
             idx = step_indices(n, global_batch, seed, step, r, w)
-            yield images[idx.to(images.device)].to(device, non_blocking=True)
+            batch = images[idx.to(images.device)].to(device, non_blocking=True)
+            yield (batch, dataset.labels[idx].to(device, non_blocking=True)) if with_labels else batch
         return
     from torch.utils.data import DataLoader
 
     sampler = StepBatchSampler(n, global_batch, seed, start_step, total_steps, r, w)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
-    for images, _ in loader:
-        yield images.to(device, non_blocking=True)
+    for images, labels in loader:
+        batch = images.to(device, non_blocking=True)
+        yield (batch, torch.as_tensor(labels).long().to(device, non_blocking=True)) if with_labels else batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,9 +173,11 @@ def resolve_views(cfg: PretrainConfig, image_size: int) -> tuple[ViewConfig, Vie
     return v1, v2
 
 
-def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, init: str | None = None) -> nn.Module:
+def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, num_classes: int | None = None,
+                init: str | None = None) -> nn.Module:
     """The method around a fresh backbone; ``init`` (``--init``) loads the backbone's starting weights first,
-    so a BYOL target starts as the same copy. ``model.init_record`` then says what was loaded."""
+    so a BYOL target starts as the same copy. ``model.init_record`` then says what was loaded. Labelled
+    methods (``supervised``) also take ``num_classes``."""
     kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
     kw.update(saved_stem(cfg.backbone, cfg.small_stem, image_size))
     if cfg.zero_init_residual:
@@ -312,7 +319,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by world size x accumulate "
                           f"({world} x {cfg.accumulate})")
 
-    dataset = load_dataset(cfg.dataset, "train" if not cfg.dataset.startswith("stl10") else "train+unlabeled",
+    unlabelled_too = cfg.dataset.startswith("stl10") and cfg.method not in LABELLED_METHODS
+    dataset = load_dataset(cfg.dataset, "train+unlabeled" if unlabelled_too else "train",
                            data_dir=cfg.data_dir, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
                            image_column=cfg.hf.image_column, label_column=cfg.hf.label_column)
     image_report = getattr(dataset, "image_report", None)  # bad/small images found by the scan (image folders)
@@ -322,6 +330,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     n = len(dataset)
     if n < cfg.batch_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the data set ({n} images); lower --batch-size")
+    with_labels = cfg.method in LABELLED_METHODS
+    if with_labels and (dataset.labels is None or bool((dataset.labels < 0).any())):
+        raise ConfigError(f"method: {cfg.method!r} trains with labels and {cfg.dataset!r} has unlabelled images; "
+                          "use a labelled data set (class sub-folders for an image folder)")
     view1, view2 = resolve_views(cfg, image_size)
     if cfg.view is None or cfg.view2 is None:
         cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
@@ -331,8 +343,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     torch.manual_seed(cfg.seed)
     # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
     init = cfg.init if weights is None else None
-    model = (build_model(cfg, dataset.num_channels, image_size, init=init) if init is not None
-             else build_model(cfg, dataset.num_channels, image_size)).to(device)
+    num_classes = (dataset.num_classes,) if with_labels else ()  # only labelled methods take it
+    init_kw = {"init": init} if init is not None else {}  # tests replace build_model with a 3-argument function
+    model = build_model(cfg, dataset.num_channels, image_size, *num_classes, **init_kw).to(device)
     if weights is not None:
         _load_model_weights(model, weights, run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
@@ -374,10 +387,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         return float("nan"), {}
 
     def train_step(step: int, images: torch.Tensor, lr: float) -> tuple[float, dict[str, float]]:
+        images, labels = images if with_labels else (images, None)  # (images, labels) for LABELLED_METHODS
         for g in optimizer.param_groups:
             g["lr"] = lr
         gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, dist.rank(), 2))
         micro = images.chunk(cfg.accumulate)
+        micro_labels = labels.chunk(cfg.accumulate) if with_labels else [None] * len(micro)
         total_loss, logs = 0.0, {}
         if buffers:
             torch._foreach_copy_(saved_buffers, buffers)
@@ -390,7 +405,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
             # Under DDP, only the last micro-batch's backward all-reduces the summed gradients.
             with contextlib.nullcontext() if sync else train_model.no_sync():
                 with autocast_context(device, precision):
-                    loss, logs = step_fn_model(x1, x2)
+                    loss, logs = step_fn_model(x1, x2) if not with_labels else step_fn_model(x1, x2, micro_labels[i])
                 loss_value = loss.detach().float()
                 # Every rank must skip together, or the others would wait for its gradients.
                 if not dist.all_ranks_true(bool(torch.isfinite(loss_value)), device):
@@ -476,7 +491,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     # A timed run may re-plan its length, so its stream is open-ended and the loop stops at total_steps.
     stream_end = total_steps if plan is None else 1 << 62
     try:
-        for images in batch_stream(dataset, cfg.batch_size, cfg.seed, start_step, stream_end, cfg.num_workers, device):
+        for images in batch_stream(dataset, cfg.batch_size, cfg.seed, start_step, stream_end, cfg.num_workers, device,
+                                   with_labels):
             if step >= total_steps:
                 break
             lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, base_lr * cfg.optim.final_lr_fraction)
@@ -701,7 +717,8 @@ def _calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_
     # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
     # steady-state cost (a mean over the first steps overestimated it by ~10% on 2 CPU cores).
     warm, timed = 3, 6
-    it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device)
+    it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device,
+                      cfg.method in LABELLED_METHODS)
     times, t_prev = [], _clock()
     for i, images in enumerate(it):  # each time includes fetching the batch
         train_step(i, images, 0.0)

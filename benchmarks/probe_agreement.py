@@ -1,0 +1,113 @@
+"""Does ``selfsup eval linear`` agree with scikit-learn? Our probe's top-1 vs the best LogisticRegression.
+
+On the same standardised frozen features (a run's encoder with ``--run RUN``, raw pixels with
+``--baseline pixels``), prints our probe's test top-1 (``selfsup.evaluate.linear_eval``, the default
+solver) beside scikit-learn's ``LogisticRegression`` (lbfgs, ``max_iter=10000``, cold start) with C
+chosen on the same held-out split (stratified 10%, seed 0) from every half-decade 1e-4..1e1, refitted
+on the whole training set; and the difference (issue 12's target: within 0.3 points).
+
+    python benchmarks/probe_agreement.py --baseline pixels --dataset fashion-mnist
+    python benchmarks/probe_agreement.py --run runs/simclr-fmnist
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def features(args):
+    from selfsup.config import PretrainConfig
+    from selfsup.data import load_dataset
+    from selfsup.eval_runs import PixelEncoder, random_init_encoder
+    from selfsup.evaluate import extract_features
+    from selfsup.runs import load_encoder, load_run
+
+    run = load_run(args.run) if args.run else None
+    cfg = run.config if run else PretrainConfig()
+    name = args.dataset or cfg.dataset
+    size = run.image_size if run else None
+    train = load_dataset(name, "train", data_dir=args.data_dir or cfg.data_dir, image_size=size)
+    test = load_dataset(name, "test", data_dir=args.data_dir or cfg.data_dir, image_size=size)
+    size = size or train.image_size
+    if args.baseline == "pixels":
+        enc = PixelEncoder(train.num_channels, size)
+    elif args.baseline == "random-init":
+        enc = random_init_encoder(cfg, train.num_channels, size)
+    else:
+        enc = load_encoder(run)
+    from selfsup.train import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))  # as selfsup eval extracts them
+    ftr, ytr = extract_features(enc, train, "cpu", size, precision=precision)
+    fte, yte = extract_features(enc, test, "cpu", size, precision=precision)
+    return ftr, ytr, fte, yte, train.num_classes, name
+
+
+def sklearn_fit_score(xfit, yfit, xs, ys, C):
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=10000).fit(xfit, yfit)
+    return [100.0 * clf.score(x, y) for x, y in zip(xs, ys)], int(max(clf.n_iter_))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run")
+    p.add_argument("--baseline", choices=("pixels", "random-init"))
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--solver", default="auto", help="our probe's solver (auto, sklearn, torch)")
+    p.add_argument("--jobs", type=int, default=1, help="scikit-learn reference fits in parallel (processes)")
+    p.add_argument("--out", help="also write the result JSON here")
+    args = p.parse_args()
+    if not args.run and not args.baseline:
+        p.error("give --run RUN and/or --baseline pixels|random-init")
+
+    from selfsup.evaluate import linear_eval, standardise
+    from selfsup.linear_probe import stratified_split
+
+    t0 = time.perf_counter()
+    ftr, ytr, fte, yte, k, name = features(args)
+    t1 = time.perf_counter()
+    ours = linear_eval(ftr, ytr, fte, yte, k, solver=args.solver)
+    t2 = time.perf_counter()
+
+    s_tr, s_te = (x.numpy() for x in standardise(ftr, fte))
+    fit, val = stratified_split(ytr, 0.1, 0)
+    grid = [10 ** (e / 2) for e in range(-8, 3)]
+    y = ytr.numpy()
+    jobs = [(s_tr[fit.numpy()], y[fit.numpy()], [s_tr[val.numpy()]], [y[val.numpy()]], c) for c in grid]
+    if args.jobs > 1:
+        from joblib import Parallel, delayed
+
+        sel = Parallel(n_jobs=args.jobs)(delayed(sklearn_fit_score)(*j) for j in jobs)
+    else:
+        sel = [sklearn_fit_score(*j) for j in jobs]
+    val_top1 = {c: s[0][0] for c, s in zip(grid, sel)}
+    best = max(val_top1, key=lambda c: (val_top1[c], -c))
+    (ref_train, ref_test), ref_iter = sklearn_fit_score(s_tr, y, [s_tr, s_te.astype(s_tr.dtype)], [y, yte.numpy()], best)
+    t3 = time.perf_counter()
+    result = {
+        "features": f"run {args.run}" if not args.baseline else f"{args.baseline} ({args.run or 'default config'})",
+        "dataset": name, "num_train": len(ytr), "num_test": len(yte), "feature_dim": int(ftr.shape[1]),
+        "ours_top1": round(ours["top1"], 2), "ours_C": ours["C"], "ours_solver": ours["solver"],
+        "ours_converged": ours["converged"], "ours_train_top1": round(ours["train_top1"], 2),
+        "sklearn_top1": round(ref_test, 2), "sklearn_C": best, "sklearn_train_top1": round(ref_train, 2),
+        "sklearn_iterations": ref_iter,
+        "difference": round(ours["top1"] - ref_test, 2),
+        "sklearn_val_top1": {f"{c:g}": round(v, 2) for c, v in val_top1.items()},
+        "seconds": {"features": round(t1 - t0, 1), "ours": round(t2 - t1, 1), "sklearn_reference": round(t3 - t2, 1)},
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
