@@ -34,7 +34,7 @@ def test_torch_is_a_range_and_the_pins_live_in_constraints():
 
 
 def _fake_dist(site: Path, name: str, version: str) -> None:
-    d = site / f"{name}-{version}.dist-info"
+    d = site / f"{name.replace('-', '_')}-{version}.dist-info"
     d.mkdir(parents=True)
     (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (d / "INSTALLER").write_text("pip\n")
@@ -53,7 +53,9 @@ def test_install_into_an_environment_with_another_torch_keeps_it(tmp_path):
     python = env / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    others = {"numpy": "2.0.0", "safetensors": "0.4.5", "pyyaml": "6.0.2", "tqdm": "4.67.0", "pillow": "11.0.0"}
+    # every other dependency present at its lowest allowed version (the user has it already)
+    others = {r.name: next((s.version for s in r.specifier if s.operator == ">="), "1.0")
+              for r in _requirements() if r.name not in USER_TORCH}
     for name, version in {**USER_TORCH, **others}.items():
         _fake_dist(site, name, version)
     report = tmp_path / "report.json"

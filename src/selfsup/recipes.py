@@ -97,16 +97,17 @@ def _byol(method: str, size: int, batch: int) -> dict:
 
 RECIPES: dict[str, Recipe] = {
     "cpu": Recipe("cpu", "CPU default for the narrow encoders (LARS 2.0 x B/256 SimCLR / 3.0 BYOL, temperature 0.2, "
-                  "5% warm-up; docs/benchmarks.md)", ("simclr", "simclrv2", "byol"), _cpu),
+                  "5% warm-up; docs/benchmarks.md)", ("simclr", "simclrv2", "byol", "supervised"), _cpu),
     "simclr": Recipe("simclr", "SimCLR paper (LARS 0.075 x sqrt(B) below batch 4096, 0.3 x B/256 from 4096, wd 1e-6, "
-                     "temperature 0.1 / 0.5 at <= 32 px, 10 warm-up epochs)", ("simclr", "simclrv2"), _simclr),
+                     "temperature 0.1 / 0.5 at <= 32 px, 10 warm-up epochs)", ("simclr", "simclrv2", "supervised"), _simclr),
     "byol": Recipe("byol", "BYOL paper (LARS 0.2 x B/256, wd 1.5e-6, tau 0.996, heads 4096-256, 10 warm-up epochs)",
                    ("byol",), _byol),
     "simclrv2": Recipe("simclrv2", "SimCLRv2 paper (LARS 0.1 x sqrt(B), wd 1e-4, temperature 0.1 / 0.5 at <= 32 px, "
                        "3-layer head, 10 warm-up epochs)", ("simclr", "simclrv2"), _simclrv2),
 }
 
-PAPER_RECIPE = {"simclr": "simclr", "simclrv2": "simclrv2", "byol": "byol"}
+# supervised: the baseline beside a SimCLR run takes SimCLR's optimiser and views, so only the loss differs
+PAPER_RECIPE = {"simclr": "simclr", "simclrv2": "simclrv2", "byol": "byol", "supervised": "simclr"}
 
 # SimCLRv2's fine-tuning for wide and SK encoders (Sec. 3 / App. B): LARS, lr 0.005 x sqrt(B), batch 1024,
 # no weight decay, fine-tuning from the head's first layer; 60 epochs at 1% labels, 30 at 10%.
