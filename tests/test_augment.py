@@ -1,4 +1,4 @@
-"""Tests for selfsup.augment: per-sample batched views (SimCLR Appendix A, BYOL Table 6).
+"""Tests for selfsup.views.augment: per-sample batched views (SimCLR Appendix A, BYOL Table 6).
 
 Colour ops are checked against torchvision's functional reference, applied sample by sample with the
 parameters the batched augmentation reports.
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from selfsup.augment import (
+from selfsup.views.augment import (
     TRANSFORM_NAMES,
     BatchAugment,
     ViewConfig,

@@ -1,4 +1,4 @@
-"""Tests for selfsup.data on small generated fixtures; nothing is downloaded."""
+"""Tests for selfsup.data.datasets on small generated fixtures; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup import data
-from selfsup.data import (
+from selfsup.data import datasets as data
+from selfsup.data.datasets import (
     DataNotFoundError,
     ImageFolderDataset,
     InMemoryDataset,

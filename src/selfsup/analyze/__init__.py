@@ -37,7 +37,7 @@ STUDIES: dict[str, Study] = {
 
 def run_study(name: str, argv: list[str]) -> dict:
     """Parse ``argv`` with the study's own parser and run it; returns the study's result dict."""
-    from selfsup.config import ConfigError
+    from selfsup.errors import ConfigError
 
     if name not in STUDIES:
         raise ConfigError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")

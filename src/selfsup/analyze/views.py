@@ -35,15 +35,15 @@ def build_parser(prog: str = "selfsup analyze views") -> argparse.ArgumentParser
 
 def resolve_views(args: argparse.Namespace, image_size: int):
     """(view 1, view 2) from --run, --transforms or --preset, then --set."""
-    from selfsup.augment import ViewConfig, view_config_for
-    from selfsup.config import from_dict, merge, parse_overrides, to_dict
+    from selfsup.views.augment import ViewConfig, view_config_for
+    from selfsup.training.config import from_dict, merge, parse_overrides, to_dict
     from selfsup.methods import VIEW_PRESETS
 
     given = [f for f, v in (("--run", args.run), ("--transforms", args.transforms)) if v]
     if len(given) > 1:
         raise C.ConfigError(f"give at most one of --run, --transforms, --preset (got {' and '.join(given)})")
     if args.run:
-        from selfsup.runs import load_run
+        from selfsup.training.runs import load_run
 
         cfg = load_run(args.run).config
         if cfg.view is None:
@@ -99,14 +99,14 @@ def zoom(path: Path, factor: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from selfsup.augment import TRANSFORM_NAMES, BatchAugment, save_view_grid
-    from selfsup.config import to_dict
-    from selfsup.data import load_dataset
+    from selfsup.views.augment import TRANSFORM_NAMES, BatchAugment, save_view_grid
+    from selfsup.training.config import to_dict
+    from selfsup.data.datasets import load_dataset
 
     if args.images < 1 or args.views < 1 or args.zoom < 1:
         raise C.ConfigError("--images, --views and --zoom must be >= 1")
     if args.run and args.dataset is None:
-        from selfsup.runs import load_run
+        from selfsup.training.runs import load_run
 
         run = load_run(args.run)
         args.dataset, args.data_dir = run.config.dataset, args.data_dir or run.config.data_dir

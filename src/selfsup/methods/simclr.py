@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.heads import ProjectionHead
+from selfsup.models.heads import ProjectionHead
 from selfsup.losses import nt_xent
 
 
