@@ -131,7 +131,7 @@ def _pil_decode(path: str) -> int:
 
 
 def _folder_decode(job: tuple[str, int]) -> int:
-    from selfsup.data.datasets import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
+    from selfsup.data.folders import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
 
     return _decode_image(Path(job[0]), job[1], 3).shape[-1]
 
@@ -150,7 +150,7 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
-    from selfsup.data.datasets import default_load_size
+    from selfsup.data.containers import default_load_size
     from selfsup.data.prepare import prepare_store
 
     files = sorted(str(p) for p in folder.iterdir())

@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.data.datasets import DataError, ImageFolderDataset, _decode_image, load_dataset
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import DataError
+from selfsup.data.folders import ImageFolderDataset, _decode_image
 from selfsup.data.image_checks import BadImageError, check_image, convert_image
 from selfsup.training.loop import batch_stream
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from selfsup.cli import app as cli
-from selfsup.data.datasets import DataError, load_dataset
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import DataError
 from selfsup.training.runs import load_run
 from selfsup.training.loop import pretrain
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from selfsup.training.config import ConfigError
-from selfsup.data.datasets import load_dataset, read_label_list
+from selfsup.data.datasets import load_dataset
+from selfsup.data.labels import read_label_list
 from selfsup.protocols.finetune import LABEL_SUBSET_FILE, prepare_label_subset
 
 

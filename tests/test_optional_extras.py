@@ -25,7 +25,7 @@ def test_core_works_with_the_extras_blocked(tmp_path):
 
         sys.meta_path.insert(0, Block())
         import selfsup, selfsup.cli.app, selfsup.training.loop, selfsup.artifacts.hub, selfsup.training.trackers, selfsup.data.hf
-        import selfsup.training.init_weights, selfsup.training.runs, selfsup.artifacts.export, selfsup.artifacts.lightning_ckpt
+        import selfsup.training.init_weights, selfsup.training.runs, selfsup.artifacts.export, selfsup.training.lightning_ckpt
         selfsup.cli.app.build_parser()
         code = selfsup.cli.app.main(["pretrain", "--dataset", "embedded", "--out", {str(tmp_path / 'run')!r}, "--steps", "1",
                                  "--batch-size", "8", "--backbone", "resnet18", "--set", "backbone_width=0.0625",

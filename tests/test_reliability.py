@@ -28,7 +28,7 @@ from selfsup.training.checkpoint import (CheckpointError, CheckpointWriteError, 
 from selfsup.cli.app import main as cli_main
 from selfsup.training.config import (ConfigError, OptimConfig, PretrainConfig, build_config, from_dict, parse_overrides,
                             to_dict)
-from selfsup.data.datasets import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
+from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.training.guards import channels_last_hazard
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import warmup_cosine

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from selfsup.models.backbones import BACKBONES, build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_checkpoint, load_weights
 from selfsup.training.config import ConfigError, PretrainConfig, build_config
-from selfsup.data.datasets import label_subset, load_dataset
+from selfsup.data.labels import label_subset
+from selfsup.data.datasets import load_dataset
 from selfsup.protocols.distill import DistillConfig, distill, distill_objective, freeze_teacher
 from selfsup.protocols.finetune import Classifier, HeadLayers, classifier_from_pretrain, prepare_label_subset
 from selfsup.models.heads import ProjectionHead

@@ -30,7 +30,8 @@ if importlib.util.find_spec("streaming") is None or importlib.util.find_spec("si
 from selfsup.cli import app as cli  # noqa: E402
 from selfsup.data import prepare
 from selfsup.training.checkpoint import list_checkpoints, load_weights  # noqa: E402
-from selfsup.data.datasets import ImageFolderDataset, load_dataset  # noqa: E402
+from selfsup.data.folders import ImageFolderDataset
+from selfsup.data.datasets import load_dataset  # noqa: E402
 from selfsup.data.image_checks import BadImageError  # noqa: E402
 from selfsup.data.prepare import prepare_store  # noqa: E402
 from selfsup.data.store import StoreDataset  # noqa: E402

@@ -9,7 +9,7 @@ from selfsup.views.augment import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.training.config import ConfigError, PretrainConfig, build_config
-from selfsup.data.datasets import DataNotFoundError
+from selfsup.errors import DataNotFoundError
 from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS, SimCLR
 from selfsup.training.loop import pretrain

@@ -212,7 +212,8 @@ def test_guide_flow_wrote_everything(workspace):
 
 def test_streamed_training_reads_at_load_size(workspace):
     """96 px training streams 110 px centre squares (round(96 * 256 / 224)); the device crops them."""
-    from selfsup.data.datasets import ImageFolderDataset, load_dataset
+    from selfsup.data.folders import ImageFolderDataset
+    from selfsup.data.datasets import load_dataset
 
     ds = load_dataset("imagefolder:" + str(workspace / "photos"), image_size=96)
     assert isinstance(ds, ImageFolderDataset) and ds.labels is None
@@ -244,7 +245,7 @@ def test_embed_shape_order_and_formats(workspace):
 def test_embed_rows_are_the_encoder_on_each_image(workspace, tmp_path):
     """Any batch size and worker count give the same rows; each row is h of that image alone."""
     pytest.importorskip("pyarrow")
-    from selfsup.data.datasets import _decode_image
+    from selfsup.data.folders import _decode_image
     from selfsup.artifacts.embed import embed_run, read_embeddings
     from selfsup.evaluation.frozen import prepare_images
     from selfsup.training.runs import load_encoder, load_run

@@ -1,6 +1,6 @@
 """Old import path, kept for users: the code lives in ``selfsup.views.augment`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.views.augment``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.views.augment import (  # noqa: F401
     TRANSFORM_NAMES,
@@ -14,4 +14,14 @@ from selfsup.views.augment import (  # noqa: F401
     save_view_grid,
 )
 
-__all__ = ['TRANSFORM_NAMES', 'MAX_JITTER', 'MAX_BLUR_SIGMA', 'ViewConfig', 'view_config_for', 'MAX_OUT_SIZE', 'BatchAugment', 'two_views', 'save_view_grid']
+__all__ = [
+    'TRANSFORM_NAMES',
+    'MAX_JITTER',
+    'MAX_BLUR_SIGMA',
+    'ViewConfig',
+    'view_config_for',
+    'MAX_OUT_SIZE',
+    'BatchAugment',
+    'two_views',
+    'save_view_grid',
+]

@@ -1,6 +1,6 @@
 """Old import path, kept for users: the code lives in ``selfsup.training.config`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.training.config``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.training.config import (  # noqa: F401
     ConfigError,
@@ -19,4 +19,19 @@ from selfsup.training.config import (  # noqa: F401
     save_yaml,
 )
 
-__all__ = ['ConfigError', 'OptimConfig', 'HFConfig', 'TRACKERS', 'PretrainConfig', 'MAX_IMAGE_SIZE', 'MAX_DIM', 'from_dict', 'to_dict', 'parse_overrides', 'merge', 'load_yaml', 'build_config', 'save_yaml']
+__all__ = [
+    'ConfigError',
+    'OptimConfig',
+    'HFConfig',
+    'TRACKERS',
+    'PretrainConfig',
+    'MAX_IMAGE_SIZE',
+    'MAX_DIM',
+    'from_dict',
+    'to_dict',
+    'parse_overrides',
+    'merge',
+    'load_yaml',
+    'build_config',
+    'save_yaml',
+]

@@ -1,6 +1,6 @@
 """Old import path, kept for users: the code lives in ``selfsup.evaluation.frozen`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.evaluation.frozen``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.evaluation.frozen import (  # noqa: F401
     BackboneChangedError,
@@ -18,4 +18,18 @@ from selfsup.evaluation.frozen import (  # noqa: F401
     state_fingerprint,
 )
 
-__all__ = ['BackboneChangedError', 'SKLEARN_MAX_ENTRIES', 'EVAL_CENTER_CROP', 'eval_crop', 'prepare_images', 'iterate_batches', 'extract_features', 'topk_accuracy', 'knn_scores', 'knn_eval', 'standardise', 'linear_eval', 'state_fingerprint']
+__all__ = [
+    'BackboneChangedError',
+    'SKLEARN_MAX_ENTRIES',
+    'EVAL_CENTER_CROP',
+    'eval_crop',
+    'prepare_images',
+    'iterate_batches',
+    'extract_features',
+    'topk_accuracy',
+    'knn_scores',
+    'knn_eval',
+    'standardise',
+    'linear_eval',
+    'state_fingerprint',
+]

@@ -1,9 +1,11 @@
 """Old import path, kept for users: the code lives in ``selfsup.models.heads`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.models.heads``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.models.heads import (  # noqa: F401
     ProjectionHead,
 )
 
-__all__ = ['ProjectionHead']
+__all__ = [
+    'ProjectionHead',
+]

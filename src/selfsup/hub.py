@@ -1,6 +1,6 @@
 """Old import path, kept for users: the code lives in ``selfsup.artifacts.hub`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.artifacts.hub``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.artifacts.hub import (  # noqa: F401
     CheckpointError,
@@ -13,4 +13,13 @@ from selfsup.artifacts.hub import (  # noqa: F401
     embed,
 )
 
-__all__ = ['CheckpointError', 'ConfigError', 'FORMAT', 'DATA_LICENCES', 'export_hub', 'load_encoder', 'from_pretrained', 'embed']
+__all__ = [
+    'CheckpointError',
+    'ConfigError',
+    'FORMAT',
+    'DATA_LICENCES',
+    'export_hub',
+    'load_encoder',
+    'from_pretrained',
+    'embed',
+]

@@ -1,6 +1,6 @@
 """Old import path, kept for users: the code lives in ``selfsup.training.schedules`` (see docs/architecture.md).
 
-Re-exports the public names of ``selfsup.training.schedules``; new code imports from there.
+Re-exports the public names; new code imports from the new home.
 """
 from selfsup.training.schedules import (  # noqa: F401
     warmup_cosine,
@@ -8,4 +8,8 @@ from selfsup.training.schedules import (  # noqa: F401
     ema_tau,
 )
 
-__all__ = ['warmup_cosine', 'scaled_lr', 'ema_tau']
+__all__ = [
+    'warmup_cosine',
+    'scaled_lr',
+    'ema_tau',
+]

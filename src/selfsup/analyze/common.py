@@ -82,7 +82,7 @@ def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None
 
 
 def default_dataset(data_dir: str | None) -> str:
-    from selfsup.data.datasets import fashion_mnist_available
+    from selfsup.data.builtin import fashion_mnist_available
 
     return "fashion-mnist" if fashion_mnist_available(data_dir) else "embedded"
 
@@ -313,7 +313,7 @@ def subset(dataset, indices: torch.Tensor):
     """An in-memory subset (streamed folders are decoded, which is fine for the studies' small slices)."""
     if hasattr(dataset, "subset"):
         return dataset.subset(indices)
-    from selfsup.data.datasets import InMemoryDataset
+    from selfsup.data.containers import InMemoryDataset
 
     items = [dataset[int(i)] for i in indices]
     return InMemoryDataset(images=torch.stack([x for x, _ in items]), labels=torch.tensor([y for _, y in items]),

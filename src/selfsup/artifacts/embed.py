@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from selfsup.errors import ConfigError
-from selfsup.data.datasets import IMAGE_EXTENSIONS, _decode_image
+from selfsup.data.containers import IMAGE_EXTENSIONS
+from selfsup.data.folders import _decode_image
 from selfsup.data.store import STORE_PREFIX, open_store
 
 __all__ = ["EMBED_FORMATS", "EmbedError", "list_images", "ImageListDataset", "embed_images", "write_embeddings",
@@ -211,7 +212,7 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
 def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 256,
               device: str = "auto", num_workers: int = 2, skip_broken: bool = False, progress: bool = False) -> dict:
     """Embed every image under ``images`` with the encoder of ``run_dir`` and write ``out``; returns a summary."""
-    from selfsup.data.datasets import _MEAN_STD
+    from selfsup.data.containers import _MEAN_STD
     from selfsup.training.runs import load_encoder, load_run
     from selfsup.training.loop import resolve_device
 

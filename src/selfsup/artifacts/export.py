@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfsup.models.backbones import BasicBlock, Bottleneck, ResNet
+from selfsup.models.resnet import BasicBlock, Bottleneck, ResNet
 from selfsup.errors import ConfigError
 
 __all__ = [

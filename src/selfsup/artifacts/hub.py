@@ -30,7 +30,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights, save_weights, weights_metadata
 from selfsup.errors import CheckpointError
 from selfsup.errors import ConfigError
-from selfsup.data.datasets import _MEAN_STD
+from selfsup.data.containers import _MEAN_STD
 from selfsup.evaluation.frozen import prepare_images
 from selfsup.artifacts.export import load_exported
 from selfsup.training.runs import load_encoder as run_encoder

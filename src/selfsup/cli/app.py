@@ -138,7 +138,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     from selfsup.training.config import PretrainConfig, build_config, parse_overrides
-    from selfsup.data.datasets import fashion_mnist_available
+    from selfsup.data.builtin import fashion_mnist_available
     from selfsup.artifacts.report import write_markdown_report
     from selfsup.training.loop import pretrain
 

@@ -3,29 +3,38 @@ official label lists, the prepared store (``store``, ``prepare``) and the Huggin
 
 ``selfsup.data`` re-exports the public names below, as when it was one module.
 """
-from selfsup.data.datasets import (  # noqa: F401
-    BadImageError,
-    DataError,
-    DataNotFoundError,
+from selfsup.errors import BadImageError, DataError, DataNotFoundError  # noqa: F401
+from selfsup.data.containers import (  # noqa: F401
     DATASET_NAMES,
     IMAGEFOLDER_PREFIX,
     IMAGE_EXTENSIONS,
     FASHION_MNIST_CLASSES,
     MNIST_CLASSES,
     STL10_CLASSES,
-    SYSTEM_DATA_DIRS,
     IN_MEMORY_MAX_IMAGES,
     IN_MEMORY_MAX_SIZE,
     DEFAULT_IMAGEFOLDER_SIZE,
     InMemoryDataset,
     default_load_size,
-    ImageFolderDataset,
-    load_dataset,
     canonical_dataset_name,
+)
+from selfsup.data.builtin import (  # noqa: F401
+    DataNotFoundError,
+    SYSTEM_DATA_DIRS,
+    fashion_mnist_available,
+)
+from selfsup.data.folders import (  # noqa: F401
+    BadImageError,
+    DataError,
+    ImageFolderDataset,
+)
+from selfsup.data.labels import (  # noqa: F401
     LABEL_BALANCES,
     label_subset,
     read_label_list,
-    fashion_mnist_available,
+)
+from selfsup.data.datasets import (  # noqa: F401
+    load_dataset,
 )
 
 __all__ = [
@@ -38,17 +47,20 @@ __all__ = [
     'FASHION_MNIST_CLASSES',
     'MNIST_CLASSES',
     'STL10_CLASSES',
-    'SYSTEM_DATA_DIRS',
     'IN_MEMORY_MAX_IMAGES',
     'IN_MEMORY_MAX_SIZE',
     'DEFAULT_IMAGEFOLDER_SIZE',
     'InMemoryDataset',
     'default_load_size',
-    'ImageFolderDataset',
-    'load_dataset',
     'canonical_dataset_name',
+    'DataNotFoundError',
+    'SYSTEM_DATA_DIRS',
+    'fashion_mnist_available',
+    'BadImageError',
+    'DataError',
+    'ImageFolderDataset',
     'LABEL_BALANCES',
     'label_subset',
     'read_label_list',
-    'fashion_mnist_available',
+    'load_dataset',
 ]

@@ -39,7 +39,7 @@ from typing import Callable
 
 from selfsup.views.augment import ViewConfig
 from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE
-from selfsup.data.datasets import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
+from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.methods import METHOD_DEFAULTS, VIEW_PRESETS
 
 SMALL_IMAGE_MAX = 32  # the official code's cut-off between CIFAR-size and ImageNet-size recipes and stems

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.models.backbones import SMALL_IMAGE_MAX, Bottleneck, ResNet, _DEPTHS
+from selfsup.models.resnet import SMALL_IMAGE_MAX, Bottleneck, ResNet, _DEPTHS
 
 SK_RATIO = 0.0625  # SimCLRv2's released code: mixing MLP width = channels / 16 ...
 SK_MIN_DIM = 32  # ... but at least 32

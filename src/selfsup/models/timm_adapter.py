@@ -17,6 +17,8 @@ import difflib
 import torch
 from torch import nn
 
+from selfsup.errors import ConfigError
+
 TIMM_PREFIX = "timm:"
 
 __all__ = ["TIMM_PREFIX", "TimmBackbone", "build_timm_backbone", "timm_available"]
@@ -31,8 +33,6 @@ def timm_available() -> bool:
 
 
 def _config_error(msg: str) -> Exception:
-    from selfsup.errors import ConfigError
-
     return ConfigError(msg)
 
 

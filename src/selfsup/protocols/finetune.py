@@ -41,7 +41,8 @@ from selfsup.views.augment import BatchAugment, ViewConfig
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
 from selfsup.training.config import OptimConfig, _check, _choice
 from selfsup.errors import ConfigError
-from selfsup.data.datasets import LABEL_BALANCES, label_subset, load_dataset, read_label_list
+from selfsup.data.labels import LABEL_BALANCES, label_subset, read_label_list
+from selfsup.data.datasets import load_dataset
 from selfsup.models.heads import ProjectionHead
 from selfsup.protocols.labelled_loop import (RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream,  # noqa: F401 (RESULTS_FILE: public name)
                                 length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)

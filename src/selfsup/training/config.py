@@ -210,7 +210,7 @@ MAX_DIM = 65536
 def _check_names(cfg: PretrainConfig) -> None:
     """Data set and backbone names resolve, so a typo fails before any data is read."""
     from selfsup.models.backbones import BACKBONES
-    from selfsup.data.datasets import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
+    from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
     from selfsup.data.image_checks import BAD_IMAGE_POLICIES
 
     if not cfg.dataset.startswith((IMAGEFOLDER_PREFIX, "hf:", "store:")):

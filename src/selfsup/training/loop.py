@@ -26,7 +26,8 @@ from selfsup.training import checkpoint as ckpt
 from selfsup import distributed as dist
 from selfsup.methods import recipes
 from selfsup.views.augment import BatchAugment, ViewConfig
-from selfsup.models.backbones import SMALL_IMAGE_MAX, build_backbone, saved_stem
+from selfsup.models.backbones import build_backbone, saved_stem
+from selfsup.models.resnet import SMALL_IMAGE_MAX
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training.config import PretrainConfig, save_yaml, to_dict
 from selfsup.errors import ConfigError

@@ -12,7 +12,7 @@ from selfsup.training import checkpoint as ckpt
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training.config import PretrainConfig, from_dict, load_yaml
 from selfsup.errors import ConfigError
-from selfsup.artifacts.lightning_ckpt import read_lightning_checkpoint
+from selfsup.training.lightning_ckpt import read_lightning_checkpoint
 
 
 @dataclass
