@@ -39,7 +39,7 @@ def features(args):
         enc = random_init_encoder(cfg, train.num_channels, size)
     else:
         enc = load_encoder(run)
-    from selfsup.training.loop import resolve_precision
+    from selfsup.training.steps import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))  # as selfsup eval extracts them
     ftr, ytr = extract_features(enc, train, "cpu", size, precision=precision)

@@ -41,7 +41,7 @@ def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: in
     import torch
 
     from selfsup.data.datasets import load_dataset
-    from selfsup.training.loop import batch_stream
+    from selfsup.training.steps import batch_stream
 
     dataset = load_dataset(name, "train", image_size=image_size, in_memory=False)
     stream = batch_stream(dataset, batch_size, 0, 0, steps + 1, workers, torch.device("cpu"))

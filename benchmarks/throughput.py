@@ -24,7 +24,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.config import PretrainConfig, build_config
 from selfsup.methods import METHODS
 from selfsup.training.optim import build_optimizer
-from selfsup.training.loop import autocast_context, resolve_precision
+from selfsup.training.steps import autocast_context, resolve_precision
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:

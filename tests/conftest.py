@@ -20,7 +20,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if TEST_PRECISION != "bf16":
         return
-    from selfsup.training.loop import bf16_supported
+    from selfsup.training.steps import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         skip = pytest.mark.skip(reason="SELFSUP_TEST_PRECISION=bf16 but this CPU has no native bf16 (AVX512-BF16/AMX); "

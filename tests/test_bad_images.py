@@ -20,7 +20,7 @@ from selfsup.data.datasets import load_dataset
 from selfsup.errors import DataError
 from selfsup.data.folders import ImageFolderDataset, _decode_image
 from selfsup.data.image_checks import BadImageError, check_image, convert_image
-from selfsup.training.loop import batch_stream
+from selfsup.training.steps import batch_stream
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

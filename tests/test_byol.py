@@ -17,7 +17,8 @@ from selfsup.losses import byol_loss
 from selfsup.methods import BYOL
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import ema_tau
-from selfsup.training.loop import build_model, pretrain
+from selfsup.training.build import build_model
+from selfsup.training.loop import pretrain
 
 
 def tiny_byol(predictor: bool = True, seed: int = 0) -> BYOL:

@@ -169,7 +169,7 @@ def test_eval_records_protocol_and_writes_baselines_beside_the_run(tiny_run):
 
 def test_random_init_baseline_is_the_network_the_run_started_from(tiny_cfg):
     from selfsup.protocols.eval_run import random_init_encoder
-    from selfsup.training.loop import build_model
+    from selfsup.training.build import build_model
 
     cfg = tiny_cfg(seed=3)
     torch.manual_seed(cfg.seed)  # what pretrain does before building the model

@@ -186,7 +186,7 @@ def test_heads_end_as_in_the_official_code():
 
 
 def test_zero_init_residual_and_small_stem_cut_off():
-    from selfsup.training.loop import build_model
+    from selfsup.training.build import build_model
 
     cfg = resolved("simclr", CIFAR, backbone="resnet18_narrow", recipe="simclr")
     model = build_model(cfg, 3, 32)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfsup.training import checkpoint as ckpt
-from selfsup.training import loop as train_mod
+from selfsup.training import setup as train_mod  # home of build_model as pretrain's set-up phase calls it
 from selfsup.views.augment import _PROB_FIELDS, BatchAugment, ViewConfig
 from selfsup.models.backbones import BACKBONES, build_backbone
 from selfsup.training.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_checkpoint,

@@ -257,7 +257,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
     _torchrun_env(rank, world, port)
     import torch.distributed as tdist
 
-    from selfsup.training.loop import batch_stream
+    from selfsup.training.steps import batch_stream
 
     tdist.init_process_group("gloo")
     try:
@@ -270,7 +270,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
 
 @pytest.mark.slow
 def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
-    from selfsup.training.loop import step_indices
+    from selfsup.training.steps import step_indices
 
     store = tmp_path / "s"
     prepare_store(f"imagefolder:{_id_folder(tmp_path / 'ids')}", store, size=64, format="raw", workers=0, progress=False)

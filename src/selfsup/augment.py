@@ -4,24 +4,24 @@ Re-exports the public names; new code imports from the new home.
 """
 from selfsup.views.augment import (  # noqa: F401
     TRANSFORM_NAMES,
-    MAX_JITTER,
-    MAX_BLUR_SIGMA,
     ViewConfig,
-    view_config_for,
-    MAX_OUT_SIZE,
     BatchAugment,
     two_views,
     save_view_grid,
+    view_config_for,
+    MAX_JITTER,
+    MAX_BLUR_SIGMA,
+    MAX_OUT_SIZE,
 )
 
 __all__ = [
     'TRANSFORM_NAMES',
-    'MAX_JITTER',
-    'MAX_BLUR_SIGMA',
     'ViewConfig',
-    'view_config_for',
-    'MAX_OUT_SIZE',
     'BatchAugment',
     'two_views',
     'save_view_grid',
+    'view_config_for',
+    'MAX_JITTER',
+    'MAX_BLUR_SIGMA',
+    'MAX_OUT_SIZE',
 ]

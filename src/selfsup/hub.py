@@ -3,23 +3,19 @@
 Re-exports the public names; new code imports from the new home.
 """
 from selfsup.artifacts.hub import (  # noqa: F401
-    CheckpointError,
-    ConfigError,
-    FORMAT,
-    DATA_LICENCES,
     export_hub,
     load_encoder,
     from_pretrained,
     embed,
+    DATA_LICENCES,
+    FORMAT,
 )
 
 __all__ = [
-    'CheckpointError',
-    'ConfigError',
-    'FORMAT',
-    'DATA_LICENCES',
     'export_hub',
     'load_encoder',
     'from_pretrained',
     'embed',
+    'DATA_LICENCES',
+    'FORMAT',
 ]

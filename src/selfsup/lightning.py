@@ -45,7 +45,8 @@ from selfsup.errors import ConfigError
 from selfsup.training.guards import channels_last_hazard
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import ema_tau, scaled_lr, warmup_cosine
-from selfsup.training.loop import StepBatchSampler, _mix, build_model, resolve_views
+from selfsup.training.steps import StepBatchSampler, _mix
+from selfsup.training.build import build_model, resolve_views
 
 __all__ = ["SelfSupModule", "SimCLRModule", "SimCLRv2Module", "BYOLModule", "MODULES", "step_dataloader"]
 

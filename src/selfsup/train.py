@@ -1,11 +1,13 @@
-"""Old import path, kept for users: the code lives in ``selfsup.training.loop`` (see docs/architecture.md).
+"""Old import path, kept for users: the code lives in ``selfsup.training.loop``, ``selfsup.training.steps``, ``selfsup.training.build``, ``selfsup.training.resume``, ``selfsup.training.knn_monitor`` (see docs/architecture.md).
 
 Re-exports the public names; new code imports from the new home.
 """
 from selfsup.training.loop import (  # noqa: F401
-    ConfigError,
-    BadImageError,
+    pretrain,
     TrainingError,
+    export_weights,
+)
+from selfsup.training.steps import (  # noqa: F401
     resolve_device,
     bf16_supported,
     resolve_precision,
@@ -14,19 +16,24 @@ from selfsup.training.loop import (  # noqa: F401
     step_indices,
     StepBatchSampler,
     batch_stream,
+    TrainStep,
+)
+from selfsup.training.build import (  # noqa: F401
     resolve_views,
     build_model,
     total_steps_for,
     warmup_steps_for,
     unwrap,
-    pretrain,
-    export_weights,
+)
+from selfsup.training.knn_monitor import (  # noqa: F401
+    KNN_BANK,
+    KNN_QUERIES,
 )
 
 __all__ = [
-    'ConfigError',
-    'BadImageError',
+    'pretrain',
     'TrainingError',
+    'export_weights',
     'resolve_device',
     'bf16_supported',
     'resolve_precision',
@@ -35,11 +42,12 @@ __all__ = [
     'step_indices',
     'StepBatchSampler',
     'batch_stream',
+    'TrainStep',
     'resolve_views',
     'build_model',
     'total_steps_for',
     'warmup_steps_for',
     'unwrap',
-    'pretrain',
-    'export_weights',
+    'KNN_BANK',
+    'KNN_QUERIES',
 ]

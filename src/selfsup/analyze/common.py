@@ -120,7 +120,7 @@ class StudyContext:
                 self.backbone, self.backbone_width = STUDY_BACKBONE, (args.backbone_width or STUDY_BACKBONE_WIDTH)
             else:
                 self.backbone, self.backbone_width = args.backbone, args.backbone_width
-            from selfsup.training.loop import resolve_device
+            from selfsup.training.steps import resolve_device
 
             self.device = resolve_device(args.device)
         else:
@@ -328,7 +328,7 @@ def load_method(run_dir: str | Path) -> tuple[nn.Module, Any]:
     """The whole pre-trained method module of a run (encoder and heads) in eval mode, and its RunInfo."""
     from selfsup.errors import CheckpointError
     from selfsup.training.runs import load_run
-    from selfsup.training.loop import build_model
+    from selfsup.training.build import build_model
 
     run = load_run(run_dir)
     model = build_model(run.config, run.in_channels, run.image_size)
@@ -397,7 +397,7 @@ def evaluate_run(ctx: StudyContext, run_dir: Path, with_z: bool = True) -> dict[
 def random_init_baseline(ctx: StudyContext) -> float:
     """Linear top-1 of h from the untrained encoder (same seed and architecture): what training must beat."""
     from selfsup.evaluation.frozen import extract_features
-    from selfsup.training.loop import build_model
+    from selfsup.training.build import build_model
 
     cfg = ctx.config({})
     train, test = ctx.eval_slices()

@@ -214,7 +214,7 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
     """Embed every image under ``images`` with the encoder of ``run_dir`` and write ``out``; returns a summary."""
     from selfsup.data.containers import _MEAN_STD
     from selfsup.training.runs import load_encoder, load_run
-    from selfsup.training.loop import resolve_device
+    from selfsup.training.steps import resolve_device
 
     out = Path(out)
     if out.suffix.lower() not in EMBED_FORMATS:  # before any work

@@ -19,13 +19,10 @@ from selfsup.data.containers import (  # noqa: F401
     canonical_dataset_name,
 )
 from selfsup.data.builtin import (  # noqa: F401
-    DataNotFoundError,
     SYSTEM_DATA_DIRS,
     fashion_mnist_available,
 )
 from selfsup.data.folders import (  # noqa: F401
-    BadImageError,
-    DataError,
     ImageFolderDataset,
 )
 from selfsup.data.labels import (  # noqa: F401
@@ -53,11 +50,8 @@ __all__ = [
     'InMemoryDataset',
     'default_load_size',
     'canonical_dataset_name',
-    'DataNotFoundError',
     'SYSTEM_DATA_DIRS',
     'fashion_mnist_available',
-    'BadImageError',
-    'DataError',
     'ImageFolderDataset',
     'LABEL_BALANCES',
     'label_subset',

@@ -30,7 +30,7 @@ from selfsup.evaluation.frozen import knn_eval, linear_eval, state_fingerprint
 from selfsup.errors import BackboneChangedError
 from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
 from selfsup.training.runs import load_encoder, load_run
-from selfsup.training.loop import resolve_device, resolve_precision
+from selfsup.training.steps import resolve_device, resolve_precision
 
 BASELINES = ("pixels", "random-init")
 LINEAR_PROTOCOLS = ("logreg", "sgd")

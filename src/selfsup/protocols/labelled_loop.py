@@ -67,7 +67,7 @@ def effective_batch(batch_size: int, n: int, world: int) -> int:
 def labeled_stream(dataset, indices: torch.Tensor | None, batch: int, seed: int, start: int, total: int,
                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) of this rank's share of each step's batch, over ``indices`` (None: all)."""
-    from selfsup.training.loop import StepBatchSampler, step_indices
+    from selfsup.training.steps import StepBatchSampler, step_indices
 
     r, w = dist.rank(), dist.world_size()
     pool = torch.arange(len(dataset)) if indices is None else indices
@@ -113,7 +113,8 @@ def run_supervised(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim
     DDP here when running under torchrun. Everything else (teachers) stays outside.
     """
     from selfsup.training.schedules import warmup_cosine
-    from selfsup.training.loop import _Logger, autocast_context
+    from selfsup.training.metrics import _Logger
+    from selfsup.training.steps import autocast_context
     from selfsup.errors import TrainingError
 
     main = dist.is_main_process()
@@ -191,7 +192,7 @@ def train_and_evaluate(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.o
     ``result_info``) to ``RUN_DIR/results.json``. Returns it (top1/top5 None on other ranks).
     """
     from selfsup.training.config import save_yaml
-    from selfsup.training.loop import _truncate_metrics
+    from selfsup.training.metrics import _truncate_metrics
 
     main = dist.is_main_process()
     start = int(state["step"]) if state else 0
@@ -255,7 +256,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 def setup_device(name: str, precision: str) -> tuple[torch.device, str, bool]:
     """(device, resolved precision, whether this call created the process group and so must destroy it)."""
-    from selfsup.training.loop import resolve_device, resolve_precision
+    from selfsup.training.steps import resolve_device, resolve_precision
 
     owns_group = dist.init_from_env()  # under torchrun: join the process group (a no-op otherwise)
     device = resolve_device(name)
@@ -272,7 +273,7 @@ def length_in_steps(epochs: float | None, steps: int | None, default_epochs: flo
 
 def mix_seed(*xs: int) -> int:
     """A deterministic seed from integers (the one pre-training uses)."""
-    from selfsup.training.loop import _mix
+    from selfsup.training.steps import _mix
 
     return _mix(*xs)
 

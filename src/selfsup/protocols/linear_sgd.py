@@ -29,7 +29,7 @@ from selfsup.views.augment import BatchAugment, ViewConfig
 from selfsup.evaluation.frozen import iterate_batches, prepare_images, state_fingerprint, topk_accuracy
 from selfsup.errors import BackboneChangedError
 from selfsup.training.schedules import warmup_cosine
-from selfsup.training.loop import _mix, autocast_context, batch_stream
+from selfsup.training.steps import _mix, autocast_context, batch_stream
 
 
 @dataclass

@@ -15,10 +15,21 @@ an argument, so the planning logic is tested with a fake clock.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import torch
+import torch.distributed as tdist
+
+from selfsup import distributed as dist
+from selfsup.methods import LABELLED_METHODS
+from selfsup.training.knn_monitor import _knn_cost_estimate
+from selfsup.training.steps import batch_stream
 
 TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
 PLAN_FILE = "time_plan.json"
@@ -108,3 +119,49 @@ def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: 
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2]
+
+
+def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main, clock) -> tuple[int, float]:
+    """For ``--minutes``: time a few steps on a throw-away copy of the state, then fix the step count.
+
+    The copy is restored afterwards, so a run with a time budget is still reproducible from its seed
+    and its (recorded) step count. ``clock`` is the loop's (a fake one in tests).
+    """
+    budget = cfg.minutes * 60.0
+    t0 = clock()
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
+    # steady-state cost (a mean over the first steps overestimated it by ~10% on 2 CPU cores).
+    warm, timed = 3, 6
+    it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device,
+                      cfg.method in LABELLED_METHODS)
+    times, t_prev = [], clock()
+    for i, images in enumerate(it):  # each time includes fetching the batch
+        train_step(i, images, 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = clock()
+        if i >= warm:
+            times.append(now - t_prev)
+        t_prev = now
+    per_step = sorted(times)[len(times) // 2]
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+    steps_per_epoch = n // cfg.batch_size
+    # Per-epoch extras (kNN monitor) cost time too: estimate them as a few steps' worth each.
+    remaining = budget - (clock() - t0)
+    total = int(remaining / per_step)
+    if cfg.knn_monitor and dataset.labels is not None:
+        epochs = total / steps_per_epoch
+        knn_cost = _knn_cost_estimate(cfg, per_step)
+        total = int((remaining - knn_cost * max(1.0, math.ceil(epochs))) / per_step)
+    total = max(1, total)
+    if dist.is_distributed():
+        t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
+        tdist.broadcast(t, 0)
+        total = int(t.item())
+    if main:
+        print(f"[selfsup] --minutes {cfg.minutes}: {per_step * 1000:.0f} ms/step measured, training for {total} steps "
+              f"({total / steps_per_epoch:.2f} epochs); re-planned if the pace drifts", file=sys.stderr)
+    return total, t0
