@@ -199,11 +199,11 @@ def test_sgd_protocol_trains_a_linear_layer_and_leaves_the_encoder_bit_identical
 
 def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys, monkeypatch):
     """``selfsup demo``: pre-training, linear + kNN + the raw-pixel baseline, report and pictures."""
-    import selfsup.data.datasets
+    import selfsup.cli.app
     from selfsup.cli.app import main
 
     out = tmp_path / "demo"
-    monkeypatch.setattr(selfsup.data.datasets, "fashion_mnist_available", lambda data_dir=None: False)  # the embedded sample
+    monkeypatch.setattr(selfsup.cli.app, "fashion_mnist_available", lambda data_dir=None: False)  # the embedded sample
     code = main(["demo", "--minutes", "0.03", "--out", str(out), "--no-progress",
                  "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "image_size=8",
                  "--set", "batch_size=64", "--set", "knn_monitor=false"])

@@ -2,15 +2,8 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.views.augment import (  # noqa: F401
-    TRANSFORM_NAMES,
-    ViewConfig,
-    BatchAugment,
-    two_views,
-    save_view_grid,
-    view_config_for,
-    MAX_JITTER,
-    MAX_BLUR_SIGMA,
+from selfsup.views.augment import (
+    TRANSFORM_NAMES, ViewConfig, BatchAugment, two_views, save_view_grid, view_config_for, MAX_JITTER, MAX_BLUR_SIGMA,
     MAX_OUT_SIZE,
 )
 

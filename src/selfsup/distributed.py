@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from selfsup.errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -166,8 +168,6 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     except ValueError:
         seconds = float("nan")
     if not seconds > 0 or seconds == float("inf"):
-        from selfsup.errors import ConfigError
-
         raise ConfigError(f"SELFSUP_DIST_TIMEOUT={raw!r}: expected a number of seconds > 0, e.g. SELFSUP_DIST_TIMEOUT=600")
     not_gpu = device is not None and str(device) != "auto" and not str(device).startswith("cuda")
     backend = "nccl" if torch.cuda.is_available() and not not_gpu else "gloo"

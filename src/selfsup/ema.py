@@ -2,9 +2,7 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.methods.ema import (  # noqa: F401
-    ema_update,
-)
+from selfsup.methods.ema import ema_update
 
 __all__ = [
     'ema_update',

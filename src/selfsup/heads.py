@@ -2,9 +2,7 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.models.heads import (  # noqa: F401
-    ProjectionHead,
-)
+from selfsup.models.heads import ProjectionHead
 
 __all__ = [
     'ProjectionHead',

@@ -38,15 +38,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from selfsup.views.augment import BatchAugment
-from selfsup.methods.collapse import CollapseMonitor
-from selfsup.training.config import PretrainConfig, build_config, from_dict, to_dict
 from selfsup.errors import ConfigError
+from selfsup.methods.collapse import CollapseMonitor
+from selfsup.training.build import build_model, resolve_views
+from selfsup.training.config import PretrainConfig, build_config, from_dict, to_dict
 from selfsup.training.guards import channels_last_hazard
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import ema_tau, scaled_lr, warmup_cosine
 from selfsup.training.steps import StepBatchSampler, _mix
-from selfsup.training.build import build_model, resolve_views
+from selfsup.views.augment import BatchAugment
 
 __all__ = ["SelfSupModule", "SimCLRModule", "SimCLRv2Module", "BYOLModule", "MODULES", "step_dataloader"]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from selfsup.analyze import common as C
+from selfsup.views.augment import BatchAugment, view_config_for
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 128
@@ -61,8 +62,6 @@ def build_parser(prog: str = "selfsup analyze transform-probe") -> argparse.Argu
 
 def task_augment(task: ProbeTask, image_size: int, mean, std):
     """A ``BatchAugment`` applying only ``task``'s transformation (no crop), blur sigma in pixels at ``image_size``."""
-    from selfsup.views.augment import BatchAugment, view_config_for
-
     view = dataclasses.replace(view_config_for((), image_size), blur_sigma_ref_size=float(image_size), **task.view)
     return BatchAugment(view, image_size, mean, std)
 

@@ -28,10 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfsup.errors import ConfigError
-from selfsup.data.containers import IMAGE_EXTENSIONS
+from selfsup.data.containers import IMAGE_EXTENSIONS, _MEAN_STD
 from selfsup.data.folders import _decode_image
 from selfsup.data.store import STORE_PREFIX, open_store
+from selfsup.errors import ConfigError
+from selfsup.evaluation.frozen import prepare_images, extract_features
+from selfsup.training.runs import load_encoder, load_run
+from selfsup.training.steps import resolve_device
 
 __all__ = ["EMBED_FORMATS", "EmbedError", "list_images", "ImageListDataset", "embed_images", "write_embeddings",
            "read_embeddings", "embed_run", "index_path"]
@@ -95,7 +98,6 @@ def embed_images(encoder: torch.nn.Module, base: Path, relative: list[str], *, i
     """``(embeddings (N, D) float32, kept relative paths, skipped relative paths)``, in the order of ``relative``."""
     from torch.utils.data import DataLoader
 
-    from selfsup.evaluation.frozen import prepare_images
 
     if batch_size < 1:
         raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
@@ -212,10 +214,6 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
 def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 256,
               device: str = "auto", num_workers: int = 2, skip_broken: bool = False, progress: bool = False) -> dict:
     """Embed every image under ``images`` with the encoder of ``run_dir`` and write ``out``; returns a summary."""
-    from selfsup.data.containers import _MEAN_STD
-    from selfsup.training.runs import load_encoder, load_run
-    from selfsup.training.steps import resolve_device
-
     out = Path(out)
     if out.suffix.lower() not in EMBED_FORMATS:  # before any work
         raise EmbedError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name it .npy, .csv or .parquet")
@@ -247,9 +245,6 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
 def _embed_store(run, name: str, out: Path, batch_size: int, device: torch.device, num_workers: int, progress: bool,
                  t0: float) -> dict:
     """``embed_run`` over a store's train split: images as stored (the folder's centre square), names from the store."""
-    from selfsup.evaluation.frozen import extract_features
-    from selfsup.training.runs import load_encoder
-
     store = open_store(name, "train")
     encoder = load_encoder(run).to(device)
     if len(run.mean) == len(run.std) == run.in_channels:

@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfsup.errors import ConfigError, CheckpointError
+from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.models.resnet import BasicBlock, Bottleneck, ResNet
-from selfsup.errors import ConfigError
+from selfsup.training.checkpoint import save_weights, load_weights, weights_metadata
+from selfsup.training.runs import load_encoder, load_run
 
 __all__ = [
     "EXPORT_TARGETS",
@@ -162,8 +165,6 @@ def _save_state(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, s
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, out)
         return
-    from selfsup.training.checkpoint import save_weights
-
     save_weights(state, out, metadata=metadata)
 
 
@@ -283,8 +284,6 @@ def _default_suffix(to: str) -> str:
 def export_run(run_dir: str | Path, to: str, out: str | Path, *, opset: int | None = None, dynamo: bool = False,
                verify: bool = True) -> dict:
     """Export the encoder of the run in ``run_dir`` (its final weights, else the newest checkpoint)."""
-    from selfsup.training.runs import load_encoder, load_run
-
     run = load_run(run_dir)
     backbone = load_encoder(run).cpu().float().eval()
     summary = export_backbone(backbone, to, out, backbone_name=run.config.backbone, in_channels=run.in_channels,
@@ -298,10 +297,6 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, *, opset: int | No
 
 def load_exported(path: str | Path) -> nn.Module:
     """Rebuild the backbone of a ``--to safetensors`` (or ``torchvision``) file from its metadata and load it strictly."""
-    from selfsup.models.backbones import build_backbone, saved_stem
-    from selfsup.training.checkpoint import load_weights, weights_metadata
-    from selfsup.errors import CheckpointError
-
     path = Path(path)
     state = load_weights(path)
     meta = weights_metadata(path)

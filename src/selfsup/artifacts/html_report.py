@@ -16,8 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from selfsup.errors import ConfigError
 from selfsup.artifacts.report import read_metrics
+from selfsup.errors import ConfigError
 
 __all__ = ["render_html_report", "write_html_report", "curve_png"]
 

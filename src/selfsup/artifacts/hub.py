@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from selfsup import __version__
+from selfsup.artifacts.export import load_exported
+from selfsup.data.containers import _MEAN_STD
+from selfsup.errors import CheckpointError, ConfigError
+from selfsup.evaluation.frozen import prepare_images
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights, save_weights, weights_metadata
-from selfsup.errors import CheckpointError
-from selfsup.errors import ConfigError
-from selfsup.data.containers import _MEAN_STD
-from selfsup.evaluation.frozen import prepare_images
-from selfsup.artifacts.export import load_exported
-from selfsup.training.runs import load_encoder as run_encoder
-from selfsup.training.runs import load_run
+from selfsup.training.runs import load_encoder as run_encoder, load_run
 
 __all__ = ["export_hub", "load_encoder", "from_pretrained", "embed", "DATA_LICENCES"]
 

@@ -11,15 +11,25 @@ import os
 import sys
 from pathlib import Path
 
+from selfsup import __version__
+from selfsup.analyze import add_parser as add_analyze_parser
+from selfsup.artifacts.report import write_markdown_report
+from selfsup.cli.artifacts import add_parsers as add_artifact_parsers
+from selfsup.cli.semisup import add_parsers as add_semisup_parsers
+from selfsup.data.builtin import fashion_mnist_available
+from selfsup.data.prepare import add_parser as add_prepare_parser
+from selfsup.distributed import report_to_launcher
+from selfsup.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, TrainingError
+from selfsup.protocols.eval_run import evaluate
+from selfsup.protocols.linear_sgd import LinearSGDConfig
+from selfsup.training.config import PretrainConfig, build_config, load_yaml, parse_overrides
+from selfsup.training.dryrun import render
+from selfsup.training.loop import pretrain
+
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from selfsup.errors import CheckpointError
-    from selfsup.errors import ConfigError
-    from selfsup.errors import DataError, DataNotFoundError
-    from selfsup.errors import TrainingError
-
     return (ConfigError, DataNotFoundError, DataError, CheckpointError, TrainingError)
 
 
@@ -41,8 +51,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_config(args, **defaults):
-    from selfsup.training.config import PretrainConfig, build_config, load_yaml, parse_overrides
-
     cli = dict(defaults)
     for key in ("method", "recipe", "dataset", "data_dir", "backbone", "batch_size", "epochs", "steps", "minutes", "seed",
                 "checkpoint_every", "on_bad_image", "init", "logger"):
@@ -54,11 +62,7 @@ def _pretrain_config(args, **defaults):
 
 
 def cmd_pretrain(args) -> int:
-    from selfsup.training.loop import pretrain
-
     if getattr(args, "dry_run", False) and args.resume is None:
-        from selfsup.training.dryrun import render
-
         print(render(_pretrain_config(args)), end="")  # resolved and checked; no pixels read, nothing built
         return 0
     if args.out is None and args.resume is None:
@@ -67,8 +71,6 @@ def cmd_pretrain(args) -> int:
         raise _config_error(f"--resume {args.resume} and --out {args.out} name different folders; resume writes into the run it continues")
     saved = Path(args.resume or ".") / "config.yaml"
     if args.resume is not None and args.config is None and saved.is_file():
-        from selfsup.training.config import load_yaml
-
         layer = load_yaml(saved)
         if "recipe" not in layer:  # written before recipes: made with today's CPU default values, all recorded
             layer.update(recipe="cpu", small_stem=layer.get("small_stem"))
@@ -77,8 +79,6 @@ def cmd_pretrain(args) -> int:
         cfg = _pretrain_config(args)
     run_dir = Path(args.resume or args.out)
     if getattr(args, "dry_run", False):
-        from selfsup.training.dryrun import render
-
         print(render(cfg), end="")
         return 0
     final = pretrain(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress)
@@ -88,8 +88,6 @@ def cmd_pretrain(args) -> int:
 
 
 def _config_error(msg: str):
-    from selfsup.errors import ConfigError
-
     return ConfigError(msg)
 
 
@@ -105,14 +103,10 @@ def run_eval(kind: str, run_dir: str | Path | None, dataset: str | None = None, 
     Writes ``RUN_DIR/eval_{kind}.json`` (``eval_linear_sgd.json``, ``eval_{kind}_{baseline}.json``) and
     returns the result.
     """
-    from selfsup.protocols.eval_run import evaluate
-
     return evaluate(kind, run_dir, dataset, data_dir, batch_size, device, k, temperature, progress, **protocol)
 
 
 def cmd_eval(args) -> int:
-    from selfsup.protocols.linear_sgd import LinearSGDConfig
-
     sgd = None
     if args.protocol == "linear" and args.linear_protocol == "sgd":
         try:
@@ -137,11 +131,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from selfsup.training.config import PretrainConfig, build_config, parse_overrides
-    from selfsup.data.builtin import fashion_mnist_available
-    from selfsup.artifacts.report import write_markdown_report
-    from selfsup.training.loop import pretrain
-
     dataset = "fashion-mnist" if fashion_mnist_available(args.data_dir) else "embedded"
     if dataset == "embedded":
         print("[selfsup] Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); "
@@ -169,8 +158,6 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfsup import __version__
-
     parser = argparse.ArgumentParser(prog="selfsup", description="Self-supervised visual representation learning "
                                      "(SimCLR, SimCLRv2, BYOL).")
     parser.add_argument("--version", action="version", version=f"selfsup {__version__}")
@@ -238,19 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    from selfsup.cli.semisup import add_parsers as add_semisup_parsers  # finetune, distill (SimCLRv2)
 
     add_semisup_parsers(sub)
 
-    from selfsup.analyze import add_parser as add_analyze_parser  # analyze <study> (the papers' experiments)
 
     add_analyze_parser(sub)
 
-    from selfsup.cli.artifacts import add_parsers as add_artifact_parsers  # embed, export, report
 
     add_artifact_parsers(sub)
 
-    from selfsup.data.prepare import add_parser as add_prepare_parser  # prepare (image folder -> store:PATH)
 
     add_prepare_parser(sub)
     return parser
@@ -258,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report_to_launcher(e: BaseException) -> None:
     """Under torchrun, make this rank's error the one its end-of-job summary shows (docs/distributed.md)."""
-    from selfsup.distributed import report_to_launcher
-
     report_to_launcher(e)
 
 

@@ -11,10 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from selfsup.artifacts.embed import embed_run
+from selfsup.artifacts.export import export_run, EXPORT_TARGETS
+from selfsup.artifacts.html_report import write_html_report
+from selfsup.artifacts.hub import export_hub
+
 
 def cmd_embed(args) -> int:
-    from selfsup.artifacts.embed import embed_run
-
     summary = embed_run(args.run, args.images, args.out, batch_size=args.batch_size, device=args.device,
                         num_workers=args.num_workers, skip_broken=args.skip_broken, progress=not args.no_progress)
     if summary["skipped"]:
@@ -25,11 +28,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from selfsup.artifacts.export import export_run
-
     if args.to == "hub":  # a folder: model.safetensors, config.json, model card README.md (selfsup.artifacts.hub)
-        from selfsup.artifacts.hub import export_hub
-
         print(json.dumps(export_hub(args.run, args.out)))
         return 0
     summary = export_run(args.run, args.to, args.out, opset=args.opset, dynamo=args.onnx_dynamo,
@@ -39,16 +38,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from selfsup.artifacts.html_report import write_html_report
-
     out = write_html_report(args.run_dir, args.out)
     print(json.dumps({"report": str(out)}))
     return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from selfsup.artifacts.export import EXPORT_TARGETS
-
     p = sub.add_parser("embed", help="write one embedding (the representation h) per image, with its path",
                        description="Embed every image under --images with the run's frozen encoder. Output by "
                                    "suffix: .npy (+ .paths.txt index), .csv, .parquet (needs pyarrow).")

@@ -14,6 +14,11 @@ import json
 import os
 from pathlib import Path
 
+from selfsup.errors import ConfigError
+from selfsup.protocols.distill import DistillConfig, distill
+from selfsup.protocols.finetune import SCRATCH_OPTIM, FinetuneConfig, crop_flip_view, finetune
+from selfsup.training.config import build_config, load_yaml, merge, parse_overrides, to_dict
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder to create")
@@ -67,9 +72,6 @@ def add_parsers(sub) -> None:
 
 
 def _build(cls, args, keys: dict[str, str], base: dict, complete=None):
-    from selfsup.training.config import build_config, load_yaml, merge, parse_overrides
-    from selfsup.errors import ConfigError
-
     if args.out is None and args.resume is None:
         raise ConfigError("--out: give the run folder to create (e.g. --out runs/finetune-1pct)")
     if args.resume is not None and args.out is not None and Path(args.resume).resolve() != Path(args.out).resolve():
@@ -101,9 +103,6 @@ _COMMON_KEYS = {"data_dir": "data_dir", "epochs": "epochs", "steps": "steps", "b
 
 
 def cmd_finetune(args) -> int:
-    from selfsup.training.config import merge, to_dict
-    from selfsup.protocols.finetune import SCRATCH_OPTIM, FinetuneConfig, crop_flip_view, finetune
-
     keys = {"run": "run", "dataset": "dataset", "label_fraction": "label_fraction", "label_seed": "label_seed",
             "label_subset": "label_subset", "label_balance": "label_balance", "from_head_layer": "from_head_layer", "backbone": "backbone", **_COMMON_KEYS}
     def complete(data: dict) -> dict:
@@ -119,10 +118,6 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from selfsup.training.config import to_dict
-    from selfsup.protocols.distill import DistillConfig, distill
-    from selfsup.protocols.finetune import crop_flip_view
-
     keys = {"teacher": "teacher", "student": "student", "student_width": "student_width",
             "student_init": "student_init", "dataset": "dataset", "temperature": "temperature",
             "labeled_weight": "labeled_weight", **_COMMON_KEYS}

@@ -3,36 +3,16 @@ official label lists, the prepared store (``store``, ``prepare``) and the Huggin
 
 ``selfsup.data`` re-exports the public names below, as when it was one module.
 """
-from selfsup.errors import BadImageError, DataError, DataNotFoundError  # noqa: F401
-from selfsup.data.containers import (  # noqa: F401
-    DATASET_NAMES,
-    IMAGEFOLDER_PREFIX,
-    IMAGE_EXTENSIONS,
-    FASHION_MNIST_CLASSES,
-    MNIST_CLASSES,
-    STL10_CLASSES,
-    IN_MEMORY_MAX_IMAGES,
-    IN_MEMORY_MAX_SIZE,
-    DEFAULT_IMAGEFOLDER_SIZE,
-    InMemoryDataset,
-    default_load_size,
+from selfsup.data.builtin import SYSTEM_DATA_DIRS, fashion_mnist_available
+from selfsup.data.containers import (
+    DATASET_NAMES, IMAGEFOLDER_PREFIX, IMAGE_EXTENSIONS, FASHION_MNIST_CLASSES, MNIST_CLASSES, STL10_CLASSES,
+    IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, DEFAULT_IMAGEFOLDER_SIZE, InMemoryDataset, default_load_size,
     canonical_dataset_name,
 )
-from selfsup.data.builtin import (  # noqa: F401
-    SYSTEM_DATA_DIRS,
-    fashion_mnist_available,
-)
-from selfsup.data.folders import (  # noqa: F401
-    ImageFolderDataset,
-)
-from selfsup.data.labels import (  # noqa: F401
-    LABEL_BALANCES,
-    label_subset,
-    read_label_list,
-)
-from selfsup.data.datasets import (  # noqa: F401
-    load_dataset,
-)
+from selfsup.data.datasets import load_dataset
+from selfsup.data.folders import ImageFolderDataset
+from selfsup.data.labels import LABEL_BALANCES, label_subset, read_label_list
+from selfsup.errors import BadImageError, DataError, DataNotFoundError  # noqa: F401
 
 __all__ = [
     'BadImageError',

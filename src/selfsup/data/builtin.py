@@ -11,11 +11,14 @@ import math
 import os
 from importlib import resources
 from pathlib import Path
+
 import numpy as np
 import torch
 
+from selfsup.data.containers import (
+    DATASET_NAMES, FASHION_MNIST_CLASSES, InMemoryDataset, MNIST_CLASSES, STL10_CLASSES, _MEAN_STD,
+)
 from selfsup.errors import DataNotFoundError
-from selfsup.data.containers import DATASET_NAMES, FASHION_MNIST_CLASSES, InMemoryDataset, MNIST_CLASSES, STL10_CLASSES, _MEAN_STD
 
 
 _SPLITS = {name: ("train", "test") for name in DATASET_NAMES}

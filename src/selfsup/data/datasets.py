@@ -16,12 +16,13 @@ subset of Fashion-MNIST shipped inside the package, so examples and tests always
 from __future__ import annotations
 
 import os
+
 import torch
 
-from selfsup.data.store import STORE_PREFIX, StoreDataset, open_store
 from selfsup.data.builtin import _SPLITS, _load_embedded, _load_idx_dataset, _load_torchvision_dataset
 from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, InMemoryDataset, canonical_dataset_name
 from selfsup.data.folders import ImageFolderDataset, _load_image_folder
+from selfsup.data.store import STORE_PREFIX, StoreDataset, open_store
 
 
 

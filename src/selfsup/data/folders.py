@@ -6,22 +6,19 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
-from selfsup.data.image_checks import DECODE_ERRORS
-from selfsup.data.image_checks import ImageReport
-from selfsup.data.image_checks import check_policy
-from selfsup.data.image_checks import convert_image
-from selfsup.errors import BadImageError
-from selfsup.errors import DataError
-from selfsup.data.image_checks import decode_with_policy
-from selfsup.data.image_checks import describe_bad
-from selfsup.data.image_checks import scan_images
-from selfsup.errors import DataNotFoundError
-from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, IMAGE_EXTENSIONS, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, InMemoryDataset, _MEAN_STD, default_load_size
+from selfsup.data.containers import (
+    DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, IMAGE_EXTENSIONS, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE,
+    InMemoryDataset, _MEAN_STD, default_load_size,
+)
+from selfsup.data.image_checks import (
+    DECODE_ERRORS, ImageReport, check_policy, convert_image, decode_with_policy, describe_bad, scan_images,
+)
+from selfsup.errors import BadImageError, DataError, DataNotFoundError
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

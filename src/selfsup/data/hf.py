@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfsup.data.containers import _MEAN_STD, DEFAULT_IMAGEFOLDER_SIZE, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE
-from selfsup.data.containers import InMemoryDataset, default_load_size
-from selfsup.errors import DataNotFoundError
+from selfsup.data.containers import (
+    _MEAN_STD, DEFAULT_IMAGEFOLDER_SIZE, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, InMemoryDataset, default_load_size,
+)
 from selfsup.data.image_checks import convert_image
-from selfsup.errors import DataError
+from selfsup.errors import DataNotFoundError, DataError
 
 __all__ = ["HF_PREFIX", "HFImageDataset"]
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
 from selfsup.errors import DataError, BadImageError  # noqa: F401 (re-exported: defined here before)
 
 __all__ = [

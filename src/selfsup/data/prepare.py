@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.data.containers import IMAGEFOLDER_PREFIX, _MEAN_STD, default_load_size
-from selfsup.data.folders import _class_folders, _decode_image, _detect_channels, _is_image, _resolve_split_folder, _scan_image_folder
-from selfsup.errors import DataNotFoundError
+from selfsup.data.folders import (
+    _class_folders, _decode_image, _detect_channels, _is_image, _resolve_split_folder, _scan_image_folder,
+)
 from selfsup.data.image_checks import check_policy, describe_bad, scan_images
-from selfsup.errors import BadImageError, DataError
 from selfsup.data.store import MANIFEST, SAFE_ENCODINGS, STORE_FORMATS, STORE_VERSION, _engine
+from selfsup.errors import DataNotFoundError, BadImageError, DataError
 
 __all__ = ["prepare_store", "add_parser"]
 

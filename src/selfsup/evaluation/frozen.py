@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.evaluation.linear_probe import DEFAULT_C_GRID, select_and_fit
 from selfsup.errors import BackboneChangedError  # noqa: F401 (re-exported: defined here before)
+from selfsup.evaluation.linear_probe import DEFAULT_C_GRID, select_and_fit
 
 SKLEARN_MAX_ENTRIES = 2**24  # linear_eval(solver="auto"): scikit-learn up to 16.7M feature values (e.g. 16k x 1024)
 

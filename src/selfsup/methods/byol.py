@@ -24,10 +24,10 @@ import copy
 import torch
 from torch import nn
 
+from selfsup.losses import byol_loss
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.ema import ema_update
 from selfsup.models.heads import ProjectionHead
-from selfsup.losses import byol_loss
 
 # Method defaults, applied by ``selfsup.training.config.build_config`` to keys the user did not give (the
 # command line, a YAML file or ``--set``); ``config.yaml`` records the resolved values. The paper's

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from selfsup.models.resnet import (  # noqa: F401 (Conv2d, Bottleneck, ...: re-exported, the registry's old home)
+from selfsup.models.resnet import (
     _DEPTHS, LEGACY_SMALL_IMAGE_MAX, SMALL_IMAGE_MAX, BasicBlock, Bottleneck, Conv2d, ResNet,
 )
 from selfsup.models.sk_resnet import build_sk_resnet

@@ -7,6 +7,8 @@ backbone's state dict loads into ``torchvision.models.resnet50()`` (with ``fc`` 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 

@@ -38,17 +38,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup import distributed as dist
-from selfsup.views.augment import BatchAugment, ViewConfig
-from selfsup.models.backbones import build_backbone, saved_stem
-from selfsup.training.config import OptimConfig, _check
-from selfsup.errors import ConfigError
 from selfsup.data.datasets import load_dataset
-from selfsup.protocols.finetune import (LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view,
-                              load_classifier, prepare_label_subset)
+from selfsup.errors import ConfigError
 from selfsup.losses import distill_loss
+from selfsup.models.backbones import build_backbone, saved_stem
+from selfsup.protocols.finetune import (
+    LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view, load_classifier, prepare_label_subset,
+)
+from selfsup.protocols.labelled_loop import (
+    RESULTS_FILE, LoopSpec, effective_batch, labeled_stream, length_in_steps, mix_seed, prepare_run_dir, resume_state,
+    setup_device, train_and_evaluate,
+)
+from selfsup.training.config import OptimConfig, _check
 from selfsup.training.optim import build_optimizer
-from selfsup.protocols.labelled_loop import (RESULTS_FILE, LoopSpec, effective_batch, labeled_stream,
-                                length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)
+from selfsup.training.runs import load_encoder, load_run
+from selfsup.training.schedules import scaled_lr
+from selfsup.views.augment import BatchAugment, ViewConfig
 
 DEFAULT_EPOCHS = 10.0
 
@@ -157,8 +162,6 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
     # The student: its own pre-training, or fresh.
     torch.manual_seed(cfg.seed)
     if cfg.student_init is not None:
-        from selfsup.training.runs import load_encoder, load_run
-
         init = load_run(cfg.student_init)
         if cfg.student is not None and (cfg.student, cfg.student_width) != (init.config.backbone, init.config.backbone_width):
             raise ConfigError(f"student: {cfg.student_init} holds a {init.config.backbone} backbone "
@@ -204,7 +207,6 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
                                                                           len(train), batch)
     aug = BatchAugment(cfg.view, image_size, train.mean, train.std)
 
-    from selfsup.training.schedules import scaled_lr
 
     base_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
     # The pre-training recipe, classifier included: LARS's trust ratio makes the step size independent

@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from selfsup import distributed as dist
-from selfsup.models.backbones import build_backbone
-from selfsup.training.config import PretrainConfig
-from selfsup.errors import ConfigError
 from selfsup.data.datasets import load_dataset
-from selfsup.evaluation.sharded import extract_features_sharded
+from selfsup.errors import ConfigError, BackboneChangedError
 from selfsup.evaluation.frozen import knn_eval, linear_eval, state_fingerprint
-from selfsup.errors import BackboneChangedError
+from selfsup.evaluation.sharded import extract_features_sharded
+from selfsup.models.backbones import build_backbone
 from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
+from selfsup.training.config import PretrainConfig
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.steps import resolve_device, resolve_precision
 

@@ -35,17 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.training import checkpoint as ckpt
 from selfsup import distributed as dist
-from selfsup.views.augment import BatchAugment, ViewConfig
-from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
-from selfsup.training.config import OptimConfig, _check, _choice
-from selfsup.errors import ConfigError
-from selfsup.data.labels import LABEL_BALANCES, label_subset, read_label_list
 from selfsup.data.datasets import load_dataset
+from selfsup.data.labels import LABEL_BALANCES, label_subset, read_label_list
+from selfsup.errors import ConfigError
+from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
 from selfsup.models.heads import ProjectionHead
-from selfsup.protocols.labelled_loop import (RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream,  # noqa: F401 (RESULTS_FILE: public name)
-                                length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate)
+from selfsup.protocols.labelled_loop import (
+    RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream, length_in_steps, mix_seed,
+    prepare_run_dir, resume_state, setup_device, train_and_evaluate,
+)
+from selfsup.training import checkpoint as ckpt
+from selfsup.training.config import OptimConfig, _check, _choice
+from selfsup.training.runs import RunInfo, load_encoder, load_run, run_weights
+from selfsup.training.schedules import scaled_lr
+from selfsup.views.augment import BatchAugment, ViewConfig
 
 LABEL_SUBSET_FILE = "label_subset.json"
 HEAD_PREFIXES = ("head.", "projector.")  # SimCLR's projection head, BYOL's projector
@@ -222,8 +226,6 @@ def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[
     ``run_dir`` is the run folder or its :class:`selfsup.training.runs.RunInfo`. Returns the model and a
     description (backbone name/width, image size, channels, head spec, k).
     """
-    from selfsup.training.runs import RunInfo, load_encoder, load_run
-
     run = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
     run_dir = run.run_dir
     backbone = load_encoder(run)
@@ -266,8 +268,6 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
         what = "a pre-training run" if info.get("kind") in (None, "pretrain") else f"a {info['kind']} run"
         raise ConfigError(f"{run_dir} is {what}, not a fine-tuning or distillation run; give the folder written by "
                           f"`selfsup finetune` (fine-tune it first: selfsup finetune --run {run_dir} --out ...)")
-    from selfsup.training.runs import run_weights
-
     _, weights = run_weights(run_dir, str(run_dir))
     model = _empty_classifier(info)
     try:
@@ -373,8 +373,6 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     # The network (weights from the pre-training run, or fresh).
     torch.manual_seed(cfg.seed)
     if cfg.run is not None:
-        from selfsup.training.runs import load_run
-
         pre = load_run(cfg.run)
         dataset_name = cfg.dataset or pre.config.dataset
         data_dir, load_size = cfg.data_dir or pre.config.data_dir, pre.image_size
@@ -417,7 +415,6 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
         cfg.epochs, cfg.steps, paper_epochs(cfg.label_fraction), len(idx), batch)
     aug = BatchAugment(cfg.view, image_size, train.mean, train.std)
 
-    from selfsup.training.schedules import scaled_lr
 
     base_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
     optimizer = classifier_optimizer(cfg.optim, model, base_lr)

@@ -18,10 +18,17 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from selfsup.training import checkpoint as ckpt
 from selfsup import distributed as dist
-from selfsup.training.config import from_dict, to_dict
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, TrainingError
+from selfsup.evaluation.frozen import iterate_batches, prepare_images, topk_accuracy
+from selfsup.training import checkpoint as ckpt
+from selfsup.training.config import from_dict, to_dict, save_yaml
+from selfsup.training.metrics import _Logger, _truncate_metrics
+from selfsup.training.optim import optimizer_from_groups, split_decay_groups
+from selfsup.training.schedules import warmup_cosine
+from selfsup.training.steps import (
+    StepBatchSampler, step_indices, autocast_context, resolve_device, resolve_precision, _mix,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,8 +39,6 @@ from selfsup.errors import ConfigError
 def evaluate_classifier(model: nn.Module, dataset, device: torch.device, image_size: int, batch_size: int = 512,
                         precision: str = "fp32") -> dict[str, float]:
     """Top-1/top-5 (%) on every image of ``dataset`` (centre, no augmentation), model in eval mode."""
-    from selfsup.evaluation.frozen import iterate_batches, prepare_images, topk_accuracy
-
     was_training = model.training
     model.eval()
     scores, labels = [], []
@@ -67,8 +72,6 @@ def effective_batch(batch_size: int, n: int, world: int) -> int:
 def labeled_stream(dataset, indices: torch.Tensor | None, batch: int, seed: int, start: int, total: int,
                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) of this rank's share of each step's batch, over ``indices`` (None: all)."""
-    from selfsup.training.steps import StepBatchSampler, step_indices
-
     r, w = dist.rank(), dist.world_size()
     pool = torch.arange(len(dataset)) if indices is None else indices
     n = len(pool)
@@ -112,11 +115,6 @@ def run_supervised(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim
     Returns the number of skipped (non-finite) steps. ``model`` is the bare module; it is wrapped in
     DDP here when running under torchrun. Everything else (teachers) stays outside.
     """
-    from selfsup.training.schedules import warmup_cosine
-    from selfsup.training.metrics import _Logger
-    from selfsup.training.steps import autocast_context
-    from selfsup.errors import TrainingError
-
     main = dist.is_main_process()
     train_model = dist.wrap_ddp(model, device)
     logger = _Logger(run_dir, main)
@@ -191,9 +189,6 @@ def train_and_evaluate(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.o
     then scores ``model`` on ``test`` and writes the result (``top1``, ``top5``, the run's facts and
     ``result_info``) to ``RUN_DIR/results.json``. Returns it (top1/top5 None on other ranks).
     """
-    from selfsup.training.config import save_yaml
-    from selfsup.training.metrics import _truncate_metrics
-
     main = dist.is_main_process()
     start = int(state["step"]) if state else 0
     if main:
@@ -256,8 +251,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 def setup_device(name: str, precision: str) -> tuple[torch.device, str, bool]:
     """(device, resolved precision, whether this call created the process group and so must destroy it)."""
-    from selfsup.training.steps import resolve_device, resolve_precision
-
     owns_group = dist.init_from_env()  # under torchrun: join the process group (a no-op otherwise)
     device = resolve_device(name)
     if device.type == "cuda":
@@ -273,8 +266,6 @@ def length_in_steps(epochs: float | None, steps: int | None, default_epochs: flo
 
 def mix_seed(*xs: int) -> int:
     """A deterministic seed from integers (the one pre-training uses)."""
-    from selfsup.training.steps import _mix
-
     return _mix(*xs)
 
 
@@ -283,8 +274,6 @@ def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.
     ``fc`` gets neither weight decay nor LARS's trust ratio (plain momentum SGD at ``lr``), as the
     released SimCLR code treats its supervised head. A zero-initialised layer would otherwise move by
     ``lr x eta x |w|``, i.e. hardly at all, under LARS."""
-    from selfsup.training.optim import optimizer_from_groups, split_decay_groups
-
     fc = list(model.fc.parameters())
     ids = {id(p) for p in fc}
     body = [g for g in split_decay_groups(model)]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from selfsup.views.augment import ViewConfig
-from selfsup.models.backbones import build_backbone
-from selfsup.models.backbones import saved_stem
+from selfsup.methods import METHODS, VIEW_PRESETS
+from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training.config import PretrainConfig
 from selfsup.training.init_weights import load_init
-from selfsup.methods import METHODS
+from selfsup.views.augment import ViewConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -18,8 +17,6 @@ from selfsup.methods import METHODS
 
 def resolve_views(cfg: PretrainConfig, image_size: int) -> tuple[ViewConfig, ViewConfig]:
     """The configured view distributions, or the method's preset for this image size."""
-    from selfsup.methods import VIEW_PRESETS
-
     preset = VIEW_PRESETS.get(cfg.method, lambda size: (ViewConfig.simclr(size), ViewConfig.simclr(size)))
     p1, p2 = preset(image_size)
     v1 = cfg.view if cfg.view is not None else p1

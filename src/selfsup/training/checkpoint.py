@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from selfsup.errors import CheckpointError, CheckpointWriteError  # noqa: F401 (re-exported: defined here before)
 
 FORMAT_VERSION = 1

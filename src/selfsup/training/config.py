@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
-from selfsup.methods import recipes
-from selfsup.views.augment import ViewConfig
-from selfsup.models.backbones import CPU_DEFAULT_BACKBONE
+from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
+from selfsup.data.image_checks import BAD_IMAGE_POLICIES
 from selfsup.errors import ConfigError  # noqa: F401 (re-exported: defined here before)
+from selfsup.methods import recipes, METHOD_DEFAULTS, METHODS
+from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
+from selfsup.views.augment import ViewConfig
 
 
 @dataclass
@@ -130,8 +132,6 @@ class PretrainConfig:
         are the ``cpu`` recipe's values; kept for callers of this function. Constructing
         ``PretrainConfig(...)`` directly takes the generic defaults literally.
         """
-        from selfsup.methods import METHOD_DEFAULTS
-
         method = data.get("method", PretrainConfig.method) if isinstance(data, dict) else None
         return METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
 
@@ -146,8 +146,6 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
 
     def validate(self) -> None:
-        from selfsup.methods import METHODS
-
         _choice("method", self.method, tuple(METHODS))
         if self.recipe is not None:
             _choice("recipe", self.recipe, tuple(recipes.RECIPES))
@@ -209,10 +207,6 @@ MAX_DIM = 65536
 
 def _check_names(cfg: PretrainConfig) -> None:
     """Data set and backbone names resolve, so a typo fails before any data is read."""
-    from selfsup.models.backbones import BACKBONES
-    from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
-    from selfsup.data.image_checks import BAD_IMAGE_POLICIES
-
     if not cfg.dataset.startswith((IMAGEFOLDER_PREFIX, "hf:", "store:")):
         name = canonical_dataset_name(cfg.dataset)
         if name not in DATASET_NAMES and not (name.startswith("stl10") and "stl10" in DATASET_NAMES):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from selfsup.methods import recipes
-from selfsup.training.config import PretrainConfig, to_dict
-from selfsup.errors import ConfigError
 from selfsup.data.containers import IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.data.folders import _images_under, _resolve_split_folder
+from selfsup.errors import ConfigError
+from selfsup.methods import recipes
+from selfsup.training.config import PretrainConfig, to_dict
 
 # Training images of the built-in data sets (pre-training split; STL-10 uses train+unlabeled).
 NUM_TRAIN_IMAGES = {"fashion-mnist": 60000, "mnist": 60000, "embedded": 10000, "cifar10": 50000, "cifar100": 50000,

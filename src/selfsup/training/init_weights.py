@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.errors import CheckpointError
+from selfsup.training.checkpoint import list_checkpoints, load_weights
 
 __all__ = ["InitError", "read_init_weights", "load_init", "init_record"]
 

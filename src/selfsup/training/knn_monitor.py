@@ -6,6 +6,8 @@ import torch
 
 from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
+from selfsup.evaluation.frozen import knn_eval
+from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.training.build import unwrap
 from selfsup.training.steps import _mix
 
@@ -25,9 +27,6 @@ def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logge
     Under torchrun every rank embeds a shard of the bank and queries (``dist_eval``); rank 0 scores
     and logs. All ranks take part, so none waits in a collective while another evaluates.
     """
-    from selfsup.evaluation.sharded import extract_features_sharded
-    from selfsup.evaluation.frozen import knn_eval
-
     if cache is None:
         g = torch.Generator().manual_seed(_mix(cfg.seed, 3))
         perm = torch.randperm(len(dataset), generator=g)

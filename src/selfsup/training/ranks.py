@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
+
 import torch
 
 from selfsup import distributed as dist

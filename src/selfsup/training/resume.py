@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import torch
 from torch import nn
 
+from selfsup.errors import ConfigError, TrainingError
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.config import PretrainConfig
-from selfsup.training.config import to_dict
-from selfsup.errors import ConfigError
-from selfsup.errors import TrainingError
 from selfsup.training.build import unwrap
+from selfsup.training.config import PretrainConfig, to_dict, from_dict
 
 
 def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,8 +54,6 @@ def _load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_
 
 
 def _load_resume(cfg: PretrainConfig, run_dir: Path):
-    from selfsup.training.config import from_dict
-
     ckpts = ckpt.list_checkpoints(run_dir)
     if not ckpts:
         raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "

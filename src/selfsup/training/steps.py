@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from typing import Iterator
+
 import torch
 
 from selfsup import distributed as dist

@@ -23,8 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from selfsup.training.config import TRACKERS
 from selfsup.errors import ConfigError
+from selfsup.training.config import TRACKERS
 
 __all__ = ["parse_trackers", "check_trackers", "open_trackers", "TrackerError", "STATE_FILE"]
 
