@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from selfsup.views.augment import BatchAugment, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.training.config import PretrainConfig, build_config
 from selfsup.methods import METHODS

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OLD_PATHS = {
     "selfsup.backbones": ["selfsup.models.backbones", "selfsup.models.resnet"],
     "selfsup.heads": ["selfsup.models.heads"],
-    "selfsup.augment": ["selfsup.views.augment"],
+    "selfsup.augment": ["selfsup.views.augment", "selfsup.views.config", "selfsup.views.ops"],
     "selfsup.schedules": ["selfsup.training.schedules"],
     "selfsup.optim": ["selfsup.training.optim"],
     "selfsup.ema": ["selfsup.methods.ema"],
@@ -34,7 +34,7 @@ PUBLIC = [
     ("selfsup.backbones", "BACKBONES", "selfsup.models.backbones"),
     ("selfsup.backbones", "build_backbone", "selfsup.models.backbones"),
     ("selfsup.heads", "ProjectionHead", "selfsup.models.heads"),
-    ("selfsup.augment", "ViewConfig", "selfsup.views.augment"),
+    ("selfsup.augment", "ViewConfig", "selfsup.views.config"),
     ("selfsup.augment", "BatchAugment", "selfsup.views.augment"),
     ("selfsup.schedules", "warmup_cosine", "selfsup.training.schedules"),
     ("selfsup.optim", "LARS", "selfsup.training.optim"),

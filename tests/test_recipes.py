@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.training.config import ConfigError, PretrainConfig, build_config, to_dict
 from selfsup.models.heads import ProjectionHead

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from selfsup.training import checkpoint as ckpt
 from selfsup.training import setup as train_mod  # home of build_model as pretrain's set-up phase calls it
-from selfsup.views.augment import _PROB_FIELDS, BatchAugment, ViewConfig
+from selfsup.views.config import _PROB_FIELDS, ViewConfig
+from selfsup.views.augment import BatchAugment
 from selfsup.models.backbones import BACKBONES, build_backbone
 from selfsup.training.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_checkpoint,
                                 load_weights, save_checkpoint)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from selfsup.views.augment import BatchAugment, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.models.heads import ProjectionHead
 from selfsup.methods import SimCLR

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.training.config import ConfigError, PretrainConfig, build_config

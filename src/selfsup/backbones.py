@@ -2,8 +2,20 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE, saved_stem, build_backbone
-from selfsup.models.resnet import SMALL_IMAGE_MAX, LEGACY_SMALL_IMAGE_MAX, Conv2d, BasicBlock, Bottleneck, ResNet
+from selfsup.models.backbones import (  # noqa: F401
+    BACKBONES,
+    CPU_DEFAULT_BACKBONE,
+    saved_stem,
+    build_backbone,
+)
+from selfsup.models.resnet import (  # noqa: F401
+    SMALL_IMAGE_MAX,
+    LEGACY_SMALL_IMAGE_MAX,
+    Conv2d,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+)
 
 __all__ = [
     'BACKBONES',

@@ -2,9 +2,21 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.training.config import (
-    ConfigError, OptimConfig, HFConfig, TRACKERS, PretrainConfig, MAX_IMAGE_SIZE, MAX_DIM, from_dict, to_dict,
-    parse_overrides, merge, load_yaml, build_config, save_yaml,
+from selfsup.training.config import (  # noqa: F401
+    ConfigError,
+    OptimConfig,
+    HFConfig,
+    TRACKERS,
+    PretrainConfig,
+    MAX_IMAGE_SIZE,
+    MAX_DIM,
+    from_dict,
+    to_dict,
+    parse_overrides,
+    merge,
+    load_yaml,
+    build_config,
+    save_yaml,
 )
 
 __all__ = [

@@ -2,7 +2,9 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.methods.ema import ema_update
+from selfsup.methods.ema import (  # noqa: F401
+    ema_update,
+)
 
 __all__ = [
     'ema_update',

@@ -2,9 +2,20 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.evaluation.frozen import (
-    BackboneChangedError, SKLEARN_MAX_ENTRIES, EVAL_CENTER_CROP, eval_crop, prepare_images, iterate_batches,
-    extract_features, topk_accuracy, knn_scores, knn_eval, standardise, linear_eval, state_fingerprint,
+from selfsup.evaluation.frozen import (  # noqa: F401
+    BackboneChangedError,
+    SKLEARN_MAX_ENTRIES,
+    EVAL_CENTER_CROP,
+    eval_crop,
+    prepare_images,
+    iterate_batches,
+    extract_features,
+    topk_accuracy,
+    knn_scores,
+    knn_eval,
+    standardise,
+    linear_eval,
+    state_fingerprint,
 )
 
 __all__ = [

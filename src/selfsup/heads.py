@@ -2,7 +2,9 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.models.heads import ProjectionHead
+from selfsup.models.heads import (  # noqa: F401
+    ProjectionHead,
+)
 
 __all__ = [
     'ProjectionHead',

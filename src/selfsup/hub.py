@@ -2,7 +2,14 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.artifacts.hub import export_hub, load_encoder, from_pretrained, embed, DATA_LICENCES, FORMAT
+from selfsup.artifacts.hub import (  # noqa: F401
+    export_hub,
+    load_encoder,
+    from_pretrained,
+    embed,
+    DATA_LICENCES,
+    FORMAT,
+)
 
 __all__ = [
     'export_hub',

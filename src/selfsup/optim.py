@@ -2,7 +2,12 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.training.optim import LARS, split_decay_groups, build_optimizer, optimizer_from_groups
+from selfsup.training.optim import (  # noqa: F401
+    LARS,
+    split_decay_groups,
+    build_optimizer,
+    optimizer_from_groups,
+)
 
 __all__ = [
     'LARS',

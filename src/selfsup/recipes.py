@@ -2,9 +2,23 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.methods.recipes import (
-    SMALL_IMAGE_MAX, WARN_LR_FACTOR, NATIVE_SIZES, CPU_BACKBONES, RecipeError, Recipe, RECIPES, PAPER_RECIPE,
-    SIMCLRV2_FINETUNE, paper_lr, auto_recipe, native_image_size, resolve, lr_warning, effective_lr, describe,
+from selfsup.methods.recipes import (  # noqa: F401
+    SMALL_IMAGE_MAX,
+    WARN_LR_FACTOR,
+    NATIVE_SIZES,
+    CPU_BACKBONES,
+    RecipeError,
+    Recipe,
+    RECIPES,
+    PAPER_RECIPE,
+    SIMCLRV2_FINETUNE,
+    paper_lr,
+    auto_recipe,
+    native_image_size,
+    resolve,
+    lr_warning,
+    effective_lr,
+    describe,
 )
 
 __all__ = [

@@ -2,7 +2,11 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.training.schedules import warmup_cosine, scaled_lr, ema_tau
+from selfsup.training.schedules import (  # noqa: F401
+    warmup_cosine,
+    scaled_lr,
+    ema_tau,
+)
 
 __all__ = [
     'warmup_cosine',

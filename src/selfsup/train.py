@@ -2,12 +2,32 @@
 
 Re-exports the public names; new code imports from the new home.
 """
-from selfsup.training.build import resolve_views, build_model, total_steps_for, warmup_steps_for, unwrap
-from selfsup.training.knn_monitor import KNN_BANK, KNN_QUERIES
-from selfsup.training.loop import pretrain, TrainingError, export_weights
-from selfsup.training.steps import (
-    resolve_device, bf16_supported, resolve_precision, autocast_context, epoch_permutation, step_indices,
-    StepBatchSampler, batch_stream, TrainStep,
+from selfsup.training.loop import (  # noqa: F401
+    pretrain,
+    TrainingError,
+    export_weights,
+)
+from selfsup.training.steps import (  # noqa: F401
+    resolve_device,
+    bf16_supported,
+    resolve_precision,
+    autocast_context,
+    epoch_permutation,
+    step_indices,
+    StepBatchSampler,
+    batch_stream,
+    TrainStep,
+)
+from selfsup.training.build import (  # noqa: F401
+    resolve_views,
+    build_model,
+    total_steps_for,
+    warmup_steps_for,
+    unwrap,
+)
+from selfsup.training.knn_monitor import (  # noqa: F401
+    KNN_BANK,
+    KNN_QUERIES,
 )
 
 __all__ = [

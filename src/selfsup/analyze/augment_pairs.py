@@ -28,7 +28,7 @@ import dataclasses
 
 from selfsup.analyze import common as C
 from selfsup.training.config import to_dict
-from selfsup.views.augment import TRANSFORM_NAMES, view_config_for
+from selfsup.views.config import TRANSFORM_NAMES, view_config_for
 
 DEFAULT_STEPS = 80
 DEFAULT_BATCH = 64

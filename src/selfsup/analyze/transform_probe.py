@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from selfsup.analyze import common as C
-from selfsup.views.augment import BatchAugment, view_config_for
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import view_config_for
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 128

@@ -22,7 +22,8 @@ from selfsup.data.datasets import load_dataset
 from selfsup.methods import VIEW_PRESETS
 from selfsup.training.config import from_dict, merge, parse_overrides, to_dict
 from selfsup.training.runs import load_run
-from selfsup.views.augment import ViewConfig, view_config_for, TRANSFORM_NAMES, BatchAugment, save_view_grid
+from selfsup.views.config import ViewConfig, view_config_for, TRANSFORM_NAMES
+from selfsup.views.augment import BatchAugment, save_view_grid
 
 
 def build_parser(prog: str = "selfsup analyze views") -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from torch import nn
 from selfsup.methods.byol import BYOL, BYOL_DEFAULTS, build_byol
 from selfsup.methods.simclr import SimCLR, build_simclr
 from selfsup.methods.supervised import Supervised, build_supervised
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "simclr": build_simclr,

@@ -40,7 +40,7 @@ from typing import Callable
 from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.methods import METHOD_DEFAULTS, VIEW_PRESETS
 from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 
 SMALL_IMAGE_MAX = 32  # the official code's cut-off between CIFAR-size and ImageNet-size recipes and stems
 WARN_LR_FACTOR = 3.0  # warn when the effective lr is more than this times the paper's

@@ -53,7 +53,8 @@ from selfsup.training.config import OptimConfig, _check
 from selfsup.training.optim import build_optimizer
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.schedules import scaled_lr
-from selfsup.views.augment import BatchAugment, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
 
 DEFAULT_EPOCHS = 10.0
 

@@ -49,7 +49,8 @@ from selfsup.training import checkpoint as ckpt
 from selfsup.training.config import OptimConfig, _check, _choice
 from selfsup.training.runs import RunInfo, load_encoder, load_run, run_weights
 from selfsup.training.schedules import scaled_lr
-from selfsup.views.augment import BatchAugment, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
 
 LABEL_SUBSET_FILE = "label_subset.json"
 HEAD_PREFIXES = ("head.", "projector.")  # SimCLR's projection head, BYOL's projector

@@ -29,7 +29,8 @@ from selfsup.errors import BackboneChangedError
 from selfsup.evaluation.frozen import iterate_batches, prepare_images, state_fingerprint, topk_accuracy
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.steps import _mix, autocast_context, batch_stream
-from selfsup.views.augment import BatchAugment, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from selfsup.methods import METHODS, VIEW_PRESETS
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training.config import PretrainConfig
 from selfsup.training.init_weights import load_init
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from selfsup.data.image_checks import BAD_IMAGE_POLICIES
 from selfsup.errors import ConfigError  # noqa: F401 (re-exported: defined here before)
 from selfsup.methods import recipes, METHOD_DEFAULTS, METHODS
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
-from selfsup.views.augment import ViewConfig
+from selfsup.views.config import ViewConfig
 
 
 @dataclass
