@@ -59,12 +59,15 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("distill", help="distill a fine-tuned teacher into a student on unlabeled images",
                        description="SimCLRv2 distillation: the frozen teacher labels every training image; the "
                        "student minimises the cross-entropy to its temperature-scaled predictions.")
-    p.add_argument("--teacher", help="fine-tuning run folder (selfsup finetune --out)")
-    p.add_argument("--student", help="student backbone (default: the teacher's, i.e. self-distillation)")
-    p.add_argument("--student-width", type=float, help="width multiplier of the student backbone")
-    p.add_argument("--student-init", help="pre-training run whose backbone initialises the student")
-    p.add_argument("--dataset", help="unlabeled images: this data set's training split (default: the teacher's)")
-    p.add_argument("--temperature", type=float, help="default 0.1 for self-distillation, else 1.0 (paper)")
+    for flag, kind, text in (
+        ("--teacher", str, "fine-tuning run folder (selfsup finetune --out)"),
+        ("--student", str, "student backbone (default: the teacher's, i.e. self-distillation)"),
+        ("--student-width", float, "width multiplier of the student backbone"),
+        ("--student-init", str, "pre-training run whose backbone initialises the student"),
+        ("--dataset", str, "unlabeled images: this data set's training split (default: the teacher's)"),
+        ("--temperature", float, "default 0.1 for self-distillation, else 1.0 (paper)"),
+    ):
+        p.add_argument(flag, type=kind, help=text)
     p.add_argument("--labeled-weight", type=float, metavar="A",
                    help="add A x cross-entropy on the teacher's label subset (default 0)")
     _common(p)

@@ -46,8 +46,8 @@ from selfsup.protocols.finetune import (
     LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view, load_classifier, prepare_label_subset,
 )
 from selfsup.protocols.labelled_loop import (
-    RESULTS_FILE, LoopSpec, effective_batch, labeled_stream, length_in_steps, mix_seed, prepare_run_dir, resume_state,
-    setup_device, train_and_evaluate,
+    begin_labelled_run, LoopSettings, RESULTS_FILE, LoopSpec, effective_batch, labeled_stream, length_in_steps,
+    mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate,
 )
 from selfsup.training.config import OptimConfig, _check
 from selfsup.training.optim import build_optimizer
@@ -70,7 +70,7 @@ class DistillOptimConfig(OptimConfig):
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(LoopSettings):
     teacher: str = ""  # a `selfsup finetune` (or distill) run folder
     student: str | None = None  # backbone name; None: the teacher's (self-distillation)
     student_width: float | None = None  # width multiplier; None: the teacher's (same name) or the registered one
@@ -85,14 +85,6 @@ class DistillConfig:
     steps: int | None = None
     view: ViewConfig | None = None  # None: random crop + flip only (the paper)
     optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
-    precision: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    eval_batch_size: int = 512
-    max_bad_steps: int = 5
 
     def validate(self) -> None:
         _check("teacher", bool(self.teacher), "give the fine-tuned teacher's run folder (--teacher RUN)")
@@ -141,13 +133,8 @@ FREE_KEYS = {"device", "data_dir", "log_every", "checkpoint_every", "keep_last",
 
 def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Distill the teacher into a student on the training split's images; evaluate on the test split."""
-    run_dir = Path(run_dir)
-    cfg.validate()
-    device, precision, owns_group = setup_device(cfg.device, cfg.precision)
-    weights = state = None
-    if resume:
-        cfg, weights, state = resume_state(DistillConfig, cfg, run_dir, "distill", FREE_KEYS)
-    prepare_run_dir(run_dir, resume)
+    cfg, run_dir, device, precision, owns_group, weights, state = begin_labelled_run(cfg, run_dir, resume, "distill",
+                                                                                    FREE_KEYS)
 
     teacher, tinfo = load_classifier(cfg.teacher)
     teacher = freeze_teacher(teacher).to(device)

@@ -42,8 +42,8 @@ from selfsup.errors import ConfigError
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone, saved_stem
 from selfsup.models.heads import ProjectionHead
 from selfsup.protocols.labelled_loop import (
-    RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream, length_in_steps, mix_seed,
-    prepare_run_dir, resume_state, setup_device, train_and_evaluate,
+    begin_labelled_run, LoopSettings, RESULTS_FILE, LoopSpec, classifier_optimizer, effective_batch, labeled_stream,
+    length_in_steps, mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate,
 )
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.config import OptimConfig, _check, _choice
@@ -82,7 +82,7 @@ def paper_epochs(label_fraction: float) -> float:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoopSettings):
     """A fine-tuning run. ``run`` is a pre-training run folder; without it the network is trained from
     scratch (``backbone``, ``backbone_width``, ``image_size``), the supervised baseline."""
 
@@ -102,14 +102,6 @@ class FinetuneConfig:
     steps: int | None = None
     view: ViewConfig | None = None  # None: random crop + flip only (the paper)
     optim: FinetuneOptimConfig | None = None  # None: FinetuneOptimConfig() with --run, SCRATCH_OPTIM without
-    precision: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    eval_batch_size: int = 512
-    max_bad_steps: int = 5
 
     def validate(self) -> None:
         _check("run", self.run is not None or self.from_head_layer in (None, 0),
@@ -363,13 +355,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     Writes the run folder described in the module docstring. ``resume=True`` continues from the newest
     checkpoint with the saved config (given settings must agree, except device and bookkeeping).
     """
-    run_dir = Path(run_dir)
-    cfg.validate()
-    device, precision, owns_group = setup_device(cfg.device, cfg.precision)
-    weights = state = None
-    if resume:
-        cfg, weights, state = resume_state(FinetuneConfig, cfg, run_dir, "finetune", FREE_KEYS)
-    prepare_run_dir(run_dir, resume)
+    cfg, run_dir, device, precision, owns_group, weights, state = begin_labelled_run(cfg, run_dir, resume, "finetune",
+                                                                                    FREE_KEYS)
 
     # The network (weights from the pre-training run, or fresh).
     torch.manual_seed(cfg.seed)

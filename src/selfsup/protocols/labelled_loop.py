@@ -94,6 +94,20 @@ def labeled_stream(dataset, indices: torch.Tensor | None, batch: int, seed: int,
 
 
 @dataclass
+class LoopSettings:
+    """The settings every labelled run shares (fine-tuning, distillation): precision, seed, device, bookkeeping."""
+
+    precision: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    eval_batch_size: int = 512
+    max_bad_steps: int = 5
+
+
+@dataclass
 class LoopSpec:
     """What the supervised loop needs besides the model: length, lr schedule, and one step's loss."""
 
@@ -284,3 +298,19 @@ def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.
         return optimizer_from_groups(optim_cfg.name, groups, lr, optim_cfg.weight_decay, optim_cfg.momentum)
     except ValueError as e:
         raise ConfigError(f"optim.name: {e}") from None
+
+
+def begin_labelled_run(cfg, run_dir, resume: bool, kind: str, free_keys: set[str]):
+    """Validate ``cfg``, pick device and precision, resume (the saved config wins), prepare the run folder.
+
+    Returns ``(cfg, run_dir, device, precision, owns_group, weights, state)``; weights and state are None
+    for a fresh run.
+    """
+    run_dir = Path(run_dir)
+    cfg.validate()
+    device, precision, owns_group = setup_device(cfg.device, cfg.precision)
+    weights = state = None
+    if resume:
+        cfg, weights, state = resume_state(type(cfg), cfg, run_dir, kind, free_keys)
+    prepare_run_dir(run_dir, resume)
+    return cfg, run_dir, device, precision, owns_group, weights, state

@@ -137,12 +137,17 @@ def _int_or(text: str, default: int) -> int:
         return default
 
 
+def _require(tracker: str, module: str):
+    """The tracker's optional package, imported when the tracker is opened; a clear error when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TrackerError(_MISSING[tracker]) from None
+
+
 class WandbTracker:
     def __init__(self, run_dir: Path, config: dict, state: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise TrackerError(_MISSING["wandb"]) from None
+        wandb = _require("wandb", "wandb")
         saved = state.get("wandb") or {}
         kwargs = {} if os.environ.get("WANDB_DIR") else {"dir": str(run_dir)}
         if saved.get("id"):  # continue the run this folder started
@@ -162,11 +167,8 @@ class WandbTracker:
 
 class MLflowTracker:
     def __init__(self, run_dir: Path, config: dict, state: dict):
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise TrackerError(_MISSING["mlflow"]) from None
+        Param = _require("mlflow", "mlflow.entities").Param
+        MlflowClient = _require("mlflow", "mlflow.tracking").MlflowClient
         saved = state.get("mlflow") or {}
         self.client = MlflowClient(tracking_uri=saved.get("tracking_uri"))
         if saved.get("run_id"):

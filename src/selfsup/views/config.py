@@ -36,6 +36,10 @@ _PROB_FIELDS = (
 )
 
 
+def _derived(given: float | None, default: float) -> float:
+    return default if given is None else given
+
+
 @dataclass
 class ViewConfig:
     """One stochastic view distribution (SimCLR Appendix A / BYOL Table 6). Defaults = SimCLR ImageNet.
@@ -78,22 +82,11 @@ class ViewConfig:
                     raise ValueError(f"ViewConfig.{name} must be a (low, high) pair of numbers, got {value!r}") from None
         self.validate()
 
-    # --- derived jitter strengths -------------------------------------------------------------
-    @property
-    def brightness(self) -> float:
-        return 0.8 * self.jitter_strength if self.jitter_brightness is None else self.jitter_brightness
-
-    @property
-    def contrast(self) -> float:
-        return 0.8 * self.jitter_strength if self.jitter_contrast is None else self.jitter_contrast
-
-    @property
-    def saturation(self) -> float:
-        return 0.8 * self.jitter_strength if self.jitter_saturation is None else self.jitter_saturation
-
-    @property
-    def hue(self) -> float:
-        return 0.2 * self.jitter_strength if self.jitter_hue is None else self.jitter_hue
+    # --- derived jitter strengths: the explicit value, else SimCLR's 0.8 s (0.2 s for hue) -------
+    brightness = property(lambda self: _derived(self.jitter_brightness, 0.8 * self.jitter_strength))
+    contrast = property(lambda self: _derived(self.jitter_contrast, 0.8 * self.jitter_strength))
+    saturation = property(lambda self: _derived(self.jitter_saturation, 0.8 * self.jitter_strength))
+    hue = property(lambda self: _derived(self.jitter_hue, 0.2 * self.jitter_strength))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for impossible values (and for values that are not numbers)."""
