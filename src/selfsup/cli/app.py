@@ -15,9 +15,9 @@ from selfsup import __version__
 from selfsup.analyze import add_parser as add_analyze_parser
 from selfsup.artifacts.report import write_markdown_report
 from selfsup.cli.artifacts import add_parsers as add_artifact_parsers
+from selfsup.cli.prepare import add_parser as add_prepare_parser
 from selfsup.cli.semisup import add_parsers as add_semisup_parsers
 from selfsup.data.builtin import fashion_mnist_available
-from selfsup.data.prepare import add_parser as add_prepare_parser
 from selfsup.distributed import report_to_launcher
 from selfsup.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, TrainingError
 from selfsup.protocols.eval_run import evaluate
