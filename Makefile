@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/selfsup demo
 
 test: $(STAMP)
+	# the layers of docs/architecture.md ([tool.importlinter] in pyproject.toml): an upward import fails here
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} SELFSUP_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
 	# the precision-sensitive tests once more under bf16 (skipped, with the reason, on CPUs without native bf16)
 	SELFSUP_TEST_PRECISION=bf16 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m precision

@@ -13,9 +13,9 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 if os.path.isdir(_SRC) and _SRC not in sys.path:  # a source checkout: the package lives under src/
     sys.path.insert(0, _SRC)
 
-from selfsup.hub import load_encoder  # noqa: E402
+from selfsup.artifacts.hub import load_encoder  # noqa: E402
 
 
 def encoder(path):
-    """The selfsup encoder stored at ``path`` (see ``selfsup.hub.load_encoder``)."""
+    """The selfsup encoder stored at ``path`` (see ``selfsup.artifacts.hub.load_encoder``)."""
     return load_encoder(path)

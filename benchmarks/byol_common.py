@@ -42,10 +42,10 @@ def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = False) -> dict:
     instead of being trained again (so an interrupted benchmark can be resumed cheaply); the caller
     must know the code did not change in between.
     """
-    from selfsup.cli import run_eval
-    from selfsup.collapse import CollapseWarning
-    from selfsup.config import PretrainConfig, build_config
-    from selfsup.train import pretrain
+    from selfsup.cli.app import run_eval
+    from selfsup.methods.collapse import CollapseWarning
+    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.loop import pretrain
 
     run_dir = Path(run_dir)
     result_path = run_dir / "benchmark_result.json"
@@ -102,9 +102,9 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def random_init_probe(dataset: str, backbone_width: float | None, seed: int = 0) -> float:
     """Linear-probe top-1 of the untrained default backbone (the floor pre-training must beat)."""
-    from selfsup.backbones import CPU_DEFAULT_BACKBONE, build_backbone
-    from selfsup.data import load_dataset
-    from selfsup.evaluate import extract_features, linear_eval
+    from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone
+    from selfsup.data.datasets import load_dataset
+    from selfsup.evaluation.frozen import extract_features, linear_eval
 
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     torch.manual_seed(seed)

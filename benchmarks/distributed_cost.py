@@ -48,10 +48,10 @@ def _free_port() -> int:
 
 
 def _build(backbone: str, image_size: int, sync_bn: bool):
-    from selfsup.backbones import build_backbone
-    from selfsup.heads import ProjectionHead
+    from selfsup.models.backbones import build_backbone
+    from selfsup.models.heads import ProjectionHead
     from selfsup.methods.simclr import SimCLR
-    from selfsup.sync_batchnorm import convert_sync_batchnorm
+    from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
     torch.manual_seed(0)
     enc = build_backbone(backbone, in_channels=1, image_size=image_size)
@@ -76,7 +76,7 @@ class _Stepper:
 def _comm_worker(rank: int, port: int, args, out_file: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from selfsup import dist
+    from selfsup import distributed as dist
 
     dist.init_from_env()
     import torch.distributed as tdist
@@ -143,14 +143,14 @@ class _single_process:
     """Make selfsup's distributed helpers behave as in one process (for the no-communication baseline)."""
 
     def __enter__(self):
-        from selfsup import dist
+        from selfsup import distributed as dist
 
         self._saved = dist.is_distributed
         dist.is_distributed = lambda: False
         return self
 
     def __exit__(self, *exc):
-        from selfsup import dist
+        from selfsup import distributed as dist
 
         dist.is_distributed = self._saved
         return False
@@ -185,8 +185,8 @@ def encoder_flops(name: str, size: int, channels: int) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per image of encoder + 2-layer head, counted by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from selfsup.backbones import build_backbone
-    from selfsup.heads import ProjectionHead
+    from selfsup.models.backbones import build_backbone
+    from selfsup.models.heads import ProjectionHead
 
     enc = build_backbone(name, in_channels=channels, image_size=size)
     net = torch.nn.Sequential(enc, ProjectionHead(enc.num_features, enc.num_features, PROJ_DIM))
@@ -244,8 +244,8 @@ def measure_nt_xent_seconds(n: int, d: int = PROJ_DIM, reps: int = 3) -> float:
 
 def measure_encoder_seconds_per_image(name: str, size: int, channels: int, batch: int = 64, reps: int = 3) -> float:
     """Forward + backward of encoder + head for one view, per image, training mode."""
-    from selfsup.backbones import build_backbone
-    from selfsup.heads import ProjectionHead
+    from selfsup.models.backbones import build_backbone
+    from selfsup.models.heads import ProjectionHead
 
     enc = build_backbone(name, in_channels=channels, image_size=size)
     net = torch.nn.Sequential(enc, ProjectionHead(enc.num_features, enc.num_features, PROJ_DIM))

@@ -5,7 +5,7 @@ folder, then measures two figures on the CPU:
 
 1. the loader alone: ``batch_stream`` (the training loop's DataLoader with the step-indexed batch
    sampler) decoding, resizing and centre-cropping in ``--workers`` worker processes;
-2. pre-training: ``selfsup.train.pretrain`` on that folder, median images/s over the logged steps
+2. pre-training: ``selfsup.training.loop.pretrain`` on that folder, median images/s over the logged steps
    (each image is two augmented views), so loading and compute overlap as in a real run.
 
 Usage::
@@ -70,8 +70,8 @@ def measure_loader(folder: Path, image_size: int, batch_size: int, workers: int,
     """Images/s through the training loop's DataLoader (decode + resize + crop in workers), no model."""
     import torch
 
-    from selfsup.data import load_dataset
-    from selfsup.train import batch_stream
+    from selfsup.data.datasets import load_dataset
+    from selfsup.training.steps import batch_stream
 
     dataset = load_dataset(f"imagefolder:{folder}", "train", image_size=image_size, in_memory=False)
     stream = batch_stream(dataset, batch_size, 0, 0, steps + 1, workers, torch.device("cpu"))
@@ -87,8 +87,8 @@ def measure_loader(folder: Path, image_size: int, batch_size: int, workers: int,
 def measure_pretrain(folder: Path, image_size: int, batch_size: int, workers: int, steps: int, backbone: str | None,
                      run_dir: Path) -> dict:
     """Median images/s of ``pretrain`` streaming the folder (the first logged step excluded)."""
-    from selfsup.config import PretrainConfig, build_config
-    from selfsup.train import pretrain
+    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.loop import pretrain
 
     layer = {"dataset": f"imagefolder:{folder}", "image_size": image_size, "batch_size": batch_size, "steps": steps,
              "num_workers": workers, "knn_monitor": False, "log_every": 1, "checkpoint_every": steps + 1}

@@ -1,7 +1,7 @@
 """Does ``selfsup eval linear`` agree with scikit-learn? Our probe's top-1 vs the best LogisticRegression.
 
 On the same standardised frozen features (a run's encoder with ``--run RUN``, raw pixels with
-``--baseline pixels``), prints our probe's test top-1 (``selfsup.evaluate.linear_eval``, the default
+``--baseline pixels``), prints our probe's test top-1 (``selfsup.evaluation.frozen.linear_eval``, the default
 solver) beside scikit-learn's ``LogisticRegression`` (lbfgs, ``max_iter=10000``, cold start) with C
 chosen on the same held-out split (stratified 10%, seed 0) from every half-decade 1e-4..1e1, refitted
 on the whole training set; and the difference (issue 12's target: within 0.3 points).
@@ -20,11 +20,11 @@ import torch
 
 
 def features(args):
-    from selfsup.config import PretrainConfig
-    from selfsup.data import load_dataset
-    from selfsup.eval_runs import PixelEncoder, random_init_encoder
-    from selfsup.evaluate import extract_features
-    from selfsup.runs import load_encoder, load_run
+    from selfsup.training.config import PretrainConfig
+    from selfsup.data.datasets import load_dataset
+    from selfsup.protocols.eval_run import PixelEncoder, random_init_encoder
+    from selfsup.evaluation.frozen import extract_features
+    from selfsup.training.runs import load_encoder, load_run
 
     run = load_run(args.run) if args.run else None
     cfg = run.config if run else PretrainConfig()
@@ -39,7 +39,7 @@ def features(args):
         enc = random_init_encoder(cfg, train.num_channels, size)
     else:
         enc = load_encoder(run)
-    from selfsup.train import resolve_precision
+    from selfsup.training.steps import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))  # as selfsup eval extracts them
     ftr, ytr = extract_features(enc, train, "cpu", size, precision=precision)
@@ -67,8 +67,8 @@ def main() -> None:
     if not args.run and not args.baseline:
         p.error("give --run RUN and/or --baseline pixels|random-init")
 
-    from selfsup.evaluate import linear_eval, standardise
-    from selfsup.linear_probe import stratified_split
+    from selfsup.evaluation.frozen import linear_eval, standardise
+    from selfsup.evaluation.linear_probe import stratified_split
 
     t0 = time.perf_counter()
     ftr, ytr, fte, yte, k, name = features(args)

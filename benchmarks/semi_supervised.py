@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from selfsup.backbones import CPU_DEFAULT_BACKBONE
-from selfsup.config import PretrainConfig, build_config
-from selfsup.distill import DistillConfig, distill
-from selfsup.finetune import FinetuneConfig, finetune
-from selfsup.train import pretrain
+from selfsup.models.backbones import CPU_DEFAULT_BACKBONE
+from selfsup.training.config import PretrainConfig, build_config
+from selfsup.protocols.distill import DistillConfig, distill
+from selfsup.protocols.finetune import FinetuneConfig, finetune
+from selfsup.training.loop import pretrain
 
 BUDGETS = {
     # pretrain_minutes: SimCLRv2 pre-training wall-clock; finetune/distill: fixed step counts (None: the
@@ -75,7 +75,7 @@ def _run(kind: str, out: Path, fn, reuse: bool) -> dict:
         print(f"[semi_supervised] reusing {out}", file=sys.stderr, flush=True)
         return result
     if out.exists():  # an interrupted run: continue it
-        from selfsup.checkpoint import list_checkpoints
+        from selfsup.training.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(out))
     else:

@@ -31,7 +31,7 @@ def _samples(n: int, seed: int = 0):
 
 
 def bench_mds(root: Path, samples, order) -> dict:
-    from selfsup.store import _engine  # the MDS modules without streaming/__init__ (see there)
+    from selfsup.data.store import _engine  # the MDS modules without streaming/__init__ (see there)
 
     reader_from_json, MDSWriter = _engine()
 

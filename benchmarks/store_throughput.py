@@ -40,8 +40,8 @@ from imagefolder_throughput import make_jpeg_folder, measure_loader  # noqa: E40
 def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: int) -> float:
     import torch
 
-    from selfsup.data import load_dataset
-    from selfsup.train import batch_stream
+    from selfsup.data.datasets import load_dataset
+    from selfsup.training.steps import batch_stream
 
     dataset = load_dataset(name, "train", image_size=image_size, in_memory=False)
     stream = batch_stream(dataset, batch_size, 0, 0, steps + 1, workers, torch.device("cpu"))
@@ -53,7 +53,7 @@ def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: in
 
 
 def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch_size: int, steps: int) -> None:
-    from selfsup.prepare import prepare_store
+    from selfsup.data.prepare import prepare_store
 
     for size in sizes:
         store, raw = root / f"store{size}", root / f"store{size}raw"
@@ -70,9 +70,9 @@ def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch
 
 def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, run: Path, backbone: str | None,
               device: str, in_memory: bool) -> float:
-    from selfsup import train
-    from selfsup.config import PretrainConfig, build_config
-    from selfsup.data import load_dataset
+    from selfsup.training import loop as train
+    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.data.datasets import load_dataset
 
     layer = {"dataset": name, "image_size": size, "batch_size": batch_size, "steps": steps, "num_workers": workers,
              "knn_monitor": False, "log_every": 1, "checkpoint_every": steps + 1, "device": device}
@@ -91,7 +91,7 @@ def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, r
 
 def bench_pretrain(folder: Path, root: Path, size: int, batch_size: int, steps: int, workers: int,
                    backbone: str | None = None, device: str = "auto") -> None:
-    from selfsup.prepare import prepare_store
+    from selfsup.data.prepare import prepare_store
 
     store = root / f"store{size}"
     prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False)
@@ -105,10 +105,10 @@ def bench_pretrain(folder: Path, root: Path, size: int, batch_size: int, steps: 
 
 
 def bench_nvjpeg(root: Path, size: int, batch_size: int, steps: int) -> None:
-    """GPU only: batches of the store's JPEG bytes decoded by nvJPEG (selfsup.store.decode_jpeg_batch)."""
+    """GPU only: batches of the store's JPEG bytes decoded by nvJPEG (selfsup.data.store.decode_jpeg_batch)."""
     import torch
 
-    from selfsup.store import StoreDataset, decode_jpeg_batch
+    from selfsup.data.store import StoreDataset, decode_jpeg_batch
 
     store = StoreDataset(root / f"store{size}")
     batches = [[store.sample((s * batch_size + i) % len(store))["image"] for i in range(batch_size)]
@@ -131,7 +131,7 @@ def _pil_decode(path: str) -> int:
 
 
 def _folder_decode(job: tuple[str, int]) -> int:
-    from selfsup.data import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
+    from selfsup.data.folders import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
 
     return _decode_image(Path(job[0]), job[1], 3).shape[-1]
 
@@ -150,8 +150,8 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
-    from selfsup.data import default_load_size
-    from selfsup.prepare import prepare_store
+    from selfsup.data.containers import default_load_size
+    from selfsup.data.prepare import prepare_store
 
     files = sorted(str(p) for p in folder.iterdir())
     n = len(files)
@@ -162,7 +162,7 @@ def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
                 pass
 
     # The engine's import is a fixed cost once per process (seconds of CPU here): timed apart, not per image.
-    from selfsup.store import _engine
+    from selfsup.data.store import _engine
 
     import_wall, _ = _timed(_engine)
     pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))

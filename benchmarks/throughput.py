@@ -19,12 +19,13 @@ import time
 import numpy as np
 import torch
 
-from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import build_backbone
-from selfsup.config import PretrainConfig, build_config
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
+from selfsup.models.backbones import build_backbone
+from selfsup.training.config import PretrainConfig, build_config
 from selfsup.methods import METHODS
-from selfsup.optim import build_optimizer
-from selfsup.train import autocast_context, resolve_precision
+from selfsup.training.optim import build_optimizer
+from selfsup.training.steps import autocast_context, resolve_precision
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:

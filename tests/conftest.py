@@ -20,7 +20,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if TEST_PRECISION != "bf16":
         return
-    from selfsup.train import bf16_supported
+    from selfsup.training.steps import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         skip = pytest.mark.skip(reason="SELFSUP_TEST_PRECISION=bf16 but this CPU has no native bf16 (AVX512-BF16/AMX); "
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_cfg():
     """A pre-training config that runs a few steps in about a second on a CPU."""
-    from selfsup.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig, build_config
 
     def make(**kw):
         base = {"recipe": "cpu", "precision": TEST_PRECISION, "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,

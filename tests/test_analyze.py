@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfsup.analyze import STUDIES, run_study
-from selfsup.config import ConfigError
+from selfsup.training.config import ConfigError
 
 # 8 px images, a 1/8-width ResNet-18 (64-d h), two steps of 8 images, probes on 60 / 40 images.
 TINY_FLAGS = {"--dataset": "embedded", "--image-size": "8", "--backbone": "resnet18", "--backbone-width": "0.125",
@@ -39,8 +39,8 @@ def _one_thread():
 def tiny_run(tmp_path_factory):
     """One tiny SimCLR pre-training run shared by the probe and t-SNE tests."""
     from selfsup.analyze.common import STUDY_CHECKPOINT_EVERY
-    from selfsup.config import PretrainConfig, build_config
-    from selfsup.train import pretrain
+    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.loop import pretrain
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     cfg = build_config(PretrainConfig, {"dataset": "embedded", "image_size": 8, "backbone": "resnet18",
@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_registry_lists_every_study_and_the_cli_knows_them(capsys, tmp_path):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     assert list(STUDIES) == ["augment-pairs", "head", "transform-probe", "tsne", "batch-size", "temperature", "views"]
     for study in STUDIES.values():
@@ -200,7 +200,7 @@ def test_tsne_without_scikit_learn_says_what_to_install(monkeypatch):
 
 
 def test_head_study_none_linear(tmp_path):
-    from selfsup.checkpoint import load_weights
+    from selfsup.training.checkpoint import load_weights
 
     out = tmp_path / "head"
     run_study("head", TINY + ["--out", str(out), "--heads", "none,linear", "--dims", "8"])
@@ -213,8 +213,8 @@ def test_head_study_none_linear(tmp_path):
 
 
 def test_no_projection_head_config():
-    from selfsup.backbones import build_backbone
-    from selfsup.config import PretrainConfig, build_config
+    from selfsup.models.backbones import build_backbone
+    from selfsup.training.config import PretrainConfig, build_config
     from selfsup.methods import METHODS
 
     cfg = build_config(PretrainConfig, {"proj_layers": 0})

@@ -1,4 +1,4 @@
-"""Tests for selfsup.augment: per-sample batched views (SimCLR Appendix A, BYOL Table 6).
+"""Tests for selfsup.views.augment: per-sample batched views (SimCLR Appendix A, BYOL Table 6).
 
 Colour ops are checked against torchvision's functional reference, applied sample by sample with the
 parameters the batched augmentation reports.
@@ -12,14 +12,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from selfsup.augment import (
-    TRANSFORM_NAMES,
-    BatchAugment,
-    ViewConfig,
-    save_view_grid,
-    two_views,
-    view_config_for,
-)
+from selfsup.views.config import TRANSFORM_NAMES, ViewConfig, view_config_for
+from selfsup.views.augment import BatchAugment, save_view_grid, two_views
 
 # Everything off: only an identity resize. Tests switch on what they exercise.
 OFF = dict(crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from selfsup.backbones import BACKBONES, CPU_DEFAULT_BACKBONE, build_backbone
-from selfsup.heads import ProjectionHead
+from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE, build_backbone
+from selfsup.models.heads import ProjectionHead
 
 # Reference counts without the fc layer: torchvision resnet18/50 have 11.69M / 25.56M with fc.
 EXPECTED_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032,
@@ -80,7 +80,7 @@ def test_projection_head_layers():
     (3, 4, False, True),  # not a tiny map: the plain convolution
 ])
 def test_tiny_map_conv_equals_conv2d_values_and_gradients(kernel, size, bias, channels_last):
-    from selfsup.backbones import Conv2d
+    from selfsup.models.resnet import Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(6, 5, kernel, 1, kernel // 2, bias=bias).double()
@@ -102,7 +102,8 @@ def test_tiny_map_conv_equals_conv2d_values_and_gradients(kernel, size, bias, ch
 
 
 def test_default_encoder_same_with_and_without_tiny_map_paths(monkeypatch):
-    import selfsup.backbones as bb
+    import selfsup.models.backbones as bb
+    import selfsup.models.resnet as resnet  # home of _plain_graph
 
     torch.manual_seed(0)
     net = bb.build_backbone("resnet18_narrow", in_channels=1, image_size=28).to(memory_format=torch.channels_last)
@@ -119,7 +120,7 @@ def test_default_encoder_same_with_and_without_tiny_map_paths(monkeypatch):
         return out.detach(), [p.grad.clone() for p in net.parameters()], evaluated
 
     fast_out, fast_grads, fast_eval = run()
-    monkeypatch.setattr(bb, "_plain_graph", lambda: True)
+    monkeypatch.setattr(resnet, "_plain_graph", lambda: True)
     plain_out, plain_grads, plain_eval = run()
     torch.testing.assert_close(fast_out, plain_out, rtol=1e-4, atol=1e-5)
     for a, b in zip(fast_grads, plain_grads):  # fp32 summation order differs: compare at the gradient's scale

@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.data import DataError, ImageFolderDataset, _decode_image, load_dataset
-from selfsup.image_checks import BadImageError, check_image, convert_image
-from selfsup.train import batch_stream
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import DataError
+from selfsup.data.folders import ImageFolderDataset, _decode_image
+from selfsup.data.image_checks import BadImageError, check_image, convert_image
+from selfsup.training.steps import batch_stream
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -237,7 +239,7 @@ def test_streamed_batches_stay_full_across_dataloader_workers(tmp_path):
 
 
 def _cli(argv, capsys):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     code = main(argv)
     return code, capsys.readouterr()

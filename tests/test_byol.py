@@ -7,17 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import list_checkpoints, load_weights
-from selfsup.collapse import CollapseMonitor, CollapseWarning, collapse_std
-from selfsup.config import ConfigError, PretrainConfig, build_config
-from selfsup.ema import ema_update
-from selfsup.heads import ProjectionHead
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import list_checkpoints, load_weights
+from selfsup.methods.collapse import CollapseMonitor, CollapseWarning, collapse_std
+from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.methods.ema import ema_update
+from selfsup.models.heads import ProjectionHead
 from selfsup.losses import byol_loss
 from selfsup.methods import BYOL
-from selfsup.optim import build_optimizer
-from selfsup.schedules import ema_tau
-from selfsup.train import build_model, pretrain
+from selfsup.training.optim import build_optimizer
+from selfsup.training.schedules import ema_tau
+from selfsup.training.build import build_model
+from selfsup.training.loop import pretrain
 
 
 def tiny_byol(predictor: bool = True, seed: int = 0) -> BYOL:

@@ -1,4 +1,4 @@
-"""Tests for selfsup.data on small generated fixtures; nothing is downloaded."""
+"""Tests for selfsup.data.datasets on small generated fixtures; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup import data
-from selfsup.data import (
-    DataNotFoundError,
-    ImageFolderDataset,
-    InMemoryDataset,
-    default_load_size,
-    fashion_mnist_available,
-    label_subset,
-    load_dataset,
-)
+import selfsup.data as data  # the package re-exports the constants
+from selfsup.data import builtin  # home of SYSTEM_DATA_DIRS (patched below)
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import DataNotFoundError
+from selfsup.data.folders import ImageFolderDataset
+from selfsup.data.containers import InMemoryDataset, default_load_size
+from selfsup.data.builtin import fashion_mnist_available
+from selfsup.data.labels import label_subset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -30,7 +28,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _isolated(monkeypatch):
     """Only the fixtures' folders are searched: no $SELFSUP_DATA, no /usr/share/datasets."""
     monkeypatch.delenv("SELFSUP_DATA", raising=False)
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+    monkeypatch.setattr(builtin, "SYSTEM_DATA_DIRS", {})
 
 
 def assert_images(ds: InMemoryDataset, n: int, c: int, h: int) -> None:
@@ -106,7 +104,7 @@ def test_data_dir_searched_before_env(tmp_path, monkeypatch):
 
 def test_idx_not_found_lists_places_searched(tmp_path, monkeypatch):
     system = tmp_path / "system"
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion-mnist": (system,)})
+    monkeypatch.setattr(builtin, "SYSTEM_DATA_DIRS", {"fashion-mnist": (system,)})
     monkeypatch.setenv("SELFSUP_DATA", str(tmp_path / "env"))
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("fashion-mnist", data_dir=tmp_path / "given")

@@ -20,13 +20,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from selfsup import dist
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import list_checkpoints, load_checkpoint, load_weights
-from selfsup.heads import ProjectionHead
+from selfsup import distributed as dist
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import list_checkpoints, load_checkpoint, load_weights
+from selfsup.models.heads import ProjectionHead
 from selfsup.losses import nt_xent
 from selfsup.methods import METHODS
-from selfsup.sync_batchnorm import convert_sync_batchnorm
+from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
 B = 4  # per-rank batch
 WORLD = 2
@@ -57,7 +57,7 @@ def _tiny_method(name: str) -> torch.nn.Module:
         from selfsup.methods.simclr import SimCLR
 
         return SimCLR(backbone, ProjectionHead(backbone.num_features, 32, 16), temperature=0.2).double()
-    from selfsup.config import PretrainConfig
+    from selfsup.training.config import PretrainConfig
 
     cfg = PretrainConfig(method=name, proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32)
     return METHODS[name](cfg, backbone).double()
@@ -182,7 +182,7 @@ def test_global_batch_norm_matches_batch_norm_forward_backward_and_running_stats
     c = shape[1]
     w, b = torch.randn(c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
     dy = torch.randn(*shape, generator=g, dtype=torch.float64)
-    from selfsup.sync_batchnorm import global_batch_norm
+    from selfsup.models.sync_batchnorm import global_batch_norm
 
     outs = []
     for fn in (global_batch_norm, F.batch_norm):
@@ -212,7 +212,7 @@ _FIXED_VIEWS = {
 
 
 def _run_cfg(**kw):
-    from selfsup.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig, build_config
 
     base = {"recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
             "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16, "image_size": 16,
@@ -226,9 +226,9 @@ class _Interrupted(Exception):
 
 
 def _training_worker(rank: int, ports: list[int], out_dir: str) -> None:
-    from selfsup.data import load_dataset
-    from selfsup.dist_eval import extract_features_sharded
-    from selfsup.train import pretrain
+    from selfsup.data.datasets import load_dataset
+    from selfsup.evaluation.sharded import extract_features_sharded
+    from selfsup.training.loop import pretrain
 
     out = Path(out_dir)
     cfg = _run_cfg()
@@ -268,7 +268,7 @@ def _training_worker(rank: int, ports: list[int], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def training_runs(spawned):
     out = spawned
-    from selfsup.train import pretrain
+    from selfsup.training.loop import pretrain
 
     pretrain(_run_cfg(), out / "cut_on_1", resume=True, progress=False)  # this process alone: world size 1
     return out
@@ -325,8 +325,8 @@ def test_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_state(t
 
 
 def test_sharded_feature_extraction_gathers_every_rank_in_order(training_runs):
-    from selfsup.data import load_dataset
-    from selfsup.evaluate import extract_features
+    from selfsup.data.datasets import load_dataset
+    from selfsup.evaluation.frozen import extract_features
 
     torch.manual_seed(0)
     enc = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)
@@ -347,7 +347,7 @@ def test_sharded_feature_extraction_gathers_every_rank_in_order(training_runs):
 
 _FAULTY_MAIN = """
 import os, sys, time
-import selfsup.train as train
+import selfsup.training.loop as train
 
 if os.environ["RANK"] == "1":
     schedule = train.warmup_cosine
@@ -360,7 +360,7 @@ if os.environ["RANK"] == "1":
         return schedule(step, *args, **kwargs)
 
     train.warmup_cosine = faulty
-from selfsup.cli import main
+from selfsup.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 

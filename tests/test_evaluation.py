@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.data import load_dataset
-from selfsup.evaluate import BackboneChangedError, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
-from selfsup.linear_probe import fit_logreg, stratified_split
+from selfsup.data.datasets import load_dataset
+from selfsup.evaluation.frozen import BackboneChangedError, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
+from selfsup.evaluation.linear_probe import fit_logreg, stratified_split
 
 # ------------------------------------------------------------------------------------------------
 # top-k and kNN
@@ -120,7 +120,7 @@ def test_probe_reports_an_iteration_cap_instead_of_hiding_it():
 
 @pytest.fixture
 def tiny_run(tmp_path, tiny_cfg):
-    from selfsup.train import pretrain
+    from selfsup.training.loop import pretrain
 
     run = tmp_path / "run"
     pretrain(tiny_cfg(steps=2), run, progress=False)
@@ -128,7 +128,7 @@ def tiny_run(tmp_path, tiny_cfg):
 
 
 def test_backbone_changed_error_fires_when_evaluation_moves_a_buffer(tiny_run, monkeypatch):
-    import selfsup.eval_runs as er
+    import selfsup.protocols.eval_run as er
 
     real = er.extract_features_sharded
 
@@ -153,7 +153,7 @@ def test_state_fingerprint_sees_buffers():
 
 
 def test_eval_records_protocol_and_writes_baselines_beside_the_run(tiny_run):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     assert main(["eval", "knn", "--run", str(tiny_run), "--k", "7", "--temperature", "0.3", "--no-progress"]) == 0
     knn = json.loads((tiny_run / "eval_knn.json").read_text())
@@ -168,8 +168,8 @@ def test_eval_records_protocol_and_writes_baselines_beside_the_run(tiny_run):
 
 
 def test_random_init_baseline_is_the_network_the_run_started_from(tiny_cfg):
-    from selfsup.eval_runs import random_init_encoder
-    from selfsup.train import build_model
+    from selfsup.protocols.eval_run import random_init_encoder
+    from selfsup.training.build import build_model
 
     cfg = tiny_cfg(seed=3)
     torch.manual_seed(cfg.seed)  # what pretrain does before building the model
@@ -179,8 +179,8 @@ def test_random_init_baseline_is_the_network_the_run_started_from(tiny_cfg):
 
 
 def test_sgd_protocol_trains_a_linear_layer_and_leaves_the_encoder_bit_identical():
-    from selfsup.backbones import build_backbone
-    from selfsup.linear_sgd import LinearSGDConfig, linear_eval_sgd
+    from selfsup.models.backbones import build_backbone
+    from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
 
     torch.manual_seed(0)
     enc = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)
@@ -199,11 +199,11 @@ def test_sgd_protocol_trains_a_linear_layer_and_leaves_the_encoder_bit_identical
 
 def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys, monkeypatch):
     """``selfsup demo``: pre-training, linear + kNN + the raw-pixel baseline, report and pictures."""
-    import selfsup.data
-    from selfsup.cli import main
+    import selfsup.cli.app
+    from selfsup.cli.app import main
 
     out = tmp_path / "demo"
-    monkeypatch.setattr(selfsup.data, "fashion_mnist_available", lambda data_dir=None: False)  # the embedded sample
+    monkeypatch.setattr(selfsup.cli.app, "fashion_mnist_available", lambda data_dir=None: False)  # the embedded sample
     code = main(["demo", "--minutes", "0.03", "--out", str(out), "--no-progress",
                  "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "image_size=8",
                  "--set", "batch_size=64", "--set", "knn_monitor=false"])

@@ -9,11 +9,11 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from selfsup import cli
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import save_weights, weights_metadata
-from selfsup.config import PretrainConfig, save_yaml
-from selfsup.export import ExportError, export_backbone, load_exported, torchvision_arch
+from selfsup.cli import app as cli
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import save_weights, weights_metadata
+from selfsup.training.config import PretrainConfig, save_yaml
+from selfsup.artifacts.export import ExportError, export_backbone, load_exported, torchvision_arch
 
 
 def randomise_(model: nn.Module, seed: int = 0) -> nn.Module:

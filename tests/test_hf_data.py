@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup import cli
-from selfsup.data import DataError, load_dataset
-from selfsup.runs import load_run
-from selfsup.train import pretrain
+from selfsup.cli import app as cli
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import DataError
+from selfsup.training.runs import load_run
+from selfsup.training.loop import pretrain
 
 pa = pytest.importorskip("pyarrow")
 ROOT = Path(__file__).resolve().parents[1]

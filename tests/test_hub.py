@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import selfsup
-from selfsup import cli
-from selfsup.runs import load_encoder as run_encoder
-from selfsup.runs import load_run
+from selfsup.cli import app as cli
+from selfsup.training.runs import load_encoder as run_encoder
+from selfsup.training.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "embedded", "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16",

@@ -9,12 +9,13 @@ import torch
 import torchvision
 import yaml
 
-from selfsup import cli
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import save_weights
-from selfsup.init_weights import InitError, load_init
-from selfsup.runs import load_encoder, load_run
-from selfsup.train import build_model, pretrain
+from selfsup.cli import app as cli
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import save_weights
+from selfsup.training.init_weights import InitError, load_init
+from selfsup.training.runs import load_encoder, load_run
+from selfsup.training.build import build_model
+from selfsup.training.loop import pretrain
 
 TINY = ["--dataset", "embedded", "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16",
         "--set", "knn_monitor=false", "--set", "proj_out_dim=16", "--set", "precision=fp32", "--no-progress"]

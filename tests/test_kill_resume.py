@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.checkpoint import list_checkpoints, load_weights
+from selfsup.training.checkpoint import list_checkpoints, load_weights
 
 TOTAL, EVERY = 30, 5
 ARGS = ["pretrain", "--dataset", "embedded", "--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every",

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.config import ConfigError
-from selfsup.data import load_dataset, read_label_list
-from selfsup.finetune import LABEL_SUBSET_FILE, prepare_label_subset
+from selfsup.training.config import ConfigError
+from selfsup.data.datasets import load_dataset
+from selfsup.data.labels import read_label_list
+from selfsup.protocols.finetune import LABEL_SUBSET_FILE, prepare_label_subset
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import torch
 L = pytest.importorskip("lightning")
 
 import selfsup  # noqa: E402
-from selfsup import cli  # noqa: E402
-from selfsup.config import ConfigError  # noqa: E402
-from selfsup.data import load_dataset  # noqa: E402
-from selfsup.export import load_exported  # noqa: E402
+from selfsup.cli import app as cli  # noqa: E402
+from selfsup.training.config import ConfigError  # noqa: E402
+from selfsup.data.datasets import load_dataset  # noqa: E402
+from selfsup.artifacts.export import load_exported  # noqa: E402
 from selfsup.lightning import BYOLModule, SimCLRModule, SimCLRv2Module, step_dataloader  # noqa: E402
-from selfsup.schedules import ema_tau  # noqa: E402
-from selfsup.train import pretrain  # noqa: E402
+from selfsup.training.schedules import ema_tau  # noqa: E402
+from selfsup.training.loop import pretrain  # noqa: E402
 
 TINY = {"dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
         "proj_out_dim": 16, "precision": "fp32", "knn_monitor": False, "log_every": 1}

@@ -24,15 +24,15 @@ def test_core_works_with_the_extras_blocked(tmp_path):
                 return None
 
         sys.meta_path.insert(0, Block())
-        import selfsup, selfsup.cli, selfsup.train, selfsup.hub, selfsup.trackers, selfsup.hf_data
-        import selfsup.init_weights, selfsup.runs, selfsup.export, selfsup.lightning_ckpt
-        selfsup.cli.build_parser()
-        code = selfsup.cli.main(["pretrain", "--dataset", "embedded", "--out", {str(tmp_path / 'run')!r}, "--steps", "1",
+        import selfsup, selfsup.cli.app, selfsup.training.loop, selfsup.artifacts.hub, selfsup.training.trackers, selfsup.data.hf
+        import selfsup.training.init_weights, selfsup.training.runs, selfsup.artifacts.export, selfsup.training.lightning_ckpt
+        selfsup.cli.app.build_parser()
+        code = selfsup.cli.app.main(["pretrain", "--dataset", "embedded", "--out", {str(tmp_path / 'run')!r}, "--steps", "1",
                                  "--batch-size", "8", "--backbone", "resnet18", "--set", "backbone_width=0.0625",
                                  "--set", "knn_monitor=false", "--no-progress"])
-        hub = selfsup.cli.main(["export", "--run", {str(tmp_path / 'run')!r}, "--to", "hub", "--out", {str(tmp_path / 'hub')!r}])
+        hub = selfsup.cli.app.main(["export", "--run", {str(tmp_path / 'run')!r}, "--to", "hub", "--out", {str(tmp_path / 'hub')!r}])
         enc = selfsup.load_encoder({str(tmp_path / 'hub')!r})
-        wandb = selfsup.cli.main(["pretrain", "--dataset", "embedded", "--out", {str(tmp_path / 'w')!r}, "--steps", "1",
+        wandb = selfsup.cli.app.main(["pretrain", "--dataset", "embedded", "--out", {str(tmp_path / 'w')!r}, "--steps", "1",
                                   "--logger", "wandb", "--no-progress"])
         try:
             import selfsup.lightning

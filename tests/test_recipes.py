@@ -5,12 +5,12 @@ import pytest
 import torch
 import yaml
 
-from selfsup.augment import ViewConfig
-from selfsup.backbones import build_backbone
-from selfsup.config import ConfigError, PretrainConfig, build_config, to_dict
-from selfsup.heads import ProjectionHead
+from selfsup.views.config import ViewConfig
+from selfsup.models.backbones import build_backbone
+from selfsup.training.config import ConfigError, PretrainConfig, build_config, to_dict
+from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS
-from selfsup.recipes import RECIPES, auto_recipe, effective_lr, lr_warning, paper_lr
+from selfsup.methods.recipes import RECIPES, auto_recipe, effective_lr, lr_warning, paper_lr
 
 CPU = {"dataset": "fashion-mnist"}  # the CPU default run: narrow encoder, 28 px
 CIFAR = {"dataset": "cifar10", "backbone": "resnet18", "batch_size": 512}
@@ -119,7 +119,7 @@ def test_warning_fires_for_the_user_guides_old_resnet50_example():
 
 
 def test_warning_is_printed_before_any_work(tmp_path, capsys):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     # A data set that does not exist: the warning is printed before the data is looked for.
     rc = main(["pretrain", "--backbone", "resnet50", "--batch-size", "4096", "--recipe", "cpu", "--dataset",
@@ -148,8 +148,8 @@ def test_partial_view_override_keeps_the_rest_of_the_preset(method):
 
 
 def test_partial_override_via_set_on_the_command_line():
-    from selfsup.cli import build_parser
-    from selfsup.cli import _pretrain_config
+    from selfsup.cli.app import build_parser
+    from selfsup.cli.app import _pretrain_config
 
     args = build_parser().parse_args(["pretrain", "--method", "byol", "--set", "view.blur_p=0",
                                       "--set", "optim.weight_decay=0"])
@@ -159,7 +159,7 @@ def test_partial_override_via_set_on_the_command_line():
 
 
 def test_dry_run_prints_the_resolved_config_without_reading_data(tmp_path, capsys):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     assert main(["pretrain", "--dry-run", "--method", "byol", "--backbone", "resnet50", "--batch-size", "4096",
                  "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing-here"), "--epochs", "100",
@@ -186,7 +186,7 @@ def test_heads_end_as_in_the_official_code():
 
 
 def test_zero_init_residual_and_small_stem_cut_off():
-    from selfsup.train import build_model
+    from selfsup.training.build import build_model
 
     cfg = resolved("simclr", CIFAR, backbone="resnet18_narrow", recipe="simclr")
     model = build_model(cfg, 3, 32)
@@ -198,8 +198,8 @@ def test_zero_init_residual_and_small_stem_cut_off():
 
 
 def test_simclrv2_finetuning_values_are_the_finetune_defaults():
-    from selfsup.finetune import FinetuneOptimConfig, paper_epochs
-    from selfsup.recipes import SIMCLRV2_FINETUNE
+    from selfsup.protocols.finetune import FinetuneOptimConfig, paper_epochs
+    from selfsup.methods.recipes import SIMCLRV2_FINETUNE
 
     o = FinetuneOptimConfig()
     assert {"name": o.name, "lr": o.lr, "lr_scaling": o.lr_scaling, "weight_decay": o.weight_decay} == SIMCLRV2_FINETUNE["optim"]
@@ -207,7 +207,7 @@ def test_simclrv2_finetuning_values_are_the_finetune_defaults():
 
 
 def test_evaluation_crops_the_centre_above_32_px():
-    from selfsup.evaluate import eval_crop, prepare_images
+    from selfsup.evaluation.frozen import eval_crop, prepare_images
 
     assert eval_crop(28) == eval_crop(32) == 1.0 and eval_crop(96) == 0.875
     img = torch.zeros(1, 1, 96, 96, dtype=torch.uint8)

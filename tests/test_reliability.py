@@ -19,20 +19,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfsup import checkpoint as ckpt
-from selfsup import train as train_mod
-from selfsup.augment import _PROB_FIELDS, BatchAugment, ViewConfig
-from selfsup.backbones import BACKBONES, build_backbone
-from selfsup.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_checkpoint,
+from selfsup.training import checkpoint as ckpt
+from selfsup.training import setup as train_mod  # home of build_model as pretrain's set-up phase calls it
+from selfsup.views.config import _PROB_FIELDS, ViewConfig
+from selfsup.views.augment import BatchAugment
+from selfsup.models.backbones import BACKBONES, build_backbone
+from selfsup.training.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_checkpoint,
                                 load_weights, save_checkpoint)
-from selfsup.cli import main as cli_main
-from selfsup.config import (ConfigError, OptimConfig, PretrainConfig, build_config, from_dict, parse_overrides,
+from selfsup.cli.app import main as cli_main
+from selfsup.training.config import (ConfigError, OptimConfig, PretrainConfig, build_config, from_dict, parse_overrides,
                             to_dict)
-from selfsup.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.guards import channels_last_hazard
-from selfsup.optim import build_optimizer
-from selfsup.schedules import warmup_cosine
-from selfsup.train import TrainingError, pretrain
+from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
+from selfsup.training.guards import channels_last_hazard
+from selfsup.training.optim import build_optimizer
+from selfsup.training.schedules import warmup_cosine
+from selfsup.training.loop import TrainingError, pretrain
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoint writes: a kill at any point leaves the previous checkpoints intact
@@ -309,7 +310,7 @@ def test_incompatible_checkpoints_get_clear_errors(finished_run):
 
 
 def test_evaluating_a_run_with_another_backbone_is_a_clear_error(finished_run):
-    from selfsup.runs import load_encoder, load_run
+    from selfsup.training.runs import load_encoder, load_run
 
     run, _ = finished_run
     info = load_run(run)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.optim import LARS, build_optimizer
-from selfsup.schedules import scaled_lr, warmup_cosine
+from selfsup.training.optim import LARS, build_optimizer
+from selfsup.training.schedules import scaled_lr, warmup_cosine
 
 
 def test_warmup_cosine_shape():

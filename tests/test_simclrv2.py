@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup.backbones import BACKBONES, build_backbone
-from selfsup.checkpoint import list_checkpoints, load_checkpoint, load_weights
-from selfsup.config import ConfigError, PretrainConfig, build_config
-from selfsup.data import label_subset, load_dataset
-from selfsup.distill import DistillConfig, distill, distill_objective, freeze_teacher
-from selfsup.finetune import Classifier, HeadLayers, classifier_from_pretrain, prepare_label_subset
-from selfsup.heads import ProjectionHead
+from selfsup.models.backbones import BACKBONES, build_backbone
+from selfsup.training.checkpoint import list_checkpoints, load_checkpoint, load_weights
+from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.data.labels import label_subset
+from selfsup.data.datasets import load_dataset
+from selfsup.protocols.distill import DistillConfig, distill, distill_objective, freeze_teacher
+from selfsup.protocols.finetune import Classifier, HeadLayers, classifier_from_pretrain, prepare_label_subset
+from selfsup.models.heads import ProjectionHead
 from selfsup.losses import distill_loss
-from selfsup.sk import SelectiveKernelConv
-from selfsup.supervised import labeled_stream
+from selfsup.models.sk_resnet import SelectiveKernelConv
+from selfsup.protocols.labelled_loop import labeled_stream
 
 # SimCLRv2 Table 1: parameters in millions, "ResNet up to final average pooling layer".
 PAPER_PARAMS_M = {
@@ -169,7 +170,7 @@ def test_selective_kernel_mixes_paths_with_softmax_weights():
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory):
-    from selfsup.train import pretrain
+    from selfsup.training.loop import pretrain
 
     cfg = build_config(PretrainConfig, {
         "recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 1,
@@ -181,7 +182,7 @@ def pretrain_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetune_run(pretrain_run):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     out = pretrain_run.parent / "ft"
     import contextlib
@@ -230,8 +231,8 @@ def test_finetuned_encoder_serves_eval_embed_and_export(finetune_run, tmp_path):
     # The fine-tuned backbone is an encoder like any other: load_run reads it from run.json.
     from safetensors.torch import load_file
 
-    from selfsup.cli import main
-    from selfsup.runs import load_encoder, load_run
+    from selfsup.cli.app import main
+    from selfsup.training.runs import load_encoder, load_run
 
     out, _ = finetune_run
     encoder = load_encoder(load_run(out))
@@ -252,7 +253,7 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, mo
     import torch.distributed as tdist
     from torch.nn import parallel
 
-    from selfsup.finetune import load_classifier
+    from selfsup.protocols.finetune import load_classifier
 
     teacher_dir, _ = finetune_run
     # One distillation step by hand: the frozen teacher gets no gradient and is not in the optimiser.
@@ -302,8 +303,8 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, mo
 
 @pytest.mark.parametrize("kind", ["finetune", "distill"])
 def test_finetune_and_distill_resume_equals_uninterrupted(kind, pretrain_run, finetune_run, tmp_path, monkeypatch):
-    import selfsup.supervised as sup
-    from selfsup.finetune import FinetuneConfig, finetune
+    import selfsup.protocols.labelled_loop as sup
+    from selfsup.protocols.finetune import FinetuneConfig, finetune
 
     def make():
         common = {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1}

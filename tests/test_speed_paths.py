@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from selfsup.augment import BatchAugment, ViewConfig
-from selfsup.backbones import build_backbone
-from selfsup.heads import ProjectionHead
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import ViewConfig
+from selfsup.models.backbones import build_backbone
+from selfsup.models.heads import ProjectionHead
 from selfsup.methods import SimCLR
 
 

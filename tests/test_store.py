@@ -27,12 +27,14 @@ from PIL import Image
 if importlib.util.find_spec("streaming") is None or importlib.util.find_spec("simplejpeg") is None:
     pytest.skip("needs the store extra: pip install 'selfsup[store]'", allow_module_level=True)
 
-from selfsup import cli, prepare  # noqa: E402
-from selfsup.checkpoint import list_checkpoints, load_weights  # noqa: E402
-from selfsup.data import ImageFolderDataset, load_dataset  # noqa: E402
-from selfsup.image_checks import BadImageError  # noqa: E402
-from selfsup.prepare import prepare_store  # noqa: E402
-from selfsup.store import StoreDataset  # noqa: E402
+from selfsup.cli import app as cli  # noqa: E402
+from selfsup.data import prepare
+from selfsup.training.checkpoint import list_checkpoints, load_weights  # noqa: E402
+from selfsup.data.folders import ImageFolderDataset
+from selfsup.data.datasets import load_dataset  # noqa: E402
+from selfsup.data.image_checks import BadImageError  # noqa: E402
+from selfsup.data.prepare import prepare_store  # noqa: E402
+from selfsup.data.store import StoreDataset  # noqa: E402
 from test_bad_images import BAD_FILES  # noqa: E402
 from test_distributed import _free_port, _torchrun_env  # noqa: E402
 from test_kill_resume import _kill_after, _logged, _newest_checkpoint_step  # noqa: E402
@@ -111,7 +113,7 @@ def test_jpeg_store_is_close_to_the_folder_and_smaller(folder, raw_store, tmp_pa
 
 
 def test_raw_store_trains_to_the_same_weights_as_its_folder(folder, raw_store, tiny_cfg, tmp_path):
-    from selfsup.train import pretrain
+    from selfsup.training.loop import pretrain
 
     weights = []
     for name in (f"imagefolder:{folder}", f"store:{raw_store}"):
@@ -255,7 +257,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
     _torchrun_env(rank, world, port)
     import torch.distributed as tdist
 
-    from selfsup.train import batch_stream
+    from selfsup.training.steps import batch_stream
 
     tdist.init_process_group("gloo")
     try:
@@ -268,7 +270,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
 
 @pytest.mark.slow
 def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
-    from selfsup.train import step_indices
+    from selfsup.training.steps import step_indices
 
     store = tmp_path / "s"
     prepare_store(f"imagefolder:{_id_folder(tmp_path / 'ids')}", store, size=64, format="raw", workers=0, progress=False)

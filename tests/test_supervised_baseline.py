@@ -4,12 +4,12 @@ import json
 import torch
 import torch.nn.functional as F
 
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import load_weights
-from selfsup.config import PretrainConfig, build_config
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import load_weights
+from selfsup.training.config import PretrainConfig, build_config
 from selfsup.methods import METHODS, VIEW_PRESETS
 from selfsup.methods.supervised import Supervised
-from selfsup.train import pretrain
+from selfsup.training.loop import pretrain
 
 
 def test_supervised_loss_is_cross_entropy_of_a_linear_classifier_on_h_over_both_views():
@@ -32,7 +32,7 @@ def test_supervised_uses_the_default_simclr_runs_views_and_optimiser():
 
 
 def test_supervised_run_folder_is_probed_like_any_other(tmp_path, tiny_cfg):
-    from selfsup.cli import run_eval
+    from selfsup.cli.app import run_eval
 
     run = tmp_path / "sup"
     pretrain(tiny_cfg(method="supervised", steps=4), run, progress=False)

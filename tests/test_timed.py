@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from selfsup import train
-from selfsup.checkpoint import list_checkpoints, load_weights
-from selfsup.timed import TimePlan, replan, steps_for
-from selfsup.train import pretrain
+from selfsup.training import loop as train
+from selfsup.training.checkpoint import list_checkpoints, load_weights
+from selfsup.training.timed import TimePlan, replan, steps_for
+from selfsup.training.loop import pretrain
 
 
 class FakeClock:
@@ -129,7 +129,7 @@ def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path, tiny_cf
 
 
 def test_cli_resume_before_the_first_checkpoint(tmp_path):
-    from selfsup.cli import main
+    from selfsup.cli.app import main
 
     args = ["pretrain", "--dataset", "embedded", "--backbone", "resnet10_narrow", "--batch-size", "16", "--steps", "2",
             "--out", str(tmp_path / "r"), "--no-progress", "--set", "knn_monitor=false", "--set", "proj_out_dim=8"]
@@ -144,7 +144,7 @@ def test_cli_resume_before_the_first_checkpoint(tmp_path):
 
 
 def test_replan_counts_the_evaluations_the_new_total_implies():
-    from selfsup.timed import evaluations_after
+    from selfsup.training.timed import evaluations_after
 
     assert evaluations_after(10, 100, 39) == 3  # at 39, 78 and the end (100)
     assert evaluations_after(90, 100, 39) == 1 and evaluations_after(0, 78, 39) == 2

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from selfsup import cli
-from selfsup.config import ConfigError
-from selfsup.trackers import TrackerError, open_trackers
-from selfsup.train import pretrain
+from selfsup.cli import app as cli
+from selfsup.training.config import ConfigError
+from selfsup.training.trackers import TrackerError, open_trackers
+from selfsup.training.loop import pretrain
 
 
 def _stop_at(n):

@@ -5,14 +5,14 @@ import sys
 import pytest
 import torch
 
-from selfsup.augment import ViewConfig
-from selfsup.backbones import build_backbone
-from selfsup.checkpoint import list_checkpoints, load_weights
-from selfsup.config import ConfigError, PretrainConfig, build_config
-from selfsup.data import DataNotFoundError
-from selfsup.heads import ProjectionHead
+from selfsup.views.config import ViewConfig
+from selfsup.models.backbones import build_backbone
+from selfsup.training.checkpoint import list_checkpoints, load_weights
+from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.errors import DataNotFoundError
+from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS, SimCLR
-from selfsup.train import pretrain
+from selfsup.training.loop import pretrain
 
 
 def test_simclr_one_step_changes_weights_and_lowers_loss_on_fixed_batch():
@@ -150,10 +150,10 @@ def test_minutes_budget_fixes_a_step_count_and_stays_reproducible(tmp_path, tiny
     # --minutes times throw-away steps, restores the state, then trains a fixed number of steps: the
     # weights equal those of a --steps run of that length (the timing leaves no trace in the run).
     # A steady fake clock, so the pace does not drift and the run is not re-planned (tests/test_timed.py).
-    import selfsup.train
+    import selfsup.training.loop
 
     ticks = iter(range(10**6))
-    monkeypatch.setattr(selfsup.train, "_clock", lambda: next(ticks) * 0.25)
+    monkeypatch.setattr(selfsup.training.loop, "_clock", lambda: next(ticks) * 0.25)
     timed = pretrain(tiny_cfg(steps=None, minutes=0.5, checkpoint_every=1000), tmp_path / "timed", progress=False)
     total = json.loads((tmp_path / "timed" / "run.json").read_text())["total_steps"]
     assert total >= 1 and "ms/step measured" in capsys.readouterr().err

@@ -23,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup import cli
-from selfsup.config import ConfigError
+from selfsup.cli import app as cli
+from selfsup.training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "user_guide.md"
@@ -212,7 +212,8 @@ def test_guide_flow_wrote_everything(workspace):
 
 def test_streamed_training_reads_at_load_size(workspace):
     """96 px training streams 110 px centre squares (round(96 * 256 / 224)); the device crops them."""
-    from selfsup.data import ImageFolderDataset, load_dataset
+    from selfsup.data.folders import ImageFolderDataset
+    from selfsup.data.datasets import load_dataset
 
     ds = load_dataset("imagefolder:" + str(workspace / "photos"), image_size=96)
     assert isinstance(ds, ImageFolderDataset) and ds.labels is None
@@ -230,7 +231,7 @@ def expected_order(folder: Path) -> list[str]:
 
 
 def test_embed_shape_order_and_formats(workspace):
-    from selfsup.embed import read_embeddings
+    from selfsup.artifacts.embed import read_embeddings
 
     order = expected_order(workspace / "pets")
     assert len(order) == 20
@@ -244,10 +245,10 @@ def test_embed_shape_order_and_formats(workspace):
 def test_embed_rows_are_the_encoder_on_each_image(workspace, tmp_path):
     """Any batch size and worker count give the same rows; each row is h of that image alone."""
     pytest.importorskip("pyarrow")
-    from selfsup.data import _decode_image
-    from selfsup.embed import embed_run, read_embeddings
-    from selfsup.evaluate import prepare_images
-    from selfsup.runs import load_encoder, load_run
+    from selfsup.data.folders import _decode_image
+    from selfsup.artifacts.embed import embed_run, read_embeddings
+    from selfsup.evaluation.frozen import prepare_images
+    from selfsup.training.runs import load_encoder, load_run
 
     out = tmp_path / "pets.parquet"
     summary = embed_run(workspace / "runs" / "pets", workspace / "pets", out, batch_size=3, num_workers=2, device="cpu")
@@ -266,7 +267,7 @@ def test_embed_rows_are_the_encoder_on_each_image(workspace, tmp_path):
 
 
 def test_embed_lists_sorted_relative_paths(tmp_path):
-    from selfsup.embed import list_images
+    from selfsup.artifacts.embed import list_images
 
     for rel in ("z.jpg", "m/x.png", "a.PNG", "m/sub/b.webp", ".hidden/y.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def test_embed_broken_image(workspace, tmp_path, capsys):
                      "--no-progress", "--skip-broken", "--batch-size", "4"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == ["broken.jpg"] and summary["num_images"] == 10 and summary["dim"] == 64
-    from selfsup.embed import read_embeddings
+    from selfsup.artifacts.embed import read_embeddings
 
     paths, emb = read_embeddings(tmp_path / "e.csv")
     assert paths == expected_order(workspace / "photos") and emb.shape == (10, 64)
@@ -373,7 +374,7 @@ def test_report_loads_its_images_in_headless_chromium(workspace, tmp_path):
 
 
 def test_report_of_an_unfinished_run_and_of_a_non_run(workspace, tmp_path, capsys):
-    from selfsup.html_report import render_html_report
+    from selfsup.artifacts.html_report import render_html_report
 
     run = tmp_path / "interrupted"
     run.mkdir()
@@ -390,7 +391,7 @@ def test_report_of_an_unfinished_run_and_of_a_non_run(workspace, tmp_path, capsy
 
 def test_timm_backbones_by_name():
     timm = pytest.importorskip("timm")
-    from selfsup.backbones import build_backbone
+    from selfsup.models.backbones import build_backbone
 
     cnn = build_backbone("timm:test_resnet", in_channels=1, image_size=32).eval()
     with torch.no_grad():
@@ -409,9 +410,9 @@ def test_timm_backbones_by_name():
 
 def test_timm_backbone_pretrains_and_exports_for_timm(tiny_cfg, tmp_path):
     timm = pytest.importorskip("timm")
-    from selfsup.export import export_run, load_exported
-    from selfsup.runs import load_encoder, load_run
-    from selfsup.train import pretrain
+    from selfsup.artifacts.export import export_run, load_exported
+    from selfsup.training.runs import load_encoder, load_run
+    from selfsup.training.loop import pretrain
     from safetensors.torch import load_file
 
     cfg = tiny_cfg(backbone="timm:test_resnet", backbone_width=None, steps=1, batch_size=8)

@@ -1,8 +1,8 @@
 """selfsup: self-supervised visual representation learning (SimCLR, SimCLRv2, BYOL), paper-faithful.
 
-Building blocks (plain torch): ``selfsup.losses``, ``selfsup.backbones``, ``selfsup.heads``,
-``selfsup.augment``, ``selfsup.schedules``, ``selfsup.optim``, ``selfsup.methods``.
-The training loop (``selfsup.train``) and the command line (``selfsup.cli``) sit on top.
+Building blocks (plain torch): ``selfsup.losses``, ``selfsup.models.backbones``, ``selfsup.models.heads``,
+``selfsup.views.augment``, ``selfsup.training.schedules``, ``selfsup.training.optim``, ``selfsup.methods``.
+The training loop (``selfsup.training.loop``) and the command line (``selfsup.cli.app``) sit on top.
 
 The short path for notebooks, loaded on first use so ``import selfsup`` stays light:
 ``selfsup.PretrainConfig`` / ``selfsup.build_config`` (config), ``selfsup.pretrain`` (the loop),
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute), resolved by __getattr__ (PEP 562) when first used.
 _LAZY = {
-    "PretrainConfig": ("selfsup.config", "PretrainConfig"),
-    "build_config": ("selfsup.config", "build_config"),
-    "pretrain": ("selfsup.train", "pretrain"),
-    "load_encoder": ("selfsup.hub", "load_encoder"),
-    "from_pretrained": ("selfsup.hub", "from_pretrained"),
+    "PretrainConfig": ("selfsup.training.config", "PretrainConfig"),
+    "build_config": ("selfsup.training.config", "build_config"),
+    "pretrain": ("selfsup.training.loop", "pretrain"),
+    "load_encoder": ("selfsup.artifacts.hub", "load_encoder"),
+    "from_pretrained": ("selfsup.artifacts.hub", "from_pretrained"),
 }
 
 
@@ -25,7 +25,7 @@ def __getattr__(name):
     if name == "hub":  # selfsup.hub.embed(...) without importing the submodule first
         import importlib
 
-        return importlib.import_module("selfsup.hub")
+        return importlib.import_module("selfsup.artifacts.hub")
     if name in _LAZY:
         import importlib
 

@@ -1,3 +1,3 @@
-from selfsup.cli import main
+from selfsup.cli.app import main
 
 raise SystemExit(main())

@@ -38,13 +38,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from selfsup.augment import BatchAugment
-from selfsup.collapse import CollapseMonitor
-from selfsup.config import ConfigError, PretrainConfig, build_config, from_dict, to_dict
-from selfsup.guards import channels_last_hazard
-from selfsup.optim import build_optimizer
-from selfsup.schedules import ema_tau, scaled_lr, warmup_cosine
-from selfsup.train import StepBatchSampler, _mix, build_model, resolve_views
+from selfsup.errors import ConfigError
+from selfsup.methods.collapse import CollapseMonitor
+from selfsup.training.build import build_model, resolve_views
+from selfsup.training.config import PretrainConfig, build_config, from_dict, to_dict
+from selfsup.training.guards import channels_last_hazard
+from selfsup.training.optim import build_optimizer
+from selfsup.training.schedules import ema_tau, scaled_lr, warmup_cosine
+from selfsup.training.steps import StepBatchSampler, _mix
+from selfsup.views.augment import BatchAugment
 
 __all__ = ["SelfSupModule", "SimCLRModule", "SimCLRv2Module", "BYOLModule", "MODULES", "step_dataloader"]
 
@@ -89,7 +91,7 @@ class SelfSupModule(L.LightningModule):
 
     @classmethod
     def for_dataset(cls, dataset, config: PretrainConfig | dict | None = None, **kwargs) -> "SelfSupModule":
-        """The module for a selfsup data set (``selfsup.data.load_dataset``): channels, size and statistics from it."""
+        """The module for a selfsup data set (``selfsup.data.datasets.load_dataset``): channels, size and statistics from it."""
         return cls(config, in_channels=dataset.num_channels, image_size=dataset.image_size,
                    mean=tuple(dataset.mean), std=tuple(dataset.std), **kwargs)
 
@@ -182,7 +184,7 @@ MODULES: dict[str, type[SelfSupModule]] = {"simclr": SimCLRModule, "simclrv2": S
 
 
 def step_dataloader(dataset, config: PretrainConfig, total_steps: int, num_workers: int = 0) -> DataLoader:
-    """Batches of ``config.batch_size`` in the plain loop's order (``selfsup.train.step_indices``) for ``total_steps``.
+    """Batches of ``config.batch_size`` in the plain loop's order (``selfsup.training.loop.step_indices``) for ``total_steps``.
 
     Use with ``Trainer(max_steps=total_steps)``. Under several devices pass ``use_distributed_sampler=False``
     to the Trainer: each rank then takes its share of the global batch, as in the loop.

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from types import ModuleType
 
+from selfsup.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Study:
@@ -37,8 +39,6 @@ STUDIES: dict[str, Study] = {
 
 def run_study(name: str, argv: list[str]) -> dict:
     """Parse ``argv`` with the study's own parser and run it; returns the study's result dict."""
-    from selfsup.config import ConfigError
-
     if name not in STUDIES:
         raise ConfigError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
     module = STUDIES[name].load()

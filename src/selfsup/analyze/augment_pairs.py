@@ -1,7 +1,7 @@
 """``selfsup analyze augment-pairs``: SimCLR Figure 5, the augmentation-pair heatmap.
 
 SimCLR is pre-trained once per single augmentation and once per pair of augmentations from
-{crop, cutout, colour, sobel, noise, blur, rotate} (``selfsup.augment.TRANSFORM_NAMES``), each with
+{crop, cutout, colour, sobel, noise, blur, rotate} (``selfsup.views.augment.TRANSFORM_NAMES``), each with
 a short budget, then evaluated linearly; the heatmap shows linear top-1 with the single
 augmentations on the diagonal.
 
@@ -27,14 +27,14 @@ import argparse
 import dataclasses
 
 from selfsup.analyze import common as C
+from selfsup.training.config import to_dict
+from selfsup.views.config import TRANSFORM_NAMES, view_config_for
 
 DEFAULT_STEPS = 80
 DEFAULT_BATCH = 64
 
 
 def build_parser(prog: str = "selfsup analyze augment-pairs") -> argparse.ArgumentParser:
-    from selfsup.augment import TRANSFORM_NAMES
-
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
     C.add_common_args(p, "augment-pairs", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--transforms", default=",".join(TRANSFORM_NAMES),
@@ -45,8 +45,6 @@ def build_parser(prog: str = "selfsup analyze augment-pairs") -> argparse.Argume
 
 
 def parse_transforms(text: str) -> list[str]:
-    from selfsup.augment import TRANSFORM_NAMES
-
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in TRANSFORM_NAMES]
     if unknown or not names:
@@ -69,15 +67,10 @@ def cell_name(cell: tuple[str, ...]) -> str:
 
 def cell_view(cell: tuple[str, ...], image_size: int):
     """The view config of a cell: only its transforms, p=1, blur sigma in pixels at ``image_size``."""
-    from selfsup.augment import view_config_for
-
     return dataclasses.replace(view_config_for(cell, image_size), blur_sigma_ref_size=float(image_size))
 
 
 def cell_layer(cell: tuple[str, ...], image_size: int, symmetric: bool) -> dict:
-    from selfsup.augment import view_config_for
-    from selfsup.config import to_dict
-
     view = to_dict(cell_view(cell, image_size))
     other = view if symmetric else to_dict(view_config_for((), image_size))
     return {"method": "simclr", "view": view, "view2": other}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from selfsup.analyze import common as C
+from selfsup.analyze.head import parse_int_list
 
 DEFAULT_IMAGES = 12800
 DEFAULT_BATCHES = "32,64,128,256"
@@ -27,8 +28,6 @@ def build_parser(prog: str = "selfsup analyze batch-size") -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> dict:
-    from selfsup.analyze.head import parse_int_list
-
     batches = parse_int_list("--batch-sizes", args.batch_sizes)
     if min(batches) < 2:
         raise C.ConfigError(f"--batch-sizes: SimCLR needs at least 2 images per batch, got {min(batches)}")

@@ -24,7 +24,19 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from selfsup.config import ConfigError, PretrainConfig, build_config, parse_overrides
+from selfsup.artifacts.report import read_metrics
+from selfsup.data.builtin import fashion_mnist_available
+from selfsup.data.containers import InMemoryDataset
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import ConfigError, CheckpointError
+from selfsup.evaluation.frozen import extract_features, linear_eval
+from selfsup.methods import METHODS
+from selfsup.training import checkpoint as ckpt
+from selfsup.training.build import build_model
+from selfsup.training.config import PretrainConfig, build_config, parse_overrides, to_dict
+from selfsup.training.loop import pretrain
+from selfsup.training.runs import load_run
+from selfsup.training.steps import resolve_device
 
 # The studies' default encoder: ResNet-18 layout at 1/8 width (64-d h), about 4x cheaper than the
 # CPU default ``resnet18_narrow`` at the same image size.
@@ -81,8 +93,6 @@ def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None
 
 
 def default_dataset(data_dir: str | None) -> str:
-    from selfsup.data import fashion_mnist_available
-
     return "fashion-mnist" if fashion_mnist_available(data_dir) else "embedded"
 
 
@@ -119,8 +129,6 @@ class StudyContext:
                 self.backbone, self.backbone_width = STUDY_BACKBONE, (args.backbone_width or STUDY_BACKBONE_WIDTH)
             else:
                 self.backbone, self.backbone_width = args.backbone, args.backbone_width
-            from selfsup.train import resolve_device
-
             self.device = resolve_device(args.device)
         else:
             self.device = torch.device("cpu")
@@ -185,9 +193,6 @@ class StudyContext:
 
     def pretrain(self, run_dir: Path, layer: dict) -> Path:
         """Pre-train one cell into ``run_dir``, or reuse it when it already finished; returns ``run_dir``."""
-        from selfsup import checkpoint as ckpt
-        from selfsup.train import pretrain
-
         run_dir = Path(run_dir)
         if (run_dir / "model.safetensors").is_file():
             return run_dir
@@ -241,8 +246,6 @@ class StudyContext:
         if self.image_size is not None:
             return self.image_size
         if self._native_size is None:
-            from selfsup.data import load_dataset
-
             self._native_size = load_dataset(self.dataset, "train", data_dir=self.data_dir).image_size
         return self._native_size
 
@@ -272,8 +275,6 @@ _BOOKKEEPING = ("device", "num_workers", "log_every", "checkpoint_every", "keep_
 
 
 def _comparable(cfg: PretrainConfig) -> dict:
-    from selfsup.config import to_dict
-
     return {k: v for k, v in to_dict(cfg).items() if k not in _BOOKKEEPING}
 
 
@@ -288,8 +289,6 @@ def _check_same_config(cell_dir: Path, saved: dict | None, wanted: dict) -> None
 
 
 def load_slices(dataset: str, data_dir: str | None, n_train: int, n_test: int, seed: int):
-    from selfsup.data import load_dataset
-
     train = load_dataset(dataset, "train", data_dir=data_dir)
     if train.labels is None:
         raise ConfigError(f"--dataset {dataset}: the studies' linear probes need labels, and this data set has none")
@@ -312,8 +311,6 @@ def subset(dataset, indices: torch.Tensor):
     """An in-memory subset (streamed folders are decoded, which is fine for the studies' small slices)."""
     if hasattr(dataset, "subset"):
         return dataset.subset(indices)
-    from selfsup.data import InMemoryDataset
-
     items = [dataset[int(i)] for i in indices]
     return InMemoryDataset(images=torch.stack([x for x, _ in items]), labels=torch.tensor([y for _, y in items]),
                            classes=list(dataset.classes), name=dataset.name, mean=dataset.mean, std=dataset.std)
@@ -325,10 +322,6 @@ def subset(dataset, indices: torch.Tensor):
 
 def load_method(run_dir: str | Path) -> tuple[nn.Module, Any]:
     """The whole pre-trained method module of a run (encoder and heads) in eval mode, and its RunInfo."""
-    from selfsup.checkpoint import CheckpointError
-    from selfsup.runs import load_run
-    from selfsup.train import build_model
-
     run = load_run(run_dir)
     model = build_model(run.config, run.in_channels, run.image_size)
     try:
@@ -366,8 +359,6 @@ def project(head: nn.Module, h: torch.Tensor, device, batch_size: int = 1024) ->
 
 def features_hz(model: nn.Module, dataset, device, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, z, labels) of every image of ``dataset``, without augmentation."""
-    from selfsup.evaluate import extract_features
-
     model = model.to(device)
     h, y = extract_features(encoder_of(model), dataset, device, image_size, batch_size=512)
     return h, project(projection_of(model), h, device), y
@@ -375,9 +366,7 @@ def features_hz(model: nn.Module, dataset, device, image_size: int) -> tuple[tor
 
 def linear_top1(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, num_classes: int,
                 seed: int = 0) -> float:
-    """Linear evaluation (``selfsup.evaluate.linear_eval``: logistic regression fitted to convergence) top-1 in %."""
-    from selfsup.evaluate import linear_eval
-
+    """Linear evaluation (``selfsup.evaluation.frozen.linear_eval``: logistic regression fitted to convergence) top-1 in %."""
     return float(linear_eval(xtr, ytr, xte, yte, num_classes, seed=seed)["top1"])
 
 
@@ -395,9 +384,6 @@ def evaluate_run(ctx: StudyContext, run_dir: Path, with_z: bool = True) -> dict[
 
 def random_init_baseline(ctx: StudyContext) -> float:
     """Linear top-1 of h from the untrained encoder (same seed and architecture): what training must beat."""
-    from selfsup.evaluate import extract_features
-    from selfsup.train import build_model
-
     cfg = ctx.config({})
     train, test = ctx.eval_slices()
     size = ctx.size
@@ -445,8 +431,6 @@ def line(ax, xs, rows: list[dict], key: str, fmt: str, **kw) -> None:
 
 
 def final_loss(run_dir: Path) -> float | None:
-    from selfsup.report import read_metrics
-
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     return float(losses[-1]) if losses else None
 
@@ -515,8 +499,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
 
 def parse_methods(text: str | None) -> list[str]:
     """``--methods``: comma-separated registered methods; default SimCLR, plus BYOL once it is registered."""
-    from selfsup.methods import METHODS
-
     if text is None:
         return [m for m in ("simclr", "byol") if m in METHODS]
     methods = [m.strip() for m in text.split(",") if m.strip()]
@@ -536,8 +518,6 @@ def adopt_run_settings(args: argparse.Namespace) -> None:
     """With ``--run``, analyse on the run's own data set and image size unless told otherwise."""
     if getattr(args, "run", None) is None:
         return
-    from selfsup.runs import load_run
-
     run = load_run(args.run)
     if args.dataset is None:
         args.dataset = run.config.dataset
@@ -550,8 +530,6 @@ def ensure_run(ctx: StudyContext, args: argparse.Namespace) -> Path:
     """The run to analyse: ``--run``, or one pre-trained (once) into ``OUT/pretrain``."""
     if args.run is not None:
         return Path(args.run)
-    from selfsup.methods import METHODS
-
     if args.method not in METHODS:
         raise ConfigError(f"--method: {args.method!r} is not registered; choose from {', '.join(METHODS)}")
     run_dir = ctx.out / "pretrain"

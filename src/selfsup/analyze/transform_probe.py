@@ -3,7 +3,7 @@
 For a pre-trained run, each probe task draws one transformation per image with a balanced
 probability (e.g. rotation by 0/90/180/270 degrees, each 1/4; blur or not, each 1/2), labels each
 image with what was applied (from ``BatchAugment(..., return_params=True)``), and fits a linear
-classifier (``selfsup.evaluate.linear_eval``) on frozen h and on z = g(h) to predict it. The paper
+classifier (``selfsup.evaluation.frozen.linear_eval``) on frozen h and on z = g(h) to predict it. The paper
 finds z forgets much of it (rotation 67.6% from h vs 25.6% from z; orig. vs Sobel 96.6 vs 56.3).
 
 Deviations, written down: the paper trains an MLP on the features; this is a linear probe (as the
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from selfsup.analyze import common as C
+from selfsup.views.augment import BatchAugment
+from selfsup.views.config import view_config_for
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 128
@@ -61,8 +63,6 @@ def build_parser(prog: str = "selfsup analyze transform-probe") -> argparse.Argu
 
 def task_augment(task: ProbeTask, image_size: int, mean, std):
     """A ``BatchAugment`` applying only ``task``'s transformation (no crop), blur sigma in pixels at ``image_size``."""
-    from selfsup.augment import BatchAugment, view_config_for
-
     view = dataclasses.replace(view_config_for((), image_size), blur_sigma_ref_size=float(image_size), **task.view)
     return BatchAugment(view, image_size, mean, std)
 

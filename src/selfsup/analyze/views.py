@@ -17,6 +17,13 @@ from pathlib import Path
 import torch
 
 from selfsup.analyze import common as C
+from selfsup.analyze.augment_pairs import cell_view, parse_transforms
+from selfsup.data.datasets import load_dataset
+from selfsup.methods import VIEW_PRESETS
+from selfsup.training.config import from_dict, merge, parse_overrides, to_dict
+from selfsup.training.runs import load_run
+from selfsup.views.config import ViewConfig, view_config_for, TRANSFORM_NAMES
+from selfsup.views.augment import BatchAugment, save_view_grid
 
 
 def build_parser(prog: str = "selfsup analyze views") -> argparse.ArgumentParser:
@@ -35,23 +42,15 @@ def build_parser(prog: str = "selfsup analyze views") -> argparse.ArgumentParser
 
 def resolve_views(args: argparse.Namespace, image_size: int):
     """(view 1, view 2) from --run, --transforms or --preset, then --set."""
-    from selfsup.augment import ViewConfig, view_config_for
-    from selfsup.config import from_dict, merge, parse_overrides, to_dict
-    from selfsup.methods import VIEW_PRESETS
-
     given = [f for f, v in (("--run", args.run), ("--transforms", args.transforms)) if v]
     if len(given) > 1:
         raise C.ConfigError(f"give at most one of --run, --transforms, --preset (got {' and '.join(given)})")
     if args.run:
-        from selfsup.runs import load_run
-
         cfg = load_run(args.run).config
         if cfg.view is None:
             raise C.ConfigError(f"--run {args.run}: its config.yaml has no resolved view; use --preset {cfg.method}")
         v1, v2 = cfg.view, cfg.view2 or cfg.view
     elif args.transforms:
-        from selfsup.analyze.augment_pairs import cell_view, parse_transforms
-
         v1 = cell_view(tuple(parse_transforms(args.transforms)), image_size)
         v2 = view_config_for((), image_size)
     else:
@@ -99,15 +98,9 @@ def zoom(path: Path, factor: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from selfsup.augment import TRANSFORM_NAMES, BatchAugment, save_view_grid
-    from selfsup.config import to_dict
-    from selfsup.data import load_dataset
-
     if args.images < 1 or args.views < 1 or args.zoom < 1:
         raise C.ConfigError("--images, --views and --zoom must be >= 1")
     if args.run and args.dataset is None:
-        from selfsup.runs import load_run
-
         run = load_run(args.run)
         args.dataset, args.data_dir = run.config.dataset, args.data_dir or run.config.data_dir
         args.image_size = args.image_size or run.image_size
@@ -121,8 +114,6 @@ def run(args: argparse.Namespace) -> dict:
     aug2 = BatchAugment(v2, size, dataset.mean, dataset.std)
     views_png = save_view_grid(images, [aug1, aug2], ctx.out / "views.png", n_images=args.images,
                                n_views=args.views, seed=ctx.seed)
-    from selfsup.analyze.augment_pairs import cell_view
-
     singles = [BatchAugment(cell_view((t,), size), size, dataset.mean, dataset.std) for t in TRANSFORM_NAMES]
     transforms_png = save_view_grid(images, singles, ctx.out / "transforms.png", n_images=args.images,
                                     n_views=len(singles), seed=ctx.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsup.dist import gather_with_grad, rank, world_size
+from selfsup.distributed import gather_with_grad, rank, world_size
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -28,7 +28,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     set by the trust ratio, so the learning rate carries over unchanged and the official weight decay
     ``wd`` acts like ``wd / 2`` here (the update is ``g + wd w`` with ``g`` halved); under plain SGD
     the official ``(lr, wd)`` equal our ``(2 lr, wd / 2)``; under AdamW (scale-invariant in ``g``)
-    nothing changes. The recipes keep the papers' values (``selfsup.recipes``).
+    nothing changes. The recipes keep the papers' values (``selfsup.methods.recipes``).
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"nt_xent expects two (N, d) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")

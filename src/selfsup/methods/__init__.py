@@ -9,10 +9,10 @@ from typing import Callable
 
 from torch import nn
 
-from selfsup.augment import ViewConfig
 from selfsup.methods.byol import BYOL, BYOL_DEFAULTS, build_byol
 from selfsup.methods.simclr import SimCLR, build_simclr
 from selfsup.methods.supervised import Supervised, build_supervised
+from selfsup.views.config import ViewConfig
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "simclr": build_simclr,

@@ -24,12 +24,12 @@ import copy
 import torch
 from torch import nn
 
-from selfsup.collapse import collapse_std
-from selfsup.ema import ema_update
-from selfsup.heads import ProjectionHead
 from selfsup.losses import byol_loss
+from selfsup.methods.collapse import collapse_std
+from selfsup.methods.ema import ema_update
+from selfsup.models.heads import ProjectionHead
 
-# Method defaults, applied by ``selfsup.config.build_config`` to keys the user did not give (the
+# Method defaults, applied by ``selfsup.training.config.build_config`` to keys the user did not give (the
 # command line, a YAML file or ``--set``); ``config.yaml`` records the resolved values. The paper's
 # ImageNet recipe is projector/predictor 4096/256, LARS lr 0.2 x B/256, weight decay 1.5e-6,
 # base_tau 0.996 (Sec. 3.3 / Appendix C); base_tau keeps the paper's value (the field's default).
@@ -52,7 +52,7 @@ class BYOL(nn.Module):
     it lies in [0, 8].
     """
 
-    # Under DDP the target is left out of gradient reduction and buffer broadcast (selfsup.dist.wrap_ddp):
+    # Under DDP the target is left out of gradient reduction and buffer broadcast (selfsup.distributed.wrap_ddp):
     # ``update_target`` computes it from the online weights, which are identical on every rank.
     ddp_ignore = ("target_backbone", "target_projector")
 

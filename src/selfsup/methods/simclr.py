@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.heads import ProjectionHead
 from selfsup.losses import nt_xent
+from selfsup.models.heads import ProjectionHead
 
 
 class SimCLR(nn.Module):

@@ -1,0 +1,37 @@
+"""The errors a user can meet, in one home at the ground layer; each message names the file, key or step and what to do.
+
+They are re-exported where they were defined before (``selfsup.training.config.ConfigError``,
+``selfsup.data.DataError``, ...), so ``except`` clauses written against those paths keep working.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+class DataError(ValueError):
+    """The data cannot be used as it is; the message names the file or folder and what to do."""
+
+
+class BadImageError(DataError):
+    """One or more image files cannot be decoded (and ``on_bad_image`` is ``"error"``)."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not on this machine; the message lists the places searched and how to get it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incompatible; the message says which and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing into the run folder failed (disk full, read-only, no permission); older files are untouched."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message names the step and checkpoint."""
+
+
+class BackboneChangedError(RuntimeError):
+    """A frozen-encoder evaluation changed the encoder's weights or buffers (it must leave them untouched)."""

@@ -1,0 +1,5 @@
+"""Evaluation of a frozen encoder: feature extraction, kNN, the linear probe (L-BFGS / scikit-learn), sharded extraction across processes.
+
+Plain torch below the training loop, which uses the kNN monitor during pre-training. The protocols that
+train on top of a run (SGD linear protocol, fine-tuning, distillation) live in ``selfsup.protocols``.
+"""

@@ -1,0 +1,150 @@
+"""``selfsup eval``: a run's frozen encoder, or a baseline, under one named protocol, written as JSON.
+
+Protocols: ``knn`` (weighted kNN, k=200, t=0.1 by default), ``linear`` with ``logreg`` (the default:
+logistic regression on standardised frozen features, ``selfsup.evaluation.linear_probe``) or ``sgd`` (the
+papers' protocol, ``selfsup.protocols.linear_sgd``). Baselines, evaluated with exactly the same protocol:
+
+- ``pixels``: the raw pixels (normalised by the data set's mean/std, flattened) as features.
+- ``random-init``: the run's encoder (``--run``: its backbone config) at random initialisation, drawn
+  with the run's seed, so it is the very network the run started from; without ``--run``, the default
+  config's backbone. Batch norm keeps its initial statistics (eval mode, as every probe uses it).
+- ``selfsup pretrain --method supervised`` (the same encoder trained with labels) is a run folder of
+  its own, evaluated with ``--run`` like any other.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfsup import distributed as dist
+from selfsup.data.datasets import load_dataset
+from selfsup.errors import ConfigError, BackboneChangedError
+from selfsup.evaluation.frozen import knn_eval, linear_eval, state_fingerprint
+from selfsup.evaluation.sharded import extract_features_sharded
+from selfsup.models.backbones import build_backbone
+from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
+from selfsup.training.config import PretrainConfig
+from selfsup.training.runs import load_encoder, load_run
+from selfsup.training.steps import resolve_device, resolve_precision
+
+BASELINES = ("pixels", "random-init")
+LINEAR_PROTOCOLS = ("logreg", "sgd")
+
+
+class PixelEncoder(nn.Module):
+    """Raw pixels as features: ``x.flatten(1)`` (``num_features = C x size x size``); nothing to train."""
+
+    def __init__(self, in_channels: int, image_size: int):
+        super().__init__()
+        self.num_features = in_channels * image_size * image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def random_init_encoder(cfg: PretrainConfig, in_channels: int, image_size: int) -> nn.Module:
+    """``cfg``'s backbone as ``pretrain`` draws it at step 0 (seeded with ``cfg.seed``, built first)."""
+    torch.manual_seed(cfg.seed)
+    kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
+    return build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
+
+
+def _result_path(kind: str, run_dir, baseline: str | None, linear_protocol: str) -> Path | None:
+    if run_dir is None:
+        return None
+    name = f"eval_{kind}"
+    if kind == "linear" and linear_protocol != "logreg":
+        name += f"_{linear_protocol}"
+    if baseline:
+        name += f"_{baseline}"
+    return Path(run_dir, name + ".json")
+
+
+def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
+             batch_size: int | None = None, device: str = "auto", k: int = 200, temperature: float = 0.1,
+             progress: bool = False, *, baseline: str | None = None, linear_protocol: str = "logreg",
+             solver: str = "auto", sgd: LinearSGDConfig | None = None, seed: int = 0,
+             out: str | Path | None = None) -> dict:
+    """Evaluate a run's frozen encoder (or a baseline beside it); returns the result and writes it as JSON.
+
+    Written to ``out`` if given, else into the run folder: ``eval_{kind}[_sgd][_{baseline}].json``.
+    """
+    t0 = time.perf_counter()
+    if kind not in ("knn", "linear"):
+        raise ConfigError(f"protocol: unknown {kind!r}; use knn or linear")
+    if linear_protocol not in LINEAR_PROTOCOLS:
+        raise ConfigError(f"--protocol: unknown {linear_protocol!r}; use one of {', '.join(LINEAR_PROTOCOLS)}")
+    if baseline is not None and baseline not in BASELINES:
+        raise ConfigError(f"--baseline: unknown {baseline!r}; use one of {', '.join(BASELINES)}")
+    if run_dir is None and baseline is None:
+        raise ConfigError("--run: give the run folder to evaluate (or --baseline pixels|random-init --dataset D)")
+    if k < 1 or not temperature > 0:
+        raise ConfigError(f"--k must be >= 1 and --temperature > 0 (got {k} and {temperature})")
+    run = load_run(run_dir) if run_dir is not None else None
+    cfg = run.config if run is not None else PretrainConfig()
+    name = dataset or cfg.dataset
+    if name.startswith("stl10"):
+        name = "stl10"
+    image_size = run.image_size if run is not None else None
+    cols = {"image_column": cfg.hf.image_column, "label_column": cfg.hf.label_column}  # hf:PATH
+    train = load_dataset(name, "train", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
+    test = load_dataset(name, "test", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
+    image_size = image_size or train.image_size
+    if train.labels is None or test.labels is None:
+        raise ConfigError(f"--dataset {name}: evaluation needs labels, and this data set has none")
+    if run is not None and train.num_channels != run.in_channels:
+        raise ConfigError(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
+                          f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
+    if baseline == "pixels":
+        encoder, encoder_name = PixelEncoder(train.num_channels, image_size), "raw pixels"
+    elif baseline == "random-init":
+        encoder = random_init_encoder(cfg, train.num_channels, image_size)
+        encoder_name = f"{cfg.backbone} at random initialisation (seed {cfg.seed})"
+    else:
+        encoder, encoder_name = load_encoder(run), f"{run.config.method} run {run_dir}"
+    dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    encoder = encoder.to(dev)
+    before = state_fingerprint(encoder)
+    main = True
+    if kind == "linear" and linear_protocol == "sgd":
+        if dist.world_size() > 1:
+            raise ConfigError("--protocol sgd runs in one process; start it without torchrun")
+        sgd = sgd or LinearSGDConfig(seed=seed, **({"batch_size": batch_size} if batch_size else {}))
+        result = linear_eval_sgd(encoder, train, test, image_size, dev, sgd, precision, progress=progress)
+        feature_dim = encoder.num_features
+    else:
+        owns_group = dist.init_from_env(device)  # under torchrun each rank embeds a shard (docs/distributed.md)
+        bs = batch_size or 512
+        ftr, ytr = extract_features_sharded(encoder, train, dev, image_size, batch_size=bs, precision=precision,
+                                            progress=progress and dist.is_main_process())
+        fte, yte = extract_features_sharded(encoder, test, dev, image_size, batch_size=bs, precision=precision,
+                                            progress=progress and dist.is_main_process())
+        main = dist.is_main_process()
+        if owns_group:
+            dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
+        feature_dim = int(ftr.shape[1])
+        if kind == "knn":
+            result = {**knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature),
+                      "probe": "weighted-knn", "paper": "Wu et al. 2018 (k=200, t=0.1 in the peer libraries' CIFAR monitor)",
+                      "similarity": "cosine (features L2-normalised)", "features_dtype": str(ftr.dtype).replace("torch.", "")}
+        else:
+            result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=solver,
+                                 device=dev if solver != "sklearn" else "cpu")
+        result["feature_precision"] = precision
+    if state_fingerprint(encoder) != before:
+        raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")
+    result = {"top1": result["top1"], "top5": result["top5"], "dataset": name, "protocol": kind,
+              "encoder": encoder_name, "baseline": baseline, "run": None if run_dir is None else str(run_dir),
+              "image_size": image_size, "num_train": len(train), "num_test": len(test), "feature_dim": feature_dim,
+              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
+              **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
+    path = Path(out) if out is not None else _result_path(kind, run_dir, baseline, linear_protocol)
+    if main and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,258 @@
+"""Checkpoints: weights in safetensors, the rest of the state loaded with ``weights_only=True``.
+
+Layout of a run folder::
+
+    RUN_DIR/config.yaml                    resolved config
+    RUN_DIR/model.safetensors              final weights (tensor names say the part: backbone., head., ...)
+    RUN_DIR/checkpoints/step_00000500/     one complete checkpoint:
+        model.safetensors                  weights
+        state.pt                           optimiser, step, RNG (plain tensors/containers, no pickled objects)
+        meta.json                          format version, step, config
+
+A checkpoint folder is first written under a temporary name, every file flushed and fsynced, then
+renamed into place, so a kill at any moment leaves the previous checkpoints intact and never shows
+a half-written one. Only the newest ``keep_last`` are kept; old ones are renamed out of the listing
+before they are deleted, so a kill during the deletion never leaves a half-deleted "checkpoint".
+A write that fails (disk full, no permission) removes its temporary folder, leaves every earlier
+checkpoint in place and raises :class:`CheckpointWriteError` saying which checkpoint is kept.
+``docs/reliability.md`` lists these guarantees with the tests that check them.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from selfsup.errors import CheckpointError, CheckpointWriteError  # noqa: F401 (re-exported: defined here before)
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _why(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    return e.strerror or str(e)
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Fail before any work if ``run_dir`` cannot be created, written and fsynced."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=run_dir)
+        try:
+            os.write(fd, b"selfsup write check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise CheckpointWriteError(f"output folder {run_dir} is not writable ({_why(e)}); choose another --out, "
+                                   "or fix its permissions or free space") from None
+
+
+def check_space_for_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], keep_last: int,
+                        optimizer_slots: int = 1) -> None:
+    """Fail before training if ``keep_last + 1`` checkpoints (weights + ``optimizer_slots`` copies of
+    the floating-point weights as optimiser state) and the final weights do not fit on the disk."""
+    weights = sum(t.numel() * t.element_size() for t in state_dict.values())
+    optim = optimizer_slots * sum(t.numel() * t.element_size() for t in state_dict.values() if t.is_floating_point())
+    one = weights + optim + 64 * 1024  # headers, meta.json, RNG state
+    check_free_space(run_dir, (keep_last + 1) * one + weights,
+                     f"this run ({keep_last} + 1 checkpoints of {one / 2**20:.1f} MiB and the final weights)")
+
+
+def check_free_space(run_dir: str | Path, needed_bytes: int, what: str) -> None:
+    """Fail before training when the run folder's disk has less than ``needed_bytes`` free."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise CheckpointWriteError(f"{run_dir} has {free / 2**20:.1f} MiB free but {what} needs about "
+                                   f"{needed_bytes / 2**20:.1f} MiB; free space, choose another --out, or lower keep_last")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _contiguous_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone what needs it.
+    out, seen = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in seen):
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        meta = {"format_version": str(FORMAT_VERSION), **(metadata or {})}
+        save_file(_contiguous_state(state_dict), tmp, metadata=meta)
+        _fsync_file(Path(tmp))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            old = "the previous file there is unchanged" if path.exists() else "nothing was written"
+            raise CheckpointWriteError(f"could not write {path} ({_why(e)}); {old}") from None
+        raise
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"weights file {path} is corrupt or not a safetensors file ({e}); "
+                              "use an earlier checkpoint from the run's checkpoints/ folder") from None
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                    meta: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write ``RUN_DIR/checkpoints/step_XXXXXXXX`` atomically and prune to the newest ``keep_last``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+        save_file(_contiguous_state(weights), str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=1))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():
+            # Same step written again (e.g. the final checkpoint after a resume): move the old one
+            # aside first; cleanup_temporary puts it back if a kill lands between the two renames.
+            os.rename(final, root / f"{_REPLACED}{final.name}")
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            cleanup_temporary(run_dir)  # restores a checkpoint moved aside above
+            done = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {done[-1]} is kept" if done else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"could not write checkpoint step {step} in {root} ({_why(e)}); {kept}. "
+                                       "Free space (or fix permissions), then continue the run with --resume") from None
+        raise
+    shutil.rmtree(root / f"{_REPLACED}{final.name}", ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        _remove_dir(old)
+    return final
+
+
+_REPLACED = ".tmp-replaced-"
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a folder so that a kill midway never leaves a partial folder under its old name."""
+    doomed = path.with_name(f".tmp-delete-{path.name}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "meta.json").is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, state, meta) of one checkpoint folder; never unpickles arbitrary objects."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: meta.json is not a selfsup checkpoint description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')}, this selfsup "
+                              f"reads version {FORMAT_VERSION}; resume it with the selfsup release that wrote it")
+    weights = load_weights(path / "model.safetensors")
+    try:
+        # weights_only: tensors and plain containers only; any other pickled object is refused unrun.
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"checkpoint {path}: state.pt holds Python objects that selfsup never writes (a "
+                                  f"reference to {found.group(1)}); they were not loaded, since unpickling them could "
+                                  "run code. The file was not written by selfsup or was altered; use another "
+                                  "checkpoint") from None
+        raise CheckpointError(f"checkpoint {path}: state.pt cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or was not written by "
+                              "selfsup; use an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: state.pt holds a {type(state).__name__}, not a selfsup state dict")
+    return weights, state, meta
+
+
+def cleanup_temporary(run_dir: str | Path) -> None:
+    """Remove leftovers of writes interrupted by a kill."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if root.is_dir():
+        for p in root.glob(f"{_REPLACED}*"):
+            original = root / p.name[len(_REPLACED):]
+            if not original.exists():
+                os.rename(p, original)  # killed between moving it aside and renaming its successor in
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in Path(run_dir).glob(".tmp-*"):
+        p.unlink(missing_ok=True)

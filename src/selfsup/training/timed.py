@@ -1,0 +1,167 @@
+"""Timed runs (``--minutes M``): plan the step count from a measured pace, re-plan when the pace drifts.
+
+The first plan comes from timing a few throw-away steps (``train._calibrate_steps``). Early steps are
+often slower or faster than the steady state (allocator and kernel warm-up, a busy machine; a BYOL
+run measured 296 ms/step in calibration and then ran at ~163 ms/step), so at regular boundaries
+(``boundaries``) the run compares the time the remaining steps will take at the pace measured since
+the last boundary (the median step, which ignores the kNN monitor's pauses) with the time left, and
+if they differ by more than ``TOLERANCE`` of the budget it fixes a new total. The learning-rate and EMA
+schedules are pure functions of ``(step, total_steps)``, so warm-up and cosine then end on time.
+
+Each re-plan is recorded in ``RUN_DIR/time_plan.json`` and followed by a checkpoint. A resumed run
+replays the recorded plan (the totals at the recorded steps) and never re-plans itself, so it ends with
+the same schedule, and the same weights, as the run it continues. Everything here takes the clock as
+an argument, so the planning logic is tested with a fake clock.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as tdist
+
+from selfsup import distributed as dist
+from selfsup.methods import LABELLED_METHODS
+from selfsup.training.knn_monitor import _knn_cost_estimate
+from selfsup.training.steps import batch_stream
+
+TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
+PLAN_FILE = "time_plan.json"
+
+
+@dataclass
+class TimePlan:
+    """The budget, the first plan (``total_steps``, ``warmup_steps``) and the re-plans made since:
+    ``events`` is ``[{"step", "total_steps", "warmup_steps", "pace_ms"}]``, in step order."""
+
+    budget_s: float
+    total_steps: int
+    warmup_steps: int = 0
+    events: list[dict] = field(default_factory=list)
+
+    def record(self, step: int, total_steps: int, warmup_steps: int, pace_s: float) -> None:
+        self.events.append({"step": int(step), "total_steps": int(total_steps), "warmup_steps": int(warmup_steps),
+                            "pace_ms": round(pace_s * 1000, 3)})
+
+    def save(self, run_dir: str | Path) -> None:
+        Path(run_dir, PLAN_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @staticmethod
+    def load(run_dir: str | Path) -> "TimePlan | None":
+        path = Path(run_dir, PLAN_FILE)
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            return TimePlan(float(d["budget_s"]), int(d["total_steps"]), int(d.get("warmup_steps", 0)),
+                            list(d.get("events", [])))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def state_at(self, step: int) -> tuple[int, int]:
+        """``(total_steps, warmup_steps)`` in force after ``step`` steps (a resumed run replays the plan with this)."""
+        total, warmup = self.total_steps, self.warmup_steps
+        for e in self.events:
+            if int(e["step"]) <= step:
+                total, warmup = int(e["total_steps"]), int(e["warmup_steps"])
+        return total, warmup
+
+
+def steps_for(remaining_s: float, pace_s: float, extra_s: float = 0.0) -> int:
+    """How many steps of ``pace_s`` seconds fit in ``remaining_s`` after ``extra_s`` of other work."""
+    if pace_s <= 0:
+        raise ValueError(f"pace must be > 0 seconds per step, got {pace_s}")
+    return max(0, int((remaining_s - extra_s) / pace_s))
+
+
+def boundaries(total_steps: int, checkpoint_every: int) -> int:
+    """Re-planning interval: every tenth of the planned run (at least 10 steps), and at checkpoints."""
+    return max(10, min(checkpoint_every, total_steps // 10))
+
+
+def evaluations_after(step: int, total_steps: int, steps_per_epoch: int) -> int:
+    """How many kNN-monitor evaluations a run still makes after ``step``: one per epoch end, one at the end."""
+    ends = total_steps // steps_per_epoch - step // steps_per_epoch
+    return max(0, ends) + (1 if total_steps % steps_per_epoch and total_steps > step else 0)
+
+
+def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: float | Callable[[int], float] = 0.0,
+           tolerance: float = TOLERANCE, total_steps: int | None = None) -> int | None:
+    """A new total if finishing ``total_steps`` (the total in force; default the first plan's) at ``pace_s``
+    misses the budget by more than ``tolerance``.
+
+    ``elapsed_s`` is the time spent since the budget started (calibration included), ``extra_s`` the
+    time of the remaining non-step work (kNN monitor), or a function of the total giving it (the number
+    of evaluations left depends on the total; the new total is then found by fixed-point iteration).
+    The new total is never below ``step + 1``.
+    """
+    extra = extra_s if callable(extra_s) else (lambda total: extra_s)
+    current = plan.total_steps if total_steps is None else total_steps
+    left = plan.budget_s - elapsed_s
+    predicted = (current - step) * pace_s + extra(current)
+    if abs(predicted - left) <= tolerance * plan.budget_s:
+        return None
+    total = current
+    for _ in range(8):
+        new = step + max(1, steps_for(left, pace_s, extra(total)))
+        if new == total:
+            break
+        total = new
+    return None if total == current else total
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main, clock) -> tuple[int, float]:
+    """For ``--minutes``: time a few steps on a throw-away copy of the state, then fix the step count.
+
+    The copy is restored afterwards, so a run with a time budget is still reproducible from its seed
+    and its (recorded) step count. ``clock`` is the loop's (a fake one in tests).
+    """
+    budget = cfg.minutes * 60.0
+    t0 = clock()
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
+    # steady-state cost (a mean over the first steps overestimated it by ~10% on 2 CPU cores).
+    warm, timed = 3, 6
+    it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device,
+                      cfg.method in LABELLED_METHODS)
+    times, t_prev = [], clock()
+    for i, images in enumerate(it):  # each time includes fetching the batch
+        train_step(i, images, 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = clock()
+        if i >= warm:
+            times.append(now - t_prev)
+        t_prev = now
+    per_step = sorted(times)[len(times) // 2]
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+    steps_per_epoch = n // cfg.batch_size
+    # Per-epoch extras (kNN monitor) cost time too: estimate them as a few steps' worth each.
+    remaining = budget - (clock() - t0)
+    total = int(remaining / per_step)
+    if cfg.knn_monitor and dataset.labels is not None:
+        epochs = total / steps_per_epoch
+        knn_cost = _knn_cost_estimate(cfg, per_step)
+        total = int((remaining - knn_cost * max(1.0, math.ceil(epochs))) / per_step)
+    total = max(1, total)
+    if dist.is_distributed():
+        t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
+        tdist.broadcast(t, 0)
+        total = int(t.item())
+    if main:
+        print(f"[selfsup] --minutes {cfg.minutes}: {per_step * 1000:.0f} ms/step measured, training for {total} steps "
+              f"({total / steps_per_epoch:.2f} epochs); re-planned if the pace drifts", file=sys.stderr)
+    return total, t0
