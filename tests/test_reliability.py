@@ -328,8 +328,8 @@ def _inject(monkeypatch, nan_input_calls=(), inf_grad_calls=()):
     real_build = train_mod.build_model
     counter = {"n": 0}
 
-    def build(cfg, in_channels, image_size):
-        model = real_build(cfg, in_channels, image_size)
+    def build(cfg, in_channels, image_size, **kw):
+        model = real_build(cfg, in_channels, image_size, **kw)
         forward = model.forward
         first = next(model.parameters())
 
@@ -379,7 +379,7 @@ def test_repeated_non_finite_losses_stop_naming_the_step_and_the_good_checkpoint
 def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny_cfg, monkeypatch):
     models = []
     real_build = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda *a: models.append(real_build(*a)) or models[-1])
+    monkeypatch.setattr(train_mod, "build_model", lambda *a, **kw: models.append(real_build(*a, **kw)) or models[-1])
 
     def poison(step):
         if step == 3:  # just before the checkpoint at step 3

@@ -24,6 +24,14 @@ def test_supervised_loss_is_cross_entropy_of_a_linear_classifier_on_h_over_both_
     assert not torch.isclose(wrong, loss)
 
 
+def test_supervised_classifier_has_the_data_sets_number_of_classes():
+    from selfsup.training.build import build_model
+
+    cfg = build_config(PretrainConfig, {"method": "supervised", "backbone": "resnet18", "backbone_width": 0.0625})
+    assert build_model(cfg, 1, 16, num_classes=3).classifier.out_features == 3
+    assert build_model(cfg, 1, 16, num_classes=100).classifier.out_features == 100
+
+
 def test_supervised_uses_the_default_simclr_runs_views_and_optimiser():
     sup = build_config(PretrainConfig, {"method": "supervised"})
     ssl = build_config(PretrainConfig, {"method": "simclr"})

@@ -11,7 +11,7 @@ from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.training.config import ConfigError, PretrainConfig, build_config
 from selfsup.errors import DataNotFoundError
 from selfsup.models.heads import ProjectionHead
-from selfsup.methods import METHODS, SimCLR
+from selfsup.methods import LABELLED_METHODS, METHODS, SimCLR
 from selfsup.training.loop import pretrain
 
 
@@ -40,7 +40,8 @@ def test_simclr_one_step_changes_weights_and_lowers_loss_on_fixed_batch():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_runs_a_step(method, tiny_cfg):
     cfg = tiny_cfg(method=method)
-    model = METHODS[method](cfg, build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625))
+    labelled = {"num_classes": 4} if method in LABELLED_METHODS else {}  # labelled methods size their classifier
+    model = METHODS[method](cfg, build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625), **labelled)
     labels = (torch.tensor([0, 1, 2, 3]),) if getattr(model, "needs_labels", False) else ()
     loss, logs = model(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16), *labels)
     loss.backward()

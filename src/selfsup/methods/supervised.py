@@ -49,6 +49,7 @@ class Supervised(nn.Module):
         return self.backbone
 
 
-def build_supervised(cfg, backbone: nn.Module, num_classes: int = 10) -> Supervised:
-    """``num_classes`` comes from the training data set (``train.build_model``)."""
+def build_supervised(cfg, backbone: nn.Module, num_classes: int) -> Supervised:
+    """``num_classes`` comes from the training data set (``training.build.build_model``); no default, so a
+    caller that forgets it fails instead of training a 10-way classifier on another data set."""
     return Supervised(backbone, num_classes)

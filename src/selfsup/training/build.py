@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from selfsup.methods import METHODS, VIEW_PRESETS
+from selfsup.methods import LABELLED_METHODS, METHODS, VIEW_PRESETS
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training.config import PretrainConfig
 from selfsup.training.init_weights import load_init
@@ -35,7 +35,8 @@ def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, num_clas
         kw["zero_init_residual"] = True
     backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
     record = load_init(backbone, init) if init is not None else None
-    model = METHODS[cfg.method](cfg, backbone)
+    labelled = {"num_classes": num_classes} if cfg.method in LABELLED_METHODS and num_classes is not None else {}
+    model = METHODS[cfg.method](cfg, backbone, **labelled)
     model.init_record = record
     return model
 

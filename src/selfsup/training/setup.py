@@ -165,9 +165,8 @@ def build_run(run: RunState) -> None:
     torch.manual_seed(cfg.seed)
     # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
     init = cfg.init if run.weights is None else None
-    num_classes = (dataset.num_classes,) if run.with_labels else ()  # only labelled methods take it
-    init_kw = {"init": init} if init is not None else {}  # tests replace build_model with a 3-argument function
-    model = build_model(cfg, dataset.num_channels, run.image_size, *num_classes, **init_kw).to(device)
+    num_classes = dataset.num_classes if run.with_labels else None  # only labelled methods take it
+    model = build_model(cfg, dataset.num_channels, run.image_size, num_classes=num_classes, init=init).to(device)
     if run.weights is not None:
         _load_model_weights(model, run.weights, run.run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
