@@ -155,3 +155,46 @@ def test_replan_counts_the_evaluations_the_new_total_implies():
     new = replan(plan, 40, 30.0, 0.5, lambda total: 2.0 * evaluations_after(40, total, 39), total_steps=100)
     assert new == 92
     assert replan(plan, 40, 30.0, 0.5, lambda total: 2.0 * evaluations_after(40, total, 39), total_steps=92) is None
+
+
+def test_budget_counts_from_the_start_of_pretrain(tmp_path, tiny_cfg, monkeypatch):
+    # Loading the data takes 6 s of a 60 s budget (a big folder, a busy machine): the run must still end
+    # within 3% of 60 s after pretrain() was called, not 60 s after the calibration began.
+    clock = FakeClock(0.5)
+    monkeypatch.setattr(train, "_clock", clock)
+    load = train.load_training_data
+
+    def slow_load(run):
+        clock.t += 6.0
+        return load(run)
+
+    monkeypatch.setattr(train, "load_training_data", slow_load)
+    start = clock.t
+    pretrain(tiny_cfg(steps=None, minutes=1.0, checkpoint_every=1000, log_every=50), tmp_path / "r", progress=False)
+    used = json.loads((tmp_path / "r" / "train_summary.json").read_text())["budget_seconds_used"]
+    assert abs(used - 60.0) <= 0.03 * 60.0, used
+    # The budget covers the whole call: only the last reads (closing the trackers) fall outside it.
+    assert (clock.t - start) - used <= 1.0, (clock.t - start, used)
+
+
+def test_knn_cost_is_measured_by_embedding_a_sample(monkeypatch):
+    from selfsup.training import knn_monitor
+
+    clock = FakeClock(0.0)
+    embedded = []
+
+    def fake_extract(enc, dataset, device, image_size, indices, precision):  # 1 ms an image
+        clock.t += 0.001 * len(indices)
+        embedded.append(len(indices))
+        return torch.zeros(len(indices), 4), torch.zeros(len(indices), dtype=torch.long)
+
+    monkeypatch.setattr(knn_monitor, "extract_features_sharded", fake_extract)
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(2, 2)
+    model.eval()
+    dataset = list(range(30000))
+    cost = knn_monitor.measure_knn_cost(model, dataset, "cpu", 28, "fp32", clock, sample=512)
+    assert embedded[-1] == 512
+    assert cost == pytest.approx(0.001 * (10000 + 2000))  # the bank and the queries, not the warm-up
+    assert model.training
+    assert knn_monitor.knn_images(list(range(300))) == 600

@@ -29,7 +29,7 @@ from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import total_steps_for, warmup_steps_for
 from selfsup.training.config import PretrainConfig, save_yaml, to_dict
-from selfsup.training.knn_monitor import _knn_cost_estimate, _knn_monitor
+from selfsup.training.knn_monitor import _knn_monitor, measure_knn_cost
 from selfsup.training.metrics import _Logger, _truncate_metrics
 from selfsup.training.ranks import _broadcast_int, _mean_over_ranks, _rank_failure
 from selfsup.training.resume import _save, _update_run_json, _weights_meta, export_weights
@@ -52,7 +52,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     ``resume=True`` continues from the newest checkpoint in ``run_dir`` with the config saved there
     (the given one must agree on everything that shapes the run).
     """
+    t_begin = _clock()  # a timed run's budget starts here: loading the data and building the model count
     run = begin_run(cfg, Path(run_dir), resume)
+    run.t_budget = t_begin
     load_training_data(run)
     build_run(run)
     train_step = TrainStep(run)
@@ -94,15 +96,18 @@ def _plan_length(run: RunState, train_step: TrainStep) -> None:
     run.start_step = run.step = 0 if state is None else int(state["step"])
     run.total_steps = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
     run.steps_per_epoch = n // cfg.batch_size
-    plan, run.t_budget = None, _clock()
+    plan = None
     if cfg.minutes is not None and run.resume:
         plan = TimePlan.load(run.run_dir)  # a resumed timed run follows the recorded plan, never re-plans
         run.replaying = plan is not None
     if run.total_steps is None and plan is not None:
         run.total_steps = plan.total_steps
     elif run.total_steps is None:
+        if cfg.knn_monitor and run.dataset.labels is not None:
+            run.knn_cost = measure_knn_cost(run.model, run.dataset, run.device, run.image_size, run.precision, _clock)
         run.total_steps, run.t_budget = calibrate_steps(cfg, run.model, run.optimizer, train_step, run.dataset,
-                                                         run.device, n, run.run_dir, run.main, _clock)
+                                                         run.device, n, run.run_dir, run.main, _clock,
+                                                         t_start=run.t_budget, knn_cost=run.knn_cost)
     run.warmup_steps = warmup_steps_for(cfg, run.total_steps, run.steps_per_epoch)
     if cfg.minutes is not None and plan is None:
         plan = TimePlan(cfg.minutes * 60.0, run.total_steps, warmup_steps=run.warmup_steps)
@@ -237,7 +242,7 @@ def _replan(run: RunState, now: float) -> bool:
         pace = median(run.step_times)
         extra = 0.0
         if cfg.knn_monitor and run.dataset.labels is not None:  # measured once one evaluation has run
-            cost = sum(run.knn_seconds) / len(run.knn_seconds) if run.knn_seconds else _knn_cost_estimate(cfg, pace)
+            cost = sum(run.knn_seconds) / len(run.knn_seconds) if run.knn_seconds else run.knn_cost
             extra = lambda total: cost * evaluations_after(step, total, run.steps_per_epoch)  # noqa: E731
         new_total = replan(plan, step, now - run.t_budget, pace, extra, total_steps=run.total_steps)
         if dist.is_distributed():  # every rank takes rank 0's decision

@@ -82,6 +82,7 @@ class RunState:
     t_prev: float = 0.0
     step_times: list = field(default_factory=list)
     knn_seconds: list = field(default_factory=list)
+    knn_cost: float = 0.0  # a timed run's measured cost of one kNN-monitor evaluation, until one has run
     knn_data: Any = None
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch.distributed as tdist
 
 from selfsup import distributed as dist
 from selfsup.methods import LABELLED_METHODS
-from selfsup.training.knn_monitor import _knn_cost_estimate
 from selfsup.training.steps import batch_stream
 
 TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
@@ -121,14 +119,18 @@ def median(xs: list[float]) -> float:
     return s[len(s) // 2]
 
 
-def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main, clock) -> tuple[int, float]:
+def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main, clock,
+                    t_start: float | None = None, knn_cost: float = 0.0) -> tuple[int, float]:
     """For ``--minutes``: time a few steps on a throw-away copy of the state, then fix the step count.
 
     The copy is restored afterwards, so a run with a time budget is still reproducible from its seed
-    and its (recorded) step count. ``clock`` is the loop's (a fake one in tests).
+    and its (recorded) step count. ``clock`` is the loop's (a fake one in tests). The budget runs from
+    ``t_start`` (when ``pretrain`` began: loading the data and building the model count too; default:
+    now); ``knn_cost`` is the measured time of one kNN-monitor evaluation (0 without the monitor).
+    Returns the step count and ``t_start``.
     """
     budget = cfg.minutes * 60.0
-    t0 = clock()
+    t0 = clock() if t_start is None else t_start
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
     # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
@@ -149,13 +151,15 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     model.load_state_dict(model_state)
     optimizer.load_state_dict(opt_state)
     steps_per_epoch = n // cfg.batch_size
-    # Per-epoch extras (kNN monitor) cost time too: estimate them as a few steps' worth each.
+    # Per-epoch extras (the kNN monitor: one evaluation per epoch end and one at the end) cost time too.
     remaining = budget - (clock() - t0)
     total = int(remaining / per_step)
-    if cfg.knn_monitor and dataset.labels is not None:
-        epochs = total / steps_per_epoch
-        knn_cost = _knn_cost_estimate(cfg, per_step)
-        total = int((remaining - knn_cost * max(1.0, math.ceil(epochs))) / per_step)
+    if knn_cost > 0:
+        for _ in range(8):  # the number of evaluations depends on the total: fixed-point iteration
+            new = max(1, int((remaining - knn_cost * evaluations_after(0, total, steps_per_epoch)) / per_step))
+            if new == total:
+                break
+            total = new
     total = max(1, total)
     if dist.is_distributed():
         t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
