@@ -293,10 +293,13 @@ def test_two_rank_run_resumes_exactly_on_two_ranks(training_runs):
     assert [p.name for p in list_checkpoints(training_runs / "cut")] == ["step_00000003"]
 
 
-# 1 process x 16 images vs 2 ranks x 8 images sum in another order. fp32: measured 6e-7 (weights), bound
-# 1e-5. bf16 (autocast; AVX512-BF16/AMX CPUs): bf16 keeps 8 bits of mantissa, so the order of the sums
-# shows at ~4e-3 relative and grows over the 3 resumed steps; measured below, bounded with ~3x room.
-WEIGHT_GAP = {"fp32": 1e-5, "bf16": 5e-2}
+# 1 process x 16 images vs 2 ranks x 8 images sum in another order. fp32 (pinned): measured 6e-7
+# (weights) on an AVX2-only EPYC, and 4.1e-5 on an EPYC with AVX512/AVX512-BF16, where oneDNN's AVX512
+# fp32 kernels block a batch of 8 and one of 16 differently (the loss gap stays at 7e-7 there; the
+# weights moved 0.68 in the same 3 steps): bound 2e-4. bf16 (autocast; AVX512-BF16/AMX CPUs): bf16
+# keeps 8 bits of mantissa, so the order of the sums shows at ~4e-3 relative and grows over the 3
+# resumed steps; measured below, bounded with ~3x room.
+WEIGHT_GAP = {"fp32": 2e-4, "bf16": 5e-2}
 LOSS_GAP = {"fp32": 1e-5, "bf16": 2e-2}
 
 
