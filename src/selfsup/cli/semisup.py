@@ -17,7 +17,7 @@ from pathlib import Path
 from selfsup.errors import ConfigError
 from selfsup.protocols.distill import DistillConfig, distill
 from selfsup.protocols.finetune import SCRATCH_OPTIM, FinetuneConfig, crop_flip_view, finetune
-from selfsup.training.config import build_config, load_yaml, merge, parse_overrides, to_dict
+from selfsup.training.config_io import build_config, load_yaml, merge, parse_overrides, to_dict
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -9,26 +9,26 @@ from selfsup.data.datasets import load_dataset
 from selfsup.evaluation.frozen import knn_eval
 from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.training.build import unwrap
-from selfsup.training.steps import _mix
+from selfsup.training.steps import mix_seed
 
 
 KNN_BANK, KNN_QUERIES = 10000, 2000
 
 
-def _knn_cost_estimate(cfg, per_step: float) -> float:
+def knn_cost_estimate(cfg, per_step: float) -> float:
     # Feature extraction of bank + queries, forward only (~1/3 of a training pass), two views per step image.
     images = KNN_BANK + KNN_QUERIES
     return per_step * images / (cfg.batch_size * 2) / 3 * 2
 
 
-def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
+def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
     """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries).
 
     Under torchrun every rank embeds a shard of the bank and queries (``dist_eval``); rank 0 scores
     and logs. All ranks take part, so none waits in a collective while another evaluates.
     """
     if cache is None:
-        g = torch.Generator().manual_seed(_mix(cfg.seed, 3))
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
         perm = torch.randperm(len(dataset), generator=g)
         try:
             test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,

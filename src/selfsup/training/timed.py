@@ -28,7 +28,7 @@ import torch.distributed as tdist
 
 from selfsup import distributed as dist
 from selfsup.methods import LABELLED_METHODS
-from selfsup.training.knn_monitor import _knn_cost_estimate
+from selfsup.training.knn_monitor import knn_cost_estimate
 from selfsup.training.steps import batch_stream
 
 TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
@@ -154,7 +154,7 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     total = int(remaining / per_step)
     if cfg.knn_monitor and dataset.labels is not None:
         epochs = total / steps_per_epoch
-        knn_cost = _knn_cost_estimate(cfg, per_step)
+        knn_cost = knn_cost_estimate(cfg, per_step)
         total = int((remaining - knn_cost * max(1.0, math.ceil(epochs))) / per_step)
     total = max(1, total)
     if dist.is_distributed():
