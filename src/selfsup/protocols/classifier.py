@@ -58,7 +58,7 @@ class Classifier(nn.Module):
         return self.fc(self.head(self.backbone(x)))
 
 
-def _head_spec(weights: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
+def head_spec_of(weights: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
     """(prefix, ProjectionHead kwargs) of the projection head stored in a pre-training run's weights."""
     for prefix in HEAD_PREFIXES:
         n = 0
@@ -91,7 +91,7 @@ def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[
     run = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
     run_dir = run.run_dir
     backbone = load_encoder(run)
-    found = _head_spec(run.weights)
+    found = head_spec_of(run.weights)
     if k is None:
         k = 1 if found is not None else 0
     if k > 0:

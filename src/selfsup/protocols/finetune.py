@@ -8,7 +8,12 @@ K=1 (the middle of a 3-layer head) the paper's choice with few labels.
 Paper recipe and what we do (ImageNet -> small data):
 
 - LARS, no weight decay, no warm-up, lr 0.005 x sqrt(batch) (0.16 at batch 1024), cosine decay;
-  60 epochs at 1% labels, 30 at 10% (and at 100%). Defaults here are the same.
+  60 epochs at 1% labels, 30 at 10% (and at 100%). Defaults here are the same, at batch 256.
+- Recipes (``selfsup.methods.recipes.FINETUNE_RECIPES``): ``build_config`` picks one from the pre-training run
+  (``FinetuneConfig.resolve``) and puts its values under the keys given, as pre-training does. A run pre-trained
+  with the ``simclrv2`` recipe or on a wide (``_2x``, ``_3x``) or SK (``_sk``) ResNet gets ``simclrv2``: the paper's
+  values above at batch 1024, explicitly; any other run ``default`` (the defaults, unchanged); no ``--run``
+  ``scratch``. The name is printed first and recorded in ``config.yaml``, ``run.json`` and ``results.json``.
 - Augmentation: random crop (inception crop, scale 0.08-1) and horizontal flip only.
 - The classifier starts at zero (all classes equally likely) and is excluded from LARS's trust ratio
   and from weight decay, as the released code treats its supervised head.
@@ -27,6 +32,7 @@ A run folder holds ``config.yaml``, ``run.json``, ``label_subset.json``, ``metri
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,15 +44,16 @@ from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
 from selfsup.data.labels import LABEL_BALANCES
 from selfsup.errors import ConfigError
+from selfsup.methods.recipes import FINETUNE_RECIPES, auto_finetune_recipe, finetune_values
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, build_backbone
-from selfsup.protocols.classifier import Classifier, HeadLayers, classifier_from_pretrain
+from selfsup.protocols.classifier import Classifier, HeadLayers, classifier_from_pretrain, head_spec_of
 from selfsup.protocols.label_subsets import prepare_label_subset
 from selfsup.protocols.labelled_loop import (
     begin_labelled_run, check_loop_settings, LoopSettings, LoopSpec, classifier_optimizer, effective_batch,
     labeled_stream, length_in_steps, train_and_evaluate,
 )
 from selfsup.training.config import OptimConfig
-from selfsup.training.config_io import check_choice, check_field
+from selfsup.training.config_io import check_choice, check_field, merge
 from selfsup.training.runs import RunInfo, load_run
 from selfsup.training.schedules import scaled_lr
 from selfsup.training.steps import mix_seed
@@ -100,8 +107,40 @@ class FinetuneConfig(LoopSettings):
     steps: int | None = None
     view: ViewConfig | None = None  # None: random crop + flip only (the paper)
     optim: FinetuneOptimConfig | None = None  # None: FinetuneOptimConfig() with --run, SCRATCH_OPTIM without
+    # FINETUNE_RECIPES name whose values fill the keys not given; build_config picks it from the run (resolve).
+    # None: no recipe, the values as given (a FinetuneConfig built directly, or a run resumed from before recipes).
+    recipe: str | None = None
+
+    @staticmethod
+    def resolve(data: dict) -> dict:
+        """The fine-tuning recipe's values under ``data`` (the keys given win), its name in ``recipe``.
+
+        The recipe is ``data["recipe"]`` if given, else chosen from the pre-training run ``data["run"]`` by
+        :func:`~selfsup.methods.recipes.auto_finetune_recipe` (its recipe and backbone), or ``scratch`` without a run.
+        ``recipe`` given as None keeps the values as given.
+        """
+        if "recipe" in data and data["recipe"] is None:
+            return data
+        name = data.get("recipe")
+        has_head = True
+        if isinstance(data.get("run"), (str, Path)):
+            pre = load_run(data["run"])
+            name = name or auto_finetune_recipe(pre.config.recipe, pre.config.backbone)
+            has_head = head_spec_of(pre.weights) is not None
+        name = name or "scratch"
+        if name not in FINETUNE_RECIPES:
+            return data  # validate names the bad recipe
+        fraction = data.get("label_fraction", FinetuneConfig.label_fraction)
+        layer = finetune_values(name, fraction if isinstance(fraction, (int, float)) else FinetuneConfig.label_fraction)
+        if data.get("epochs") is not None or data.get("steps") is not None:
+            layer.pop("epochs", None)  # a length given in steps (or epochs) wins
+        if not has_head:
+            layer.pop("from_head_layer", None)  # nothing to fine-tune from: the classifier reads the backbone
+        return {**merge(layer, data), "recipe": name}
 
     def validate(self) -> None:
+        if self.recipe is not None:
+            check_choice("recipe", self.recipe, tuple(FINETUNE_RECIPES))
         check_field("run", self.run is not None or self.from_head_layer in (None, 0),
                     "--from-head-layer > 0 needs a pre-trained projection head: give --run PRETRAIN_RUN")
         if self.run is not None:
@@ -127,6 +166,26 @@ def crop_flip_view() -> ViewConfig:
 
 
 FREE_KEYS = {"device", "data_dir", "log_every", "checkpoint_every", "keep_last", "eval_batch_size"}
+
+
+def _optim_of(cfg: FinetuneConfig) -> FinetuneOptimConfig:
+    """``cfg.optim``, else the default of its kind of run: SimCLRv2's with a pre-training run, SCRATCH_OPTIM without."""
+    return cfg.optim or (FinetuneOptimConfig() if cfg.run is not None else replace(SCRATCH_OPTIM))
+
+
+def describe(cfg: FinetuneConfig) -> str:
+    """One line for the start of a fine-tuning run: the recipe and what it resolved to."""
+    name = cfg.recipe or "none (values as given)"
+    summary = FINETUNE_RECIPES.get(cfg.recipe, "")
+    optim = _optim_of(cfg)
+    scaling = {"linear": " x B/256", "sqrt": " x sqrt(B)", "none": ""}[optim.lr_scaling]
+    length = (f"{cfg.steps} steps" if cfg.steps is not None else
+              f"{cfg.epochs if cfg.epochs is not None else paper_epochs(cfg.label_fraction):g} epochs")
+    head = "1 with a head, else 0" if cfg.from_head_layer is None else cfg.from_head_layer
+    return (f"[selfsup] fine-tuning recipe {name}{': ' + summary if summary else ''}; batch {cfg.batch_size}, "
+            f"{optim.name} lr {optim.lr:g}{scaling} = {scaled_lr(optim.lr, cfg.batch_size, optim.lr_scaling):.4g}, "
+            f"weight decay {optim.weight_decay:g}, {length} at {cfg.label_fraction:g} of the labels, "
+            f"from head layer {head}")
 
 
 def _load_splits(cfg: FinetuneConfig, pre: RunInfo | None) -> tuple[str, str | None, object, object]:
@@ -172,13 +231,14 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     """
     cfg, run_dir, device, precision, owns_group, weights, state = begin_labelled_run(cfg, run_dir, resume, "finetune",
                                                                                     FREE_KEYS)
+    if dist.is_main_process():  # the first line of the run, before any data is read
+        print(describe(cfg), file=sys.stderr, flush=True)
     torch.manual_seed(cfg.seed)
     pre = load_run(cfg.run) if cfg.run is not None else None
     dataset_name, data_dir, train, test = _load_splits(cfg, pre)
     model, info = _build_network(cfg, pre, train, dataset_name)
-    default_optim = FinetuneOptimConfig() if cfg.run is not None else replace(SCRATCH_OPTIM)
     cfg = replace(cfg, from_head_layer=info["from_head_layer"], dataset=dataset_name,
-                  view=cfg.view if cfg.view is not None else crop_flip_view(), optim=cfg.optim or default_optim)
+                  view=cfg.view if cfg.view is not None else crop_flip_view(), optim=_optim_of(cfg))
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     model.to(device)
@@ -212,11 +272,12 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
     run_info = {**info, "num_classes": train.num_classes, "dataset": dataset_name, "data_dir": data_dir,
                 "dataset_mean": list(train.mean), "dataset_std": list(train.std), "num_labeled": len(idx),
                 "batch_size": batch, "total_steps": total_steps, "base_lr": base_lr, "precision": precision,
-                "device": str(device), "world_size": world}
+                "device": str(device), "world_size": world, "recipe": cfg.recipe}
     result = train_and_evaluate(cfg, spec, model, optimizer, run_dir, device, precision, state, progress, run_info,
                                 test, image_size, {"label_fraction": cfg.label_fraction, "num_labeled": len(idx),
                                                    "from_head_layer": info["from_head_layer"],
-                                                   "pretrain_run": cfg.run, "backbone": info["backbone"]})
+                                                   "pretrain_run": cfg.run, "backbone": info["backbone"],
+                                                   "recipe": cfg.recipe})
     if owns_group:
         dist.destroy()
     return result
