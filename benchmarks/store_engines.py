@@ -31,9 +31,9 @@ def _samples(n: int, seed: int = 0):
 
 
 def bench_mds(root: Path, samples, order) -> dict:
-    from selfsup.data.store import _engine  # the MDS modules without streaming/__init__ (see there)
+    from selfsup.data.store import mds_engine  # the MDS modules without streaming/__init__ (see there)
 
-    reader_from_json, MDSWriter = _engine()
+    reader_from_json, MDSWriter = mds_engine()
 
     out = root / "mds"
     t0 = time.perf_counter()

@@ -131,9 +131,9 @@ def _pil_decode(path: str) -> int:
 
 
 def _folder_decode(job: tuple[str, int]) -> int:
-    from selfsup.data.folders import _decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
+    from selfsup.data.folders import decode_image  # what imagefolder:PATH does per image and epoch (draft + resize)
 
-    return _decode_image(Path(job[0]), job[1], 3).shape[-1]
+    return decode_image(Path(job[0]), job[1], 3).shape[-1]
 
 
 def _cpu_seconds() -> float:
@@ -162,9 +162,9 @@ def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
                 pass
 
     # The engine's import is a fixed cost once per process (seconds of CPU here): timed apart, not per image.
-    from selfsup.data.store import _engine
+    from selfsup.data.store import mds_engine
 
-    import_wall, _ = _timed(_engine)
+    import_wall, _ = _timed(mds_engine)
     pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))
     load = default_load_size(size)
     folder_wall, folder_cpu = _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))

@@ -70,7 +70,7 @@ def test_registry_lists_every_study_and_the_cli_knows_them(capsys, tmp_path):
 
 def test_heatmap_matrix_is_mirrored_with_singles_on_the_diagonal_and_labelled():
     from selfsup.analyze.augment_pairs import cells, draw_heatmap, heatmap_matrix
-    from selfsup.analyze.common import pyplot
+    from selfsup.analyze.outputs import pyplot
 
     names = ["crop", "colour", "blur"]
     assert cells(names) == [("crop",), ("colour",), ("blur",), ("crop", "colour"), ("crop", "blur"), ("colour", "blur")]

@@ -18,7 +18,7 @@ OLD_PATHS = {
     "selfsup.schedules": ["selfsup.training.schedules"],
     "selfsup.optim": ["selfsup.training.optim"],
     "selfsup.ema": ["selfsup.methods.ema"],
-    "selfsup.config": ["selfsup.training.config"],
+    "selfsup.config": ["selfsup.training.config", "selfsup.training.config_io"],
     "selfsup.train": ["selfsup.training.loop", "selfsup.training.steps", "selfsup.training.build",
                       "selfsup.training.resume", "selfsup.training.knn_monitor"],
     "selfsup.evaluate": ["selfsup.evaluation.frozen"],

@@ -18,7 +18,7 @@ from PIL import Image
 
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import DataError
-from selfsup.data.folders import ImageFolderDataset, _decode_image
+from selfsup.data.folders import ImageFolderDataset, decode_image
 from selfsup.data.image_checks import BadImageError, check_image, convert_image
 from selfsup.training.steps import batch_stream
 
@@ -131,7 +131,7 @@ def test_skip_mode_leaves_bad_files_out_and_reports_them(tmp_path, in_memory):
 def _decode(img: Image.Image, fmt: str, tmp_path: Path, channels: int, **kw) -> np.ndarray:
     path = tmp_path / f"x.{fmt.lower()}"
     path.write_bytes(_encode(img, fmt, **kw))
-    return _decode_image(path, img.size[0], channels).numpy()
+    return decode_image(path, img.size[0], channels).numpy()
 
 
 def test_transparency_is_composited_over_white(tmp_path):

@@ -9,7 +9,7 @@ from PIL import Image
 from selfsup.training.config import ConfigError
 from selfsup.data.datasets import load_dataset
 from selfsup.data.labels import read_label_list
-from selfsup.protocols.finetune import LABEL_SUBSET_FILE, prepare_label_subset
+from selfsup.protocols.label_subsets import LABEL_SUBSET_FILE, prepare_label_subset
 
 
 @pytest.fixture

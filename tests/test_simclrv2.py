@@ -13,7 +13,8 @@ from selfsup.training.config import ConfigError, PretrainConfig, build_config
 from selfsup.data.labels import label_subset
 from selfsup.data.datasets import load_dataset
 from selfsup.protocols.distill import DistillConfig, distill, distill_objective, freeze_teacher
-from selfsup.protocols.finetune import Classifier, HeadLayers, classifier_from_pretrain, prepare_label_subset
+from selfsup.protocols.classifier import Classifier, HeadLayers, classifier_from_pretrain
+from selfsup.protocols.label_subsets import prepare_label_subset
 from selfsup.models.heads import ProjectionHead
 from selfsup.losses import distill_loss
 from selfsup.models.sk_resnet import SelectiveKernelConv
@@ -253,7 +254,7 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, mo
     import torch.distributed as tdist
     from torch.nn import parallel
 
-    from selfsup.protocols.finetune import load_classifier
+    from selfsup.protocols.classifier import load_classifier
 
     teacher_dir, _ = finetune_run
     # One distillation step by hand: the frozen teacher gets no gradient and is not in the optimiser.

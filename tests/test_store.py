@@ -286,14 +286,14 @@ def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
 
 def test_a_file_that_fails_to_decode_stops_error_then_resume_with_skip_leaves_it_out(folder, tmp_path, monkeypatch):
     """Damage the scan cannot see: "error" names the file; the same command with skip resumes and reports it."""
-    real = prepare._decode_image
+    real = prepare.decode_image
 
     def damaged(path, *args):
         if path.name == "img004.jpg" and "train" in str(path):
             raise OSError(f"could not decode image {path}: broken data stream")
         return real(path, *args)
 
-    monkeypatch.setattr(prepare, "_decode_image", damaged)
+    monkeypatch.setattr(prepare, "decode_image", damaged)
     out = tmp_path / "s"
     with pytest.raises(BadImageError, match="img004.jpg.*--on-bad-image skip"):
         prepare_store(f"imagefolder:{folder}", out, size=SIZE, format="raw", part_size=2, workers=0, progress=False)

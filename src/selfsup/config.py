@@ -1,4 +1,4 @@
-"""Old import path, kept for users: the code lives in ``selfsup.training.config`` (see docs/architecture.md).
+"""Old import path, kept for users: the code lives in ``selfsup.training.config``, ``selfsup.training.config_io`` (see docs/architecture.md).
 
 Re-exports the public names; new code imports from the new home.
 """
@@ -10,6 +10,8 @@ from selfsup.training.config import (  # noqa: F401
     PretrainConfig,
     MAX_IMAGE_SIZE,
     MAX_DIM,
+)
+from selfsup.training.config_io import (  # noqa: F401
     from_dict,
     to_dict,
     parse_overrides,

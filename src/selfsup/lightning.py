@@ -41,11 +41,12 @@ from torch.utils.data import DataLoader
 from selfsup.errors import ConfigError
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training.build import build_model, resolve_views
-from selfsup.training.config import PretrainConfig, build_config, from_dict, to_dict
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config, from_dict, to_dict
 from selfsup.training.guards import channels_last_hazard
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import ema_tau, scaled_lr, warmup_cosine
-from selfsup.training.steps import StepBatchSampler, _mix
+from selfsup.training.steps import StepBatchSampler, mix_seed
 from selfsup.views.augment import BatchAugment
 
 __all__ = ["SelfSupModule", "SimCLRModule", "SimCLRv2Module", "BYOLModule", "MODULES", "step_dataloader"]
@@ -122,7 +123,7 @@ class SelfSupModule(L.LightningModule):
             self._last_step, self._micro = step, 0
         parts = (self.cfg.seed, step, self.global_rank, 2) + ((self._micro,) if self._micro else ())
         self._micro += 1
-        gen = torch.Generator(device=images.device).manual_seed(_mix(*parts))
+        gen = torch.Generator(device=images.device).manual_seed(mix_seed(*parts))
         x1, x2 = self.aug1(images, gen), self.aug2(images, gen)
         if self.channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last)

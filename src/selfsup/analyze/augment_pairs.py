@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from selfsup.analyze import common as C
-from selfsup.training.config import to_dict
+from selfsup.analyze import arguments, common as C, outputs
+from selfsup.training.config_io import to_dict
 from selfsup.views.config import TRANSFORM_NAMES, view_config_for
 
 DEFAULT_STEPS = 80
@@ -36,7 +36,7 @@ DEFAULT_BATCH = 64
 
 def build_parser(prog: str = "selfsup analyze augment-pairs") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "augment-pairs", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
+    arguments.add_common_args(p, "augment-pairs", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--transforms", default=",".join(TRANSFORM_NAMES),
                    help=f"comma-separated subset of {','.join(TRANSFORM_NAMES)} (default: all)")
     p.add_argument("--symmetric", action="store_true",
@@ -128,22 +128,22 @@ def run(args: argparse.Namespace) -> dict:
     results = {r["cell"]: r["linear_top1"] for r in rows}
     matrix = heatmap_matrix(results, names)
 
-    C.write_csv(ctx.out / "cells.csv", rows)
-    C.write_csv(ctx.out / "heatmap.csv", [{"first \\ second": a, **{b: v for b, v in zip(names, row)}}
+    outputs.write_csv(ctx.out / "cells.csv", rows)
+    outputs.write_csv(ctx.out / "heatmap.csv", [{"first \\ second": a, **{b: v for b, v in zip(names, row)}}
                                           for a, row in zip(names, matrix)])
     singles = {a: results[a] for a in names}
     pairs = {r["cell"]: r["linear_top1"] for r in rows if r["first"] != r["second"]}
     best_pair = max(pairs, key=pairs.get) if pairs else None
-    C.write_json(ctx.out / "results.json", {"transforms": names, "matrix": matrix, "random_init": baseline,
+    outputs.write_json(ctx.out / "results.json", {"transforms": names, "matrix": matrix, "random_init": baseline,
                                             "cells": rows, "symmetric": bool(args.symmetric)})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
     branch = "both branches" if args.symmetric else "one branch"
     im = draw_heatmap(ax, matrix, names, f"SimCLR linear top-1 (%), {ctx.dataset} {size}px, "
                       f"{args.steps} steps x {args.batch_size}, {branch}")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    png = C.save_figure(fig, ctx.out / "heatmap.png")
+    png = outputs.save_figure(fig, ctx.out / "heatmap.png")
 
     order = sorted(rows, key=lambda r: -r["linear_top1"])
     lines = [
@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> dict:
         lines.append(f"- Every cell is the mean of {args.seeds} pre-training seeds; the seed-to-seed standard deviation "
                      f"of a cell is {sum(stds) / len(stds):.1f} points on average (max {max(stds):.1f}).")
     lines += ["", "![heatmap](heatmap.png)", "", "Top cells:", ""]
-    lines += C.markdown_table(["cell", "linear top-1 %", "final loss"],
-                              [[r["cell"], C.pm(r, "linear_top1"), C.fmt(r["final_loss"], 3)] for r in order[:8]])
+    lines += outputs.markdown_table(["cell", "linear top-1 %", "final loss"],
+                              [[r["cell"], outputs.pm(r, "linear_top1"), outputs.fmt(r["final_loss"], 3)] for r in order[:8]])
     summary = ctx.write_summary("Augmentation pairs (SimCLR Figure 5)", lines)
     return {"study": "augment-pairs", "out": str(ctx.out), "figures": [str(png)], "summary": str(summary),
             "random_init": baseline, "cells": len(rows)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs
 from selfsup.analyze.head import parse_int_list
 
 DEFAULT_IMAGES = 12800
@@ -19,7 +19,7 @@ DEFAULT_BATCHES = "32,64,128,256"
 
 def build_parser(prog: str = "selfsup analyze batch-size") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "batch-size", steps=None, batch_size=None, seeds=True)
+    arguments.add_common_args(p, "batch-size", steps=None, batch_size=None, seeds=True)
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help=f"batch sizes to compare (default {DEFAULT_BATCHES})")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"images seen by every run; steps = images / batch size (default {DEFAULT_IMAGES})")
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> dict:
         raise C.ConfigError(f"--batch-sizes: SimCLR needs at least 2 images per batch, got {min(batches)}")
     if args.images < max(batches):
         raise C.ConfigError(f"--images: {args.images} is less than one batch of {max(batches)}; raise --images")
-    methods = C.parse_methods(args.methods)
+    methods = arguments.parse_methods(args.methods)
     ctx = C.StudyContext("batch-size", args, {"batch_sizes": batches, "images": args.images, "methods": methods})
     ctx.open()
     rows = []
@@ -43,16 +43,16 @@ def run(args: argparse.Namespace) -> dict:
             res = ctx.run_cell(f"{method}-b{b}", {"method": method, "batch_size": b, "steps": steps}, with_z=False)
             rows.append({"method": method, "batch_size": b, "steps": steps, "linear_h": res["linear_h"],
                          "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
-    C.write_csv(ctx.out / "batch_size.csv", rows)
+    outputs.write_csv(ctx.out / "batch_size.csv", rows)
     baseline = C.random_init_cached(ctx)
-    C.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "images": args.images, "methods": methods})
+    outputs.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "images": args.images, "methods": methods})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.3))
     for method in methods:
         rs = [r for r in rows if r["method"] == method]
-        C.line(ax, [r["batch_size"] for r in rs], rs, "linear_h", "o-", label=method)
-    png = C.finish_log_axes(fig, ax, batches, "batch size (same number of images for every run)",
+        outputs.line(ax, [r["batch_size"] for r in rs], rs, "linear_h", "o-", label=method)
+    png = outputs.finish_log_axes(fig, ax, batches, "batch size (same number of images for every run)",
                             f"Batch size, {ctx.dataset}, {args.images} images per run", baseline,
                             ctx.out / "batch_size.png", base=2)
 
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     lines = [
         f"{len(rows)} runs, each seeing {args.images} images (steps = images / batch size), linear evaluation of h "
         f"on {args.train_images} / {args.test_images} images.",
-        "", *C.markdown_table(["method", "batch", "steps", "linear top-1 %", "final loss"],
-                              [[r["method"], r["batch_size"], r["steps"], C.pm(r, "linear_h"), C.fmt(r["final_loss"], 3)]
+        "", *outputs.markdown_table(["method", "batch", "steps", "linear top-1 %", "final loss"],
+                              [[r["method"], r["batch_size"], r["steps"], outputs.pm(r, "linear_h"), outputs.fmt(r["final_loss"], 3)]
                                for r in rows]),
         "", "Spread (best - worst batch size): " + ", ".join(f"{m} {v:.1f} points" for m, v in spread.items()) + ".",
         f"Untrained encoder (random init), same probe: {baseline:.1f}%.",

@@ -1,4 +1,5 @@
-"""Plumbing shared by the studies: settings, cached pre-training runs, features h and z, probes, figures.
+"""Plumbing shared by the studies: settings, cached pre-training runs and their evaluation (features and probes in
+:mod:`selfsup.analyze.probes`, files and figures in :mod:`selfsup.analyze.outputs`).
 
 A study writes everything into its ``--out`` folder: ``study.json`` (the settings; a rerun with other
 settings into the same folder is refused, so finished cells are never mixed with cells of another
@@ -14,7 +15,6 @@ any pre-training config key of every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -22,27 +22,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
+from selfsup.analyze.arguments import STUDY_BACKBONE, STUDY_BACKBONE_WIDTH, default_dataset
+from selfsup.analyze.outputs import write_json
+from selfsup.analyze.probes import encoder_of, features_hz, linear_top1, load_method
 from selfsup.artifacts.report import read_metrics
-from selfsup.data.builtin import fashion_mnist_available
 from selfsup.data.containers import InMemoryDataset
 from selfsup.data.datasets import load_dataset
-from selfsup.errors import ConfigError, CheckpointError
-from selfsup.evaluation.frozen import extract_features, linear_eval
+from selfsup.errors import ConfigError
+from selfsup.evaluation.frozen import extract_features
 from selfsup.methods import METHODS
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import build_model
-from selfsup.training.config import PretrainConfig, build_config, parse_overrides, to_dict
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config, parse_overrides, to_dict
 from selfsup.training.loop import pretrain
-from selfsup.training.runs import load_run
 from selfsup.training.steps import resolve_device
 
-# The studies' default encoder: ResNet-18 layout at 1/8 width (64-d h), about 4x cheaper than the
-# CPU default ``resnet18_narrow`` at the same image size.
-STUDY_BACKBONE = "resnet18"
-STUDY_BACKBONE_WIDTH = 0.125
-STUDY_IMAGE_SIZE = 16
 STUDY_CHECKPOINT_EVERY = 10**9  # cells are short: only the final checkpoint is written
 # Short runs at small batches: SimCLR's square-root learning-rate rule, lr = 0.075 x sqrt(B) (SimCLR
 # Appendix B.1 recommends it for small batches and few epochs). Other methods keep their defaults;
@@ -52,48 +48,6 @@ SHORT_RUN_DEFAULTS: dict[str, dict] = {"simclr": {"optim": {"lr": 0.075, "lr_sca
 
 def log(msg: str) -> None:
     print(f"[selfsup analyze] {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Arguments
-
-
-def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None = 100, batch_size: int | None = 128,
-                    train_images: int = 5000, test_images: int = 2000, trains: bool = True,
-                    image_size: int = STUDY_IMAGE_SIZE, seeds: bool = False) -> None:
-    """The flags every study shares; ``trains=False`` for studies that never pre-train (views)."""
-    p.add_argument("--out", type=Path, default=Path("runs/analyze") / study,
-                   help=f"study folder (default runs/analyze/{study}); rerunning into it reuses finished cells")
-    p.add_argument("--dataset", help="fashion-mnist (default when installed, else the embedded sample), mnist, "
-                   "cifar10, cifar100, stl10, embedded or imagefolder:PATH")
-    p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
-    p.add_argument("--image-size", type=int, default=image_size,
-                   help=f"side of the training/eval images (default {image_size or 'the data set'}; 0 = the data set's own)")
-    p.add_argument("--seed", type=int, default=0)
-    if not trains:
-        return
-    p.add_argument("--backbone", help=f"encoder from the registry (default {STUDY_BACKBONE} at width "
-                   f"{STUDY_BACKBONE_WIDTH}, a 64-d h)")
-    p.add_argument("--backbone-width", type=float, help="width multiplier of --backbone")
-    if steps is not None:
-        p.add_argument("--steps", type=int, default=steps, help=f"pre-training steps per run (default {steps})")
-    if batch_size is not None:
-        p.add_argument("--batch-size", type=int, default=batch_size, help=f"pre-training batch (default {batch_size})")
-    p.add_argument("--train-images", type=int, default=train_images,
-                   help=f"labelled training images for the linear probes (default {train_images})")
-    p.add_argument("--test-images", type=int, default=test_images,
-                   help=f"test images for the linear probes (default {test_images})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="pre-training config key for every run of the study, e.g. --set optim.lr=0.5 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars inside each pre-training")
-    if seeds:
-        p.add_argument("--seeds", type=int, default=1, help="pre-train every cell with this many seeds and report "
-                       "the mean and spread (default 1)")
-
-
-def default_dataset(data_dir: str | None) -> str:
-    return "fashion-mnist" if fashion_mnist_available(data_dir) else "embedded"
 
 
 def _positive(name: str, value: int | None, minimum: int = 1) -> None:
@@ -317,57 +271,7 @@ def subset(dataset, indices: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------
-# Models, features, probes
-
-
-def load_method(run_dir: str | Path) -> tuple[nn.Module, Any]:
-    """The whole pre-trained method module of a run (encoder and heads) in eval mode, and its RunInfo."""
-    run = load_run(run_dir)
-    model = build_model(run.config, run.in_channels, run.image_size)
-    try:
-        model.load_state_dict(run.weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{run.weights_path} does not fit the {run.config.method} model its config.yaml "
-                              f"describes: {str(e).splitlines()[0]}") from None
-    return model.eval(), run
-
-
-def projection_of(model: nn.Module) -> nn.Module:
-    """g(.), the head whose output z the loss sees: SimCLR's ``head``, BYOL's online ``projector``."""
-    for name in ("head", "projector"):
-        part = getattr(model, name, None)
-        if isinstance(part, nn.Module):
-            return part
-    raise ConfigError(f"{type(model).__name__} has no projection head (no 'head' or 'projector'); "
-                      "the study needs a method with one")
-
-
-def encoder_of(model: nn.Module) -> nn.Module:
-    return model.encoder() if hasattr(model, "encoder") else model.backbone
-
-
-@torch.no_grad()
-def project(head: nn.Module, h: torch.Tensor, device, batch_size: int = 1024) -> torch.Tensor:
-    """z = g(h) in eval mode (batch norm with its running statistics), float32 on CPU."""
-    was = head.training
-    head.eval()
-    try:
-        return torch.cat([head(h[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(h), batch_size)])
-    finally:
-        head.train(was)
-
-
-def features_hz(model: nn.Module, dataset, device, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, z, labels) of every image of ``dataset``, without augmentation."""
-    model = model.to(device)
-    h, y = extract_features(encoder_of(model), dataset, device, image_size, batch_size=512)
-    return h, project(projection_of(model), h, device), y
-
-
-def linear_top1(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, num_classes: int,
-                seed: int = 0) -> float:
-    """Linear evaluation (``selfsup.evaluation.frozen.linear_eval``: logistic regression fitted to convergence) top-1 in %."""
-    return float(linear_eval(xtr, ytr, xte, yte, num_classes, seed=seed)["top1"])
+# Cells evaluated
 
 
 def evaluate_run(ctx: StudyContext, run_dir: Path, with_z: bool = True) -> dict[str, float]:
@@ -404,126 +308,13 @@ def random_init_cached(ctx: StudyContext) -> float:
     return value
 
 
-def draw_baseline(ax, value: float) -> None:
-    ax.axhline(value, ls=":", color="gray", label=f"untrained encoder ({value:.1f}%)")
-
-
-def finish_log_axes(fig, ax, ticks: list, xlabel: str, title: str, baseline: float, path: Path, base: int = 10) -> Path:
-    """The studies' common figure ending: baseline line, log x axis labelled at ``ticks``, linear top-1
-    on y, grid, legend; saved to ``path`` (returned)."""
-    draw_baseline(ax, baseline)
-    ax.set_xscale("log", base=base)
-    ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("linear top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
-
-
-def line(ax, xs, rows: list[dict], key: str, fmt: str, **kw) -> None:
-    """``rows[key]`` against ``xs``, with error bars (one standard deviation over seeds) when there are any."""
-    errs = [r.get(f"{key}_std") for r in rows]
-    yerr = [e or 0.0 for e in errs] if any(e is not None for e in errs) else None
-    ax.errorbar(xs, [r[key] for r in rows], yerr=yerr, fmt=fmt, capsize=3 if yerr else 0, **kw)
-
-
 def final_loss(run_dir: Path) -> float | None:
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     return float(losses[-1]) if losses else None
 
 
 # ------------------------------------------------------------------------------------------------
-# Files and figures
-
-
-def write_json(path: Path, data: Any) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)  # atomic: an interrupted study never leaves half a result file
-    return path
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    path = Path(path)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    return path
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or a clear error naming the extra to install."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("the studies draw their figures with matplotlib, which is not installed; "
-                          "pip install 'selfsup[viz]'") from None
-    return plt
-
-
-def save_figure(fig, path: Path, dpi: int = 90) -> Path:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return Path(path)
-
-
-def fmt(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def pm(row: dict, key: str) -> str:
-    """``row[key]``, with ``± std`` over seeds when the study ran several."""
-    std = row.get(f"{key}_std")
-    return fmt(row[key]) + ("" if std is None else f" ± {std:.1f}")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return out
-
-
-def parse_methods(text: str | None) -> list[str]:
-    """``--methods``: comma-separated registered methods; default SimCLR, plus BYOL once it is registered."""
-    if text is None:
-        return [m for m in ("simclr", "byol") if m in METHODS]
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ConfigError(f"--methods: {bad or 'empty list'} not registered; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(methods))
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path, help="a pre-training run folder to analyse (default: pre-train one into "
-                   "OUT/pretrain with this study's --method, --steps and --batch-size)")
-    p.add_argument("--method", default="simclr", help="method of the run pre-trained when --run is not given")
-
-
-def adopt_run_settings(args: argparse.Namespace) -> None:
-    """With ``--run``, analyse on the run's own data set and image size unless told otherwise."""
-    if getattr(args, "run", None) is None:
-        return
-    run = load_run(args.run)
-    if args.dataset is None:
-        args.dataset = run.config.dataset
-        args.data_dir = args.data_dir or run.config.data_dir
-    args.image_size = run.image_size
-    args.run = Path(args.run).resolve()
+# The run a single-run study analyses
 
 
 def ensure_run(ctx: StudyContext, args: argparse.Namespace) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs
 
 DEFAULT_STEPS = 100
 DEFAULT_BATCH = 128
@@ -23,7 +23,7 @@ HEADS = {"none": 0, "linear": 1, "nonlinear": 2}
 
 def build_parser(prog: str = "selfsup analyze head") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "head", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
+    arguments.add_common_args(p, "head", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--dims", default=DEFAULT_DIMS, help=f"output dimensions of the linear and nonlinear heads "
                    f"(default {DEFAULT_DIMS}; the default encoder's h is 64-d)")
     p.add_argument("--heads", default="none,linear,nonlinear", help="subset of none,linear,nonlinear")
@@ -69,11 +69,11 @@ def run(args: argparse.Namespace) -> dict:
                      "linear_h_std": res.get("linear_h_std"), "linear_z": res["linear_z"],
                      "linear_z_std": res.get("linear_z_std"), "h_dim": res["h_dim"], "final_loss": res["final_loss"],
                      "seconds": res["seconds"]})
-    C.write_csv(ctx.out / "head.csv", rows)
+    outputs.write_csv(ctx.out / "head.csv", rows)
     baseline = C.random_init_cached(ctx)
-    C.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "dims": dims, "heads": heads})
+    outputs.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "dims": dims, "heads": heads})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
     colours = {"none": "tab:gray", "linear": "tab:blue", "nonlinear": "tab:red"}
     for head in heads:
@@ -82,15 +82,15 @@ def run(args: argparse.Namespace) -> dict:
             ax.axhline(rs[0]["linear_h"], color=colours[head], ls="-", label="no head (z = h)")
             continue
         xs = [r["out_dim"] for r in rs]
-        C.line(ax, xs, rs, "linear_h", "o-", color=colours[head], label=f"{head}: h")
-        C.line(ax, xs, rs, "linear_z", "s--", color=colours[head], alpha=0.6, label=f"{head}: z = g(h)")
-    png = C.finish_log_axes(fig, ax, dims, "projection output dimensionality",
+        outputs.line(ax, xs, rs, "linear_h", "o-", color=colours[head], label=f"{head}: h")
+        outputs.line(ax, xs, rs, "linear_z", "s--", color=colours[head], alpha=0.6, label=f"{head}: z = g(h)")
+    png = outputs.finish_log_axes(fig, ax, dims, "projection output dimensionality",
                             f"Projection head, SimCLR on {ctx.dataset}, {args.steps} steps x {args.batch_size}",
                             baseline, ctx.out / "head.png", base=2)
 
-    table = C.markdown_table(["head", "output dim", "linear top-1 of h %", "of z %", "h - z"],
-                             [[r["head"], r["out_dim"], C.pm(r, "linear_h"), C.pm(r, "linear_z"),
-                               C.fmt(r["linear_h"] - r["linear_z"])] for r in rows])
+    table = outputs.markdown_table(["head", "output dim", "linear top-1 of h %", "of z %", "h - z"],
+                             [[r["head"], r["out_dim"], outputs.pm(r, "linear_h"), outputs.pm(r, "linear_z"),
+                               outputs.fmt(r["linear_h"] - r["linear_z"])] for r in rows])
     mean_h = {h: sum(r["linear_h"] for r in rows if r["head"] == h) / max(1, sum(r["head"] == h for r in rows))
               for h in heads}
     lines = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs
 
 DEFAULT_STEPS = 100
 DEFAULT_BATCH = 128
@@ -19,7 +19,7 @@ DEFAULT_TEMPERATURES = "0.05,0.1,0.2,0.5,1.0"
 
 def build_parser(prog: str = "selfsup analyze temperature") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "temperature", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
+    arguments.add_common_args(p, "temperature", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     p.add_argument("--temperatures", default=DEFAULT_TEMPERATURES,
                    help=f"SimCLR temperatures (default {DEFAULT_TEMPERATURES})")
     p.add_argument("--methods", help="comma-separated methods (default: simclr and, when registered, byol); "
@@ -39,7 +39,7 @@ def parse_floats(flag: str, text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> dict:
     temps = parse_floats("--temperatures", args.temperatures)
-    methods = C.parse_methods(args.methods)
+    methods = arguments.parse_methods(args.methods)
     ctx = C.StudyContext("temperature", args, {"temperatures": temps, "methods": methods})
     ctx.open()
     rows = []
@@ -53,15 +53,15 @@ def run(args: argparse.Namespace) -> dict:
             res = ctx.run_cell(m, {"method": m}, with_z=False)
             rows.append({"method": m, "temperature": None, "linear_h": res["linear_h"],
                          "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
-    C.write_csv(ctx.out / "temperature.csv", rows)
+    outputs.write_csv(ctx.out / "temperature.csv", rows)
     baseline = C.random_init_cached(ctx)
-    C.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "temperatures": temps, "methods": methods})
+    outputs.write_json(ctx.out / "results.json", {"rows": rows, "random_init": baseline, "temperatures": temps, "methods": methods})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.3))
     sim = [r for r in rows if r["method"] == "simclr"]
     if sim:
-        C.line(ax, [r["temperature"] for r in sim], sim, "linear_h", "o-", label="simclr")
+        outputs.line(ax, [r["temperature"] for r in sim], sim, "linear_h", "o-", label="simclr")
     for r in rows:
         if r["method"] != "simclr":
             ax.axhline(r["linear_h"], ls="--", color="tab:orange", label=f"{r['method']} (no temperature)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
                 ax.axhspan(r["linear_h"] - r["linear_h_std"], r["linear_h"] + r["linear_h_std"], color="tab:orange",
                            alpha=0.15, lw=0)
     seeds = f", mean ± sd of {args.seeds} seeds" if args.seeds > 1 else ""
-    png = C.finish_log_axes(fig, ax, temps, "NT-Xent temperature",
+    png = outputs.finish_log_axes(fig, ax, temps, "NT-Xent temperature",
                             f"Temperature, {ctx.dataset}, {args.steps} steps x {args.batch_size}{seeds}", baseline,
                             ctx.out / "temperature.png")
 
@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> dict:
         f"SimCLR at {len(sim)} temperatures, {args.steps} steps of {args.batch_size} each; linear evaluation of h on "
         f"{args.train_images} / {args.test_images} images. The temperature applies to SimCLR only; other methods are "
         "one reference run each at the same budget.",
-        "", *C.markdown_table(["method", "temperature", "linear top-1 %", "final loss"],
+        "", *outputs.markdown_table(["method", "temperature", "linear top-1 %", "final loss"],
                               [[r["method"], "-" if r["temperature"] is None else f"{r['temperature']:g}",
-                                C.pm(r, "linear_h"), C.fmt(r["final_loss"], 3)] for r in rows]),
+                                outputs.pm(r, "linear_h"), outputs.fmt(r["final_loss"], 3)] for r in rows]),
         "",
     ]
     if best:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs, probes
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import view_config_for
 
@@ -55,8 +55,8 @@ TASKS: dict[str, ProbeTask] = {
 
 def build_parser(prog: str = "selfsup analyze transform-probe") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "transform-probe", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
-    C.add_run_args(p)
+    arguments.add_common_args(p, "transform-probe", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    arguments.add_run_args(p)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {','.join(TASKS)} (default: all that apply)")
     return p
 
@@ -78,7 +78,7 @@ def probe_views(images: torch.Tensor, task: ProbeTask, aug, generator: torch.Gen
 def probe_features(model, images: torch.Tensor, task: ProbeTask, aug, seed: int, device,
                    batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, z, labels) of one random draw of ``task`` per image."""
-    enc, head = C.encoder_of(model).to(device).eval(), C.projection_of(model).to(device).eval()
+    enc, head = probes.encoder_of(model).to(device).eval(), probes.projection_of(model).to(device).eval()
     g = torch.Generator(device=device).manual_seed(seed)
     hs, zs, ys = [], [], []
     for i in range(0, len(images), batch_size):
@@ -95,7 +95,7 @@ def images_of(dataset) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> dict:
-    C.adopt_run_settings(args)
+    arguments.adopt_run_settings(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in names if t not in TASKS]
     if bad or not names:
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
                                                    "method": args.method})
     ctx.open()
     run_dir = C.ensure_run(ctx, args)
-    model, info = C.load_method(run_dir)
+    model, info = probes.load_method(run_dir)
     train, test = ctx.eval_slices()
     skipped = [t for t in names if TASKS[t].rgb_only and train.num_channels != 3]
     rows = []
@@ -114,18 +114,18 @@ def run(args: argparse.Namespace) -> dict:
         htr, ztr, ytr = probe_features(model, images_of(train), task, aug, ctx.seed * 1000 + 2 * k, ctx.device)
         hte, zte, yte = probe_features(model, images_of(test), task, aug, ctx.seed * 1000 + 2 * k + 1, ctx.device)
         chance = 100.0 * torch.bincount(yte, minlength=task.num_classes).max().item() / len(yte)
-        acc_h = C.linear_top1(htr, ytr, hte, yte, task.num_classes, ctx.seed)
-        acc_z = C.linear_top1(ztr, ytr, zte, yte, task.num_classes, ctx.seed)
+        acc_h = probes.linear_top1(htr, ytr, hte, yte, task.num_classes, ctx.seed)
+        acc_z = probes.linear_top1(ztr, ytr, zte, yte, task.num_classes, ctx.seed)
         rows.append({"task": name, "question": task.question, "classes": task.num_classes, "chance": chance,
                      "probe_h": acc_h, "probe_z": acc_z, "h_minus_z": acc_h - acc_z})
         C.log(f"transform-probe {name}: h {acc_h:.1f}%, z {acc_z:.1f}% (chance {chance:.1f}%)")
     classes = C.evaluate_run(ctx, run_dir, with_z=True)  # context: how good the run is at the labels
-    C.write_csv(ctx.out / "probe.csv", rows)
-    C.write_json(ctx.out / "results.json", {"run": str(run_dir), "rows": rows, "skipped": skipped, "classes": classes,
+    outputs.write_csv(ctx.out / "probe.csv", rows)
+    outputs.write_json(ctx.out / "results.json", {"run": str(run_dir), "rows": rows, "skipped": skipped, "classes": classes,
                                             "h_dim": int(htr.shape[1]) if rows else None,
                                             "z_dim": int(ztr.shape[1]) if rows else None})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.2))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["probe_h"] for r in rows], 0.4, label="from h", color="tab:blue")
@@ -137,16 +137,16 @@ def run(args: argparse.Namespace) -> dict:
     ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"Which transformation was applied? ({info.config.method}, {ctx.dataset})", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
-    png = C.save_figure(fig, ctx.out / "probe.png")
+    png = outputs.save_figure(fig, ctx.out / "probe.png")
 
     lines = [
         f"SimCLR Table 3: linear probes predicting the applied transformation from h and from z of the "
         f"{info.config.method} run `{run_dir}` ({info.config.backbone}, {info.image_size} px), "
         f"{args.train_images} training / {args.test_images} test images, one draw each.",
         "",
-        *C.markdown_table(["task", "question", "chance %", "from h %", "from z %", "h - z"],
-                          [[r["task"], r["question"], C.fmt(r["chance"]), C.fmt(r["probe_h"]), C.fmt(r["probe_z"]),
-                            C.fmt(r["h_minus_z"])] for r in rows]),
+        *outputs.markdown_table(["task", "question", "chance %", "from h %", "from z %", "h - z"],
+                          [[r["task"], r["question"], outputs.fmt(r["chance"]), outputs.fmt(r["probe_h"]), outputs.fmt(r["probe_z"]),
+                            outputs.fmt(r["h_minus_z"])] for r in rows]),
         "",
         f"For reference, the same linear probe on the class labels: {classes['linear_h']:.1f}% from h, "
         f"{classes['linear_z']:.1f}% from z ({classes['h_dim']}-d h, {classes['z_dim']}-d z).",

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs, probes
 
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 128
@@ -23,8 +23,8 @@ DEFAULT_POINTS = 1000
 
 def build_parser(prog: str = "selfsup analyze tsne") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "tsne", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
-    C.add_run_args(p)
+    arguments.add_common_args(p, "tsne", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    arguments.add_run_args(p)
     p.add_argument("--points", type=int, default=DEFAULT_POINTS, help=f"test images to embed (default {DEFAULT_POINTS})")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default 30)")
     return p
@@ -62,27 +62,27 @@ def run(args: argparse.Namespace) -> dict:
     require_tsne()
     if args.points < 10:
         raise C.ConfigError(f"--points: need at least 10 images for a t-SNE, got {args.points}")
-    C.adopt_run_settings(args)
+    arguments.adopt_run_settings(args)
     args.test_images = max(args.test_images, args.points)
     ctx = C.StudyContext("tsne", args, {"points": args.points, "perplexity": args.perplexity,
                                         "run": str(args.run) if args.run else None, "method": args.method})
     ctx.open()
     run_dir = C.ensure_run(ctx, args)
-    model, info = C.load_method(run_dir)
+    model, info = probes.load_method(run_dir)
     _, test = ctx.eval_slices()
     pts = C.subset(test, torch.arange(min(args.points, len(test))))
-    h, z, y = C.features_hz(model, pts, ctx.device, info.image_size)
+    h, z, y = probes.features_hz(model, pts, ctx.device, info.image_size)
     C.log(f"tsne: embedding {len(y)} points of h ({h.shape[1]}-d) and z ({z.shape[1]}-d)")
     eh, ez = embed(h, ctx.seed, args.perplexity), embed(z, ctx.seed, args.perplexity)
     knn = {"h": knn_loo_accuracy(h, y), "z": knn_loo_accuracy(z, y),
            "tsne_h": knn_loo_accuracy_2d(eh, y), "tsne_z": knn_loo_accuracy_2d(ez, y)}
     rows = [{"label": int(c), "h_x": float(a[0]), "h_y": float(a[1]), "z_x": float(b[0]), "z_y": float(b[1])}
             for c, a, b in zip(y, eh, ez)]
-    C.write_csv(ctx.out / "tsne.csv", rows)
-    C.write_json(ctx.out / "results.json", {"run": str(run_dir), "points": len(y), "knn20_loo": knn,
+    outputs.write_csv(ctx.out / "tsne.csv", rows)
+    outputs.write_json(ctx.out / "results.json", {"run": str(run_dir), "points": len(y), "knn20_loo": knn,
                                             "h_dim": int(h.shape[1]), "z_dim": int(z.shape[1])})
 
-    plt = C.pyplot()
+    plt = outputs.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.9))
     classes = list(getattr(test, "classes", [])) or [str(c) for c in range(int(y.max()) + 1)]
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -97,15 +97,15 @@ def run(args: argparse.Namespace) -> dict:
         ax.set_yticks([])
     axes[1].legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(f"t-SNE of {len(y)} {ctx.dataset} test images, {info.config.method} run", fontsize=9)
-    png = C.save_figure(fig, ctx.out / "tsne.png")
+    png = outputs.save_figure(fig, ctx.out / "tsne.png")
 
     lines = [
         f"t-SNE (scikit-learn, L2-normalised features, perplexity {args.perplexity:g}) of {len(y)} test images "
         f"encoded by the {info.config.method} run `{run_dir}` ({info.config.backbone}, {info.image_size} px).",
         "",
-        *C.markdown_table(["space", "leave-one-out 20-NN class accuracy %"],
-                          [["h", C.fmt(knn["h"])], ["z = g(h)", C.fmt(knn["z"])],
-                           ["t-SNE of h (2-D)", C.fmt(knn["tsne_h"])], ["t-SNE of z (2-D)", C.fmt(knn["tsne_z"])]]),
+        *outputs.markdown_table(["space", "leave-one-out 20-NN class accuracy %"],
+                          [["h", outputs.fmt(knn["h"])], ["z = g(h)", outputs.fmt(knn["z"])],
+                           ["t-SNE of h (2-D)", outputs.fmt(knn["tsne_h"])], ["t-SNE of z (2-D)", outputs.fmt(knn["tsne_z"])]]),
         "",
         "The paper: classes are better separated in h than in z (SimCLR Appendix B.4).",
         "", "![tsne](tsne.png)",

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from selfsup.analyze import common as C
+from selfsup.analyze import arguments, common as C, outputs
 from selfsup.analyze.augment_pairs import cell_view, parse_transforms
 from selfsup.data.datasets import load_dataset
 from selfsup.methods import VIEW_PRESETS
-from selfsup.training.config import from_dict, merge, parse_overrides, to_dict
+from selfsup.training.config_io import from_dict, merge, parse_overrides, to_dict
 from selfsup.training.runs import load_run
 from selfsup.views.config import ViewConfig, view_config_for, TRANSFORM_NAMES
 from selfsup.views.augment import BatchAugment, save_view_grid
@@ -28,7 +28,7 @@ from selfsup.views.augment import BatchAugment, save_view_grid
 
 def build_parser(prog: str = "selfsup analyze views") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    C.add_common_args(p, "views", trains=False, image_size=0)
+    arguments.add_common_args(p, "views", trains=False, image_size=0)
     p.add_argument("--preset", default="simclr", help="a method's view preset: simclr (default), byol, ...")
     p.add_argument("--transforms", help="instead of a preset: only these transformations, p=1 (e.g. crop,colour)")
     p.add_argument("--run", type=Path, help="instead of a preset: the views of this run folder")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                                     n_views=len(singles), seed=ctx.seed)
     for png in (views_png, transforms_png):
         zoom(png, args.zoom)
-    C.write_json(ctx.out / "view_config.json", {"dataset": ctx.dataset, "image_size": size,
+    outputs.write_json(ctx.out / "view_config.json", {"dataset": ctx.dataset, "image_size": size,
                                                 "view": to_dict(v1), "view2": to_dict(v2)})
     source = f"run {args.run}" if args.run else (f"transforms {args.transforms}" if args.transforms else f"preset {args.preset}")
     lines = [

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfsup.data.containers import IMAGE_EXTENSIONS, _MEAN_STD
-from selfsup.data.folders import _decode_image
+from selfsup.data.containers import IMAGE_EXTENSIONS, MEAN_STD
+from selfsup.data.folders import decode_image
 from selfsup.data.store import STORE_PREFIX, open_store
 from selfsup.errors import ConfigError
 from selfsup.evaluation.frozen import prepare_images, extract_features
@@ -46,7 +46,7 @@ class EmbedError(ConfigError):
     """Embedding cannot proceed (no images, unreadable image, unknown output format, ...)."""
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -54,7 +54,7 @@ def list_images(root: str | os.PathLike) -> tuple[Path, list[str]]:
     """``(base folder, sorted relative POSIX paths)`` of the images under ``root`` (or ``root`` itself if a file)."""
     root = Path(root).expanduser()
     if root.is_file():
-        if not _is_image(root.name):
+        if not is_image_file(root.name):
             raise EmbedError(f"--images {root}: not an image file ({', '.join(IMAGE_EXTENSIONS)})")
         return root.parent, [root.name]
     if not root.is_dir():
@@ -63,7 +63,7 @@ def list_images(root: str | os.PathLike) -> tuple[Path, list[str]]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = Path(dirpath).relative_to(root)
-        found += [(rel / f).as_posix() for f in filenames if _is_image(f)]
+        found += [(rel / f).as_posix() for f in filenames if is_image_file(f)]
     if not found:
         raise EmbedError(f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders")
     return root, sorted(found)
@@ -83,7 +83,7 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.base / os.fsdecode(self._relative[index])
         try:
-            image = _decode_image(path, self.size, self.num_channels)
+            image = decode_image(path, self.size, self.num_channels)
             ok = True
         except OSError:
             image = torch.zeros(self.num_channels, self.size, self.size, dtype=torch.uint8)
@@ -228,7 +228,7 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
     encoder = load_encoder(run).to(dev)
     mean, std = run.mean, run.std
     if len(mean) != run.in_channels or len(std) != run.in_channels:  # older run folders without statistics
-        mean, std = _MEAN_STD["gray" if run.in_channels == 1 else "imagenet"]
+        mean, std = MEAN_STD["gray" if run.in_channels == 1 else "imagenet"]
     workers = min(num_workers, math.ceil(len(relative) / max(1, batch_size)))
     emb, kept, skipped = embed_images(encoder, base, relative, image_size=run.image_size, num_channels=run.in_channels,
                                       mean=mean, std=std, batch_size=batch_size, device=dev, num_workers=workers,

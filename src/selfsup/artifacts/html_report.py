@@ -182,19 +182,27 @@ def render_html_report(run_dir: str | Path) -> str:
     except Exception:
         config = {}
     info = _read_json(run_dir / "run.json")
-    summary = _read_json(run_dir / "train_summary.json")
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
+    results = _result_files(run_dir)
     title = f"selfsup run {run_dir.resolve().name}"
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts += _summary_section(run_dir, config, info, train)
+    parts += _evaluation_section(results)
+    parts += _curves_section(rows)
+    parts += _pictures_section(run_dir)
+    parts += _timing_section(train, _read_json(run_dir / "train_summary.json"), results)
+    parts += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>", "</body></html>"]
+    return "\n".join(parts)
 
-    # Summary
+
+def _summary_section(run_dir: Path, config: dict, info: dict, train: list[dict]) -> list[str]:
     total = info.get("total_steps")
     per_epoch = info.get("steps_per_epoch")
     epochs = total / per_epoch if total and per_epoch else None
     last = train[-1] if train else {}
-    parts += ["<h2>Summary</h2>", _table([
+    return ["<h2>Summary</h2>", _table([
         ("method", config.get("method")),
         ("backbone", None if not config.get("backbone") else
          f"{config['backbone']}" + (f" (width x{config['backbone_width']:g})" if config.get("backbone_width") else "")),
@@ -208,9 +216,9 @@ def render_html_report(run_dir: str | Path) -> str:
         ("finished", "yes" if (run_dir / "model.safetensors").is_file() else "no (no model.safetensors yet)"),
     ])]
 
-    # Evaluation
-    parts.append("<h2>Evaluation</h2>")
-    results = _result_files(run_dir)
+
+def _evaluation_section(results: list[tuple[str, dict]]) -> list[str]:
+    parts = ["<h2>Evaluation</h2>"]
     if results:
         keys = [k for k in _RESULT_COLUMNS if any(k in data for _, data in results)]
         head = "".join(f"<th>{k}</th>" for k in ["file"] + keys)
@@ -223,9 +231,11 @@ def render_html_report(run_dir: str | Path) -> str:
     else:
         parts.append("<p class=muted>No evaluation results yet: run <code>selfsup eval knn --run RUN_DIR</code> or "
                      "<code>selfsup eval linear --run RUN_DIR</code>.</p>")
+    return parts
 
-    # Curves
-    parts.append("<h2>Training curves</h2>")
+
+def _curves_section(rows: list[dict]) -> list[str]:
+    parts = ["<h2>Training curves</h2>"]
     series = _series(rows)
     png = curve_png(series)
     if png is not None:
@@ -235,8 +245,11 @@ def render_html_report(run_dir: str | Path) -> str:
         parts.append(_table([(k, v[-1][-1]) for k, v in series.items()]))
     else:
         parts.append("<p class=muted>metrics.jsonl is empty or missing.</p>")
+    return parts
 
-    # Pictures
+
+def _pictures_section(run_dir: Path) -> list[str]:
+    parts = []
     if (run_dir / "views.png").is_file() and (run_dir / "views.png").read_bytes().startswith(_PNG_MAGIC):
         parts += ["<h2>Augmented views</h2>",
                   "<p>First column: the image as loaded; then views drawn from the two view distributions.</p>",
@@ -246,23 +259,23 @@ def render_html_report(run_dir: str | Path) -> str:
         parts.append("<h2>Other figures</h2>")
         for name, data in pictures:
             parts += [f"<h3>{html.escape(name)}</h3>", _img(data, name)]
+    return parts
 
-    # Timing
+
+def _timing_section(train: list[dict], summary: dict, results: list[tuple[str, dict]]) -> list[str]:
+    last = train[-1] if train else {}
     ips = sorted(r["images_per_sec"] for r in train[1:] if "images_per_sec" in r) or \
         [r["images_per_sec"] for r in train if "images_per_sec" in r]
     steps_done = last.get("step")
     elapsed = last.get("elapsed_sec")
     eval_seconds = sum(float(d.get("seconds", 0) or 0) for _, d in results) or None
-    parts += ["<h2>Timing</h2>", _table([
+    return ["<h2>Timing</h2>", _table([
         ("training time (logged)", _duration(elapsed)),
         ("training time (last session)", _duration(summary.get("train_seconds_this_session"))),
         ("seconds per step", round(elapsed / steps_done, 4) if elapsed and steps_done else None),
         ("median images / s (two views each)", round(ips[len(ips) // 2], 1) if ips else None),
         ("evaluation time", _duration(eval_seconds)),
     ])]
-
-    parts += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>", "</body></html>"]
-    return "\n".join(parts)
 
 
 def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

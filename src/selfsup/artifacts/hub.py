@@ -27,7 +27,7 @@ from torch import nn
 
 from selfsup import __version__
 from selfsup.artifacts.export import load_exported
-from selfsup.data.containers import _MEAN_STD
+from selfsup.data.containers import MEAN_STD
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.evaluation.frozen import prepare_images
 from selfsup.models.backbones import build_backbone
@@ -176,7 +176,7 @@ def load_encoder(path: str | Path) -> nn.Module:
         backbone = run_encoder(run)
         mean, std = run.mean, run.std
         if not mean:  # run folders of older releases: the data set's statistics
-            mean, std = _MEAN_STD.get(run.config.dataset, ((0.5,) * run.in_channels, (0.25,) * run.in_channels))
+            mean, std = MEAN_STD.get(run.config.dataset, ((0.5,) * run.in_channels, (0.25,) * run.in_channels))
         _describe(backbone, run.image_size, run.in_channels, mean, std)
         return backbone.eval()
     if path.is_file() and path.suffix == ".safetensors":

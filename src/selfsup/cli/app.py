@@ -22,7 +22,8 @@ from selfsup.distributed import report_to_launcher
 from selfsup.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, TrainingError
 from selfsup.protocols.eval_run import evaluate
 from selfsup.protocols.linear_sgd import LinearSGDConfig
-from selfsup.training.config import PretrainConfig, build_config, load_yaml, parse_overrides
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config, load_yaml, parse_overrides
 from selfsup.training.dryrun import render
 from selfsup.training.loop import pretrain
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from selfsup.errors import ConfigError
 from selfsup.protocols.distill import DistillConfig, distill
 from selfsup.protocols.finetune import SCRATCH_OPTIM, FinetuneConfig, crop_flip_view, finetune
-from selfsup.training.config import build_config, load_yaml, merge, parse_overrides, to_dict
+from selfsup.training.config_io import build_config, load_yaml, merge, parse_overrides, to_dict
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -112,6 +112,8 @@ def cmd_finetune(args) -> int:
         # Keys given under optim.* complete the recipe of this kind of run (from scratch: SCRATCH_OPTIM).
         if data.get("run") is None and isinstance(data.get("optim"), dict):
             data["optim"] = merge(to_dict(SCRATCH_OPTIM), data["optim"])
+        if args.resume is not None:  # a run from before fine-tuning recipes resumes with the values it had
+            data.setdefault("recipe", None)
         return data
 
     cfg, run_dir = _build(FinetuneConfig, args, keys, {"view": to_dict(crop_flip_view())}, complete)

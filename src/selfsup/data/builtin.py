@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from selfsup.data.containers import (
-    DATASET_NAMES, FASHION_MNIST_CLASSES, InMemoryDataset, MNIST_CLASSES, STL10_CLASSES, _MEAN_STD,
+    DATASET_NAMES, FASHION_MNIST_CLASSES, InMemoryDataset, MNIST_CLASSES, STL10_CLASSES, MEAN_STD,
 )
 from selfsup.errors import DataNotFoundError
 
 
-_SPLITS = {name: ("train", "test") for name in DATASET_NAMES}
-_SPLITS["stl10"] = ("train", "test", "unlabeled", "train+unlabeled")
+DATASET_SPLITS = {name: ("train", "test") for name in DATASET_NAMES}
+DATASET_SPLITS["stl10"] = ("train", "test", "unlabeled", "train+unlabeled")
 
 # Folders searched after data_dir and $SELFSUP_DATA. A module constant so tests can empty it.
 SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {
@@ -128,7 +128,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def _load_idx_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
+def load_idx_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
     found, tried = _find_idx_files(name, split, data_dir)
     if found is None:
         expected = " and ".join(_idx_candidates(name, split)[0]) + " (or uncompressed)"
@@ -137,7 +137,7 @@ def _load_idx_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
     images, labels = _read_idx(images_path), _read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{images_path} {images.shape} and {labels_path} {labels.shape} do not match")
-    mean, std = _MEAN_STD[name]
+    mean, std = MEAN_STD[name]
     return InMemoryDataset(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
         labels=torch.from_numpy(labels.astype(np.int64)),
@@ -148,11 +148,11 @@ def _load_idx_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
     )
 
 
-def _load_embedded(split: str) -> InMemoryDataset:
+def load_embedded(split: str) -> InMemoryDataset:
     resource = resources.files("selfsup") / "assets" / "fashion_mnist_sample.npz"
     with resources.as_file(resource) as path, np.load(path) as npz:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-    mean, std = _MEAN_STD["embedded"]
+    mean, std = MEAN_STD["embedded"]
     return InMemoryDataset(
         images=torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).unsqueeze(1),
         labels=torch.from_numpy(labels.astype(np.int64)),
@@ -170,7 +170,7 @@ def _load_embedded(split: str) -> InMemoryDataset:
 _TORCHVISION_FOLDER = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
 
 
-def _load_torchvision_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
+def load_torchvision_dataset(name: str, split: str, data_dir) -> InMemoryDataset:
     import torchvision.datasets as tvd  # imported here: only these three sets need it
 
     tried = []
@@ -193,7 +193,7 @@ def _load_torchvision_dataset(name: str, split: str, data_dir) -> InMemoryDatase
 
 
 def _from_torchvision(name: str, split: str, ds) -> InMemoryDataset:
-    mean, std = _MEAN_STD[name]
+    mean, std = MEAN_STD[name]
     if name == "stl10":
         images = torch.from_numpy(ds.data).contiguous()  # (N, 3, 96, 96), torchvision already made it CHW
         labels = None if split == "unlabeled" else torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))

@@ -20,7 +20,7 @@ STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 # Per-channel statistics on the [0, 1] scale. STL-10 and RGB image folders use the ImageNet values,
 # as is usual for photos; gray image folders use 0.5 / 0.25 (no data set to take them from).
-_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -28,8 +28,8 @@ _MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "gray": ((0.5,), (0.25,)),
 }
-_MEAN_STD["embedded"] = _MEAN_STD["fashion-mnist"]
-_MEAN_STD["stl10"] = _MEAN_STD["imagenet"]
+MEAN_STD["embedded"] = MEAN_STD["fashion-mnist"]
+MEAN_STD["stl10"] = MEAN_STD["imagenet"]
 
 IN_MEMORY_MAX_IMAGES = 20_000
 IN_MEMORY_MAX_SIZE = 64

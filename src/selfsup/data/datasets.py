@@ -19,9 +19,9 @@ import os
 
 import torch
 
-from selfsup.data.builtin import _SPLITS, _load_embedded, _load_idx_dataset, _load_torchvision_dataset
+from selfsup.data.builtin import DATASET_SPLITS, load_embedded, load_idx_dataset, load_torchvision_dataset
 from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, InMemoryDataset, canonical_dataset_name
-from selfsup.data.folders import ImageFolderDataset, _load_image_folder
+from selfsup.data.folders import ImageFolderDataset, load_image_folder
 from selfsup.data.store import STORE_PREFIX, StoreDataset, open_store
 
 
@@ -73,7 +73,7 @@ def load_dataset(
     without images or bad image files.
     """
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_image_folder(name, split, image_size, in_memory, num_channels, on_bad_image)
+        return load_image_folder(name, split, image_size, in_memory, num_channels, on_bad_image)
     if name.startswith(STORE_PREFIX):  # made by `selfsup prepare`; see selfsup.data.store
         return _load_store(name, split, image_size, in_memory)
     if name.startswith("hf:"):
@@ -83,13 +83,13 @@ def load_dataset(
     key = canonical_dataset_name(name)
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)} or imagefolder:PATH")
-    if split not in _SPLITS[key]:
-        raise ValueError(f"data set {key!r} has no split {split!r}; choose one of {', '.join(_SPLITS[key])}")
+    if split not in DATASET_SPLITS[key]:
+        raise ValueError(f"data set {key!r} has no split {split!r}; choose one of {', '.join(DATASET_SPLITS[key])}")
     if key == "embedded":
-        return _load_embedded(split)
+        return load_embedded(split)
     if key in ("fashion-mnist", "mnist"):
-        return _load_idx_dataset(key, split, data_dir)
-    return _load_torchvision_dataset(key, split, data_dir)
+        return load_idx_dataset(key, split, data_dir)
+    return load_torchvision_dataset(key, split, data_dir)
 
 
 def _load_store(name: str, split: str, image_size: int | None, in_memory: bool | None) -> InMemoryDataset | StoreDataset:

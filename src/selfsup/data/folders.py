@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from selfsup.data.containers import (
     DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, IMAGE_EXTENSIONS, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE,
-    InMemoryDataset, _MEAN_STD, default_load_size,
+    InMemoryDataset, MEAN_STD, default_load_size,
 )
 from selfsup.data.image_checks import (
     DECODE_ERRORS, ImageReport, check_policy, convert_image, decode_with_policy, describe_bad, scan_images,
@@ -64,7 +64,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         scan: bool = True,
     ) -> None:
         self.root = Path(root)
-        files, labels, self.classes = _scan_image_folder(self.root, classes)
+        files, labels, self.classes = scan_image_folder(self.root, classes)
         # Bad files are found (and refused, or left out) before any training: see selfsup.data.image_checks.
         self.on_bad_image = check_policy(on_bad_image)
         self.image_report: ImageReport | None = None
@@ -80,10 +80,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.load_size = int(load_size) if load_size is not None else default_load_size(self.image_size)
         if self.image_size < 1 or self.load_size < self.image_size:
             raise ValueError(f"need 1 <= image_size <= load_size, got {self.image_size} and {self.load_size}")
-        self.num_channels = _detect_channels(files) if num_channels is None else int(num_channels)
+        self.num_channels = detect_channels(files) if num_channels is None else int(num_channels)
         if self.num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels}")
-        self.mean, self.std = _MEAN_STD["gray" if self.num_channels == 1 else "imagenet"]
+        self.mean, self.std = MEAN_STD["gray" if self.num_channels == 1 else "imagenet"]
         self.name = name if name is not None else IMAGEFOLDER_PREFIX + str(root)
         # Files that fail to decode during training, flagged from DataLoader workers (shared memory).
         self.failed = torch.zeros(len(self._paths), dtype=torch.bool).share_memory_()
@@ -108,7 +108,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # A file that fails here (damage the scan cannot see) is replaced by the next one that decodes
         # with on_bad_image="skip", deterministically, and flagged; "error" raises naming it.
         image, index = decode_with_policy(
-            lambda i: _decode_image(Path(os.fsdecode(self._paths[i])), self.load_size, self.num_channels),
+            lambda i: decode_image(Path(os.fsdecode(self._paths[i])), self.load_size, self.num_channels),
             index, len(self._paths), self.on_bad_image, lambda i: os.fsdecode(self._paths[i]), self.failed)
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label
@@ -119,31 +119,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively, in a deterministic (sorted) order; hidden entries skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(f)]
+        found += [Path(dirpath) / f for f in sorted(filenames) if is_image_file(f)]
     return found
 
 
-def _class_folders(folder: Path) -> list[str]:
+def class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_image_folder(
+def scan_image_folder(
     folder: Path, classes: Sequence[str] | None = None
 ) -> tuple[list[Path], list[int] | None, list[str]]:
     """``(files, labels or None, classes)`` for a class-per-sub-folder or a flat folder of images."""
     if not folder.is_dir():
         raise DataNotFoundError(f"image folder {folder} does not exist or is not a folder")
-    direct = sorted(folder / e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
-    per_class = {sub: _images_under(folder / sub) for sub in _class_folders(folder)}
+    direct = sorted(folder / e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+    per_class = {sub: images_under(folder / sub) for sub in class_folders(folder)}
     if direct:
         with_images = [sub for sub, files in per_class.items() if files]
         if with_images:
@@ -175,7 +175,7 @@ def _scan_image_folder(
     return files, labels, classes
 
 
-def _detect_channels(files: Sequence[Path], max_probe: int = 16) -> int:
+def detect_channels(files: Sequence[Path], max_probe: int = 16) -> int:
     """1 if every probed file (evenly spread, header only) is grayscale, else 3."""
     step = max(1, len(files) // max_probe)
     for path in list(files)[::step][:max_probe]:
@@ -188,7 +188,7 @@ def _detect_channels(files: Sequence[Path], max_probe: int = 16) -> int:
     return 1
 
 
-def _decode_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
+def decode_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
     """(C, size, size) uint8: shorter side resized to ``size``, centre square kept (one resize call)."""
     mode = "L" if num_channels == 1 else "RGB"
     try:
@@ -208,7 +208,7 @@ def _decode_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _resolve_split_folder(path: Path, split: str) -> tuple[Path, Path | None]:
+def resolve_split_folder(path: Path, split: str) -> tuple[Path, Path | None]:
     """(folder of ``split``, the training folder whose classes it must use, or None)."""
     if split not in ("train", "test"):
         raise ValueError(f"image folders have splits 'train' and 'test', not {split!r}")
@@ -227,7 +227,7 @@ def _resolve_split_folder(path: Path, split: str) -> tuple[Path, Path | None]:
     )
 
 
-def _load_image_folder(
+def load_image_folder(
     name: str, split: str, image_size: int | None, in_memory: bool | None, num_channels: int | None,
     on_bad_image: str = "error",
 ) -> InMemoryDataset | ImageFolderDataset:
@@ -237,10 +237,10 @@ def _load_image_folder(
     path = Path(raw).expanduser()
     if not path.is_dir():
         raise DataNotFoundError(f"image folder {str(path)!r} (from {name!r}) does not exist or is not a folder")
-    folder, train_folder = _resolve_split_folder(path, split)
+    folder, train_folder = resolve_split_folder(path, split)
     classes = None
-    if train_folder is not None and not any(_is_image(e.name) for e in os.scandir(train_folder) if e.is_file()):
-        classes = _class_folders(train_folder)
+    if train_folder is not None and not any(is_image_file(e.name) for e in os.scandir(train_folder) if e.is_file()):
+        classes = class_folders(train_folder)
     size = DEFAULT_IMAGEFOLDER_SIZE if image_size is None else int(image_size)
     dataset = ImageFolderDataset(folder, image_size=size, num_channels=num_channels, classes=classes, name=name,
                                  on_bad_image=on_bad_image)
@@ -257,7 +257,7 @@ def _decode_all(dataset: ImageFolderDataset, size: int) -> InMemoryDataset:
 
     def decode(path: Path) -> torch.Tensor | str:
         try:
-            return _decode_image(path, size, dataset.num_channels)
+            return decode_image(path, size, dataset.num_channels)
         except OSError as err:  # passed the scan but does not decode: handled like a bad image
             return str(err)
 

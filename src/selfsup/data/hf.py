@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from selfsup.data.containers import (
-    _MEAN_STD, DEFAULT_IMAGEFOLDER_SIZE, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, InMemoryDataset, default_load_size,
+    MEAN_STD, DEFAULT_IMAGEFOLDER_SIZE, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, InMemoryDataset, default_load_size,
 )
 from selfsup.data.image_checks import convert_image
 from selfsup.errors import DataNotFoundError, DataError
@@ -133,7 +133,7 @@ class HFImageDataset(torch.utils.data.Dataset):
         native_side = next(iter(native))[0] if len(native) == 1 and next(iter(native))[0] == next(iter(native))[1] else None
         self.image_size = int(image_size or native_side or DEFAULT_IMAGEFOLDER_SIZE)
         self.load_size = self.image_size if native_side == self.image_size else default_load_size(self.image_size)
-        self.mean, self.std = _MEAN_STD["gray" if self.num_channels == 1 else "imagenet"]
+        self.mean, self.std = MEAN_STD["gray" if self.num_channels == 1 else "imagenet"]
         self.name = name or HF_PREFIX + str(path)
         self.labels, self.classes = None, []
         if self.label_column is not None:

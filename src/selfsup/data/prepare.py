@@ -2,7 +2,7 @@
 
 One pass over the folder (flat, class sub-folders, or ``train/`` + ``val/``/``test/`` splits, as
 ``imagefolder:PATH`` reads it): every image is decoded exactly as the streamed image folder decodes
-it (:func:`selfsup.data.datasets._decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
+it (:func:`selfsup.data.datasets.decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
 load size, centre square), then stored as raw pixels (``--format raw``: bit-identical to what the
 folder gives, bigger) or re-encoded as a JPEG at that size (``--format jpeg``, the default: ~10x
 smaller, decoded with libjpeg-turbo at training time). The load size is the one the training size
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.data.containers import IMAGEFOLDER_PREFIX, _MEAN_STD, default_load_size
+from selfsup.data.containers import IMAGEFOLDER_PREFIX, MEAN_STD, default_load_size
 from selfsup.data.folders import (
-    _class_folders, _decode_image, _detect_channels, _is_image, _resolve_split_folder, _scan_image_folder,
+    class_folders, decode_image, detect_channels, is_image_file, resolve_split_folder, scan_image_folder,
 )
 from selfsup.data.image_checks import check_policy, scan_images
-from selfsup.data.store import MANIFEST, SAFE_ENCODINGS, STORE_FORMATS, STORE_VERSION, _engine
+from selfsup.data.store import MANIFEST, SAFE_ENCODINGS, STORE_FORMATS, STORE_VERSION, mds_engine
 from selfsup.errors import DataNotFoundError, BadImageError, DataError
 
 __all__ = ["prepare_store"]
@@ -48,7 +48,7 @@ def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | No
     """One file to stored bytes, in a worker process: ``(bytes, None)`` or ``(None, problem)``."""
     path, load_size, channels, fmt, quality = job
     try:
-        image = _decode_image(Path(path), load_size, channels)
+        image = decode_image(Path(path), load_size, channels)
     except OSError as err:
         return None, str(err)
     if fmt == "raw":
@@ -62,7 +62,7 @@ def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | No
 
 def _require_store_extra() -> None:
     """A one-line error naming the extra, before any work, when the engine or the JPEG codec is missing."""
-    _engine()  # raises the one-line error itself
+    mds_engine()  # raises the one-line error itself
     try:
         import simplejpeg  # noqa: F401
     except ImportError as err:
@@ -71,12 +71,12 @@ def _require_store_extra() -> None:
 
 def _splits(path: Path) -> list[tuple[str, Path, list[str] | None]]:
     """``[(split, folder, classes to use or None)]`` for a source folder, as ``imagefolder:`` reads it."""
-    folder, _ = _resolve_split_folder(path, "train")
+    folder, _ = resolve_split_folder(path, "train")
     out = [("train", folder, None)]
     if (path / "train").is_dir() and any((path / h).is_dir() for h in ("val", "test")):
-        held_out, train_folder = _resolve_split_folder(path, "test")
-        flat = any(_is_image(e.name) for e in os.scandir(train_folder) if e.is_file())
-        out.append(("test", held_out, None if flat else _class_folders(train_folder)))
+        held_out, train_folder = resolve_split_folder(path, "test")
+        flat = any(is_image_file(e.name) for e in os.scandir(train_folder) if e.is_file())
+        out.append(("test", held_out, None if flat else class_folders(train_folder)))
     return out
 
 
@@ -90,7 +90,7 @@ def _list_digest(files: list[Path], labels: list[int] | None) -> str:
 def _write_part(part_dir: Path, jobs: list, files: list[Path], labels: list[int] | None, root: Path, pool,
                 policy: str, bar) -> dict:
     """Encode and write one part; returns its summary (also saved as ``done.json``, which marks it finished)."""
-    MDSWriter = _engine()[1]
+    MDSWriter = mds_engine()[1]
     if part_dir.exists():
         shutil.rmtree(part_dir)  # a part interrupted half-way is written again from its start
     kept_labels, bad = [], []
@@ -145,6 +145,54 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     """
     from tqdm.auto import tqdm
 
+    path, policy = _check_request(source, format, size, quality, part_size, on_bad_image)
+    root = Path(out).expanduser()
+    if (root / MANIFEST).is_file():  # finished before: the same command is a no-op, another one is refused
+        return _finished_manifest(root, path, size, format)
+    t0 = time.perf_counter()
+    load_size = default_load_size(int(size))
+    splits = []
+    for split, folder, classes in _splits(path):
+        files, labels, found_classes = scan_image_folder(folder, classes)
+        keep, report = scan_images(files, policy, int(size), folder)
+        splits.append((split, folder, [f for f, k in zip(files, keep) if k],
+                       None if labels is None else [lab for lab, k in zip(labels, keep) if k], found_classes, report))
+    channels = detect_channels(splits[0][2]) if num_channels is None else int(num_channels)
+    settings = {"source": IMAGEFOLDER_PREFIX + str(path), "size": int(size), "load_size": load_size, "format": format,
+                "jpeg_quality": int(quality) if format == "jpeg" else None, "num_channels": channels,
+                "on_bad_image": policy, "part_size": int(part_size),
+                "files": {s: _list_digest(f, lab) for s, _, f, lab, _, _ in splits}}
+    _start_or_resume(root, settings)
+    total = sum(len(f) for _, _, f, _, _, _ in splits)
+    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
+    pool = get_context().Pool(workers) if workers > 0 else None
+    bar = tqdm(total=total, unit="img", desc="prepare", disable=not progress, smoothing=0.1, file=sys.stderr)
+    split_info = {}
+    try:
+        for split, folder, files, labels, _, report in splits:
+            jobs = [(str(f), load_size, channels, format, int(quality)) for f in files]
+            split_info[split] = _write_split(root / split, folder, files, labels, jobs, report, int(part_size), pool,
+                                             policy, bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    seconds = time.perf_counter() - t0
+    mean, std = MEAN_STD["gray" if channels == 1 else "imagenet"]
+    manifest = {"store_version": STORE_VERSION, "engine": "mosaicml-streaming (MDS)", **settings,
+                "classes": splits[0][4], "labeled": splits[0][3] is not None, "mean": list(mean), "std": list(std),
+                "splits": split_info, "seconds": round(seconds, 1),
+                "images_per_s": round(total / seconds, 1) if seconds > 0 else None}
+    del manifest["files"], manifest["part_size"]
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)  # written last: a store without it is unfinished
+    return manifest
+
+
+def _check_request(source: str, format: str, size: int, quality: int, part_size: int,
+                   on_bad_image: str) -> tuple[Path, str]:
+    """The image folder ``source`` names and the bad-image policy; DataError for what cannot be prepared."""
     if not source.startswith(IMAGEFOLDER_PREFIX) or not source[len(IMAGEFOLDER_PREFIX):]:
         raise DataError(f"prepare reads image folders: give imagefolder:PATH, not {source!r}")
     if format not in STORE_FORMATS:
@@ -156,27 +204,21 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     path = Path(source[len(IMAGEFOLDER_PREFIX):]).expanduser().resolve()
     if not path.is_dir():
         raise DataNotFoundError(f"image folder {str(path)!r} (from {source!r}) does not exist or is not a folder")
-    root = Path(out).expanduser()
-    if (root / MANIFEST).is_file():  # finished before: the same command is a no-op, another one is refused
-        done = json.loads((root / MANIFEST).read_text())
-        asked = {"source": IMAGEFOLDER_PREFIX + str(path), "size": int(size), "format": format}
-        if any(done.get(k) != v for k, v in asked.items()):
-            raise DataError(f"{root} already holds a store of {done.get('source')} at --size {done.get('size')}, "
-                            f"--format {done.get('format')}; choose a new --out for this one")
-        return done
-    t0 = time.perf_counter()
-    load_size = default_load_size(int(size))
-    splits = []
-    for split, folder, classes in _splits(path):
-        files, labels, found_classes = _scan_image_folder(folder, classes)
-        keep, report = scan_images(files, policy, int(size), folder)
-        splits.append((split, folder, [f for f, k in zip(files, keep) if k],
-                       None if labels is None else [lab for lab, k in zip(labels, keep) if k], found_classes, report))
-    channels = _detect_channels(splits[0][2]) if num_channels is None else int(num_channels)
-    settings = {"source": IMAGEFOLDER_PREFIX + str(path), "size": int(size), "load_size": load_size, "format": format,
-                "jpeg_quality": int(quality) if format == "jpeg" else None, "num_channels": channels,
-                "on_bad_image": policy, "part_size": int(part_size),
-                "files": {s: _list_digest(f, lab) for s, _, f, lab, _, _ in splits}}
+    return path, policy
+
+
+def _finished_manifest(root: Path, path: Path, size: int, format: str) -> dict:
+    """The manifest of a store finished before, if it was written from the same folder, size and format."""
+    done = json.loads((root / MANIFEST).read_text())
+    asked = {"source": IMAGEFOLDER_PREFIX + str(path), "size": int(size), "format": format}
+    if any(done.get(k) != v for k, v in asked.items()):
+        raise DataError(f"{root} already holds a store of {done.get('source')} at --size {done.get('size')}, "
+                        f"--format {done.get('format')}; choose a new --out for this one")
+    return done
+
+
+def _start_or_resume(root: Path, settings: dict) -> None:
+    """Record the settings in ``prepare.json``, or check that an unfinished prepare there used the same ones."""
     started = root / "prepare.json"
     if started.is_file():
         before = json.loads(started.read_text())
@@ -188,46 +230,26 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     else:
         root.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps(settings, indent=1))
-    total = sum(len(f) for _, _, f, _, _, _ in splits)
-    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
-    pool = get_context().Pool(workers) if workers > 0 else None
-    bar = tqdm(total=total, unit="img", desc="prepare", disable=not progress, smoothing=0.1, file=sys.stderr)
-    split_info = {}
-    try:
-        for split, folder, files, labels, _, report in splits:
-            split_dir = root / split
-            parts = []
-            for p, start in enumerate(range(0, len(files), int(part_size))):
-                part = f"part-{p:05d}"
-                parts.append(part)
-                chunk = files[start:start + int(part_size)]
-                if (split_dir / part / "done.json").is_file():
-                    bar.update(len(chunk))  # finished before an interruption: kept
-                    continue
-                jobs = [(str(f), load_size, channels, format, int(quality)) for f in chunk]
-                _write_part(split_dir / part, jobs, chunk, None if labels is None else labels[start:start + len(chunk)],
-                            folder, pool, policy, bar)
-            done = [json.loads((split_dir / part / "done.json").read_text()) for part in parts]
-            failed = [(b["file"], b["problem"]) for d in done for b in d["bad"]]
-            count = sum(d["images"] for d in done)
-            if count == 0:
-                raise DataError(f"no usable images in {folder}: none of {report.num_files} files decodes")
-            split_info[split] = {"folder": str(folder), "images": count, "files_found": report.num_files,
-                                 "bad": [{"file": f, "problem": p} for f, p in report.bad + failed],
-                                 "upscaled": report.upscaled, **_merge_split(split_dir, parts)}
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    classes = splits[0][4]
-    seconds = time.perf_counter() - t0
-    mean, std = _MEAN_STD["gray" if channels == 1 else "imagenet"]
-    manifest = {"store_version": STORE_VERSION, "engine": "mosaicml-streaming (MDS)", **settings,
-                "classes": classes, "labeled": splits[0][3] is not None, "mean": list(mean), "std": list(std),
-                "splits": split_info, "seconds": round(seconds, 1),
-                "images_per_s": round(total / seconds, 1) if seconds > 0 else None}
-    del manifest["files"], manifest["part_size"]
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)  # written last: a store without it is unfinished
-    return manifest
+
+
+def _write_split(split_dir: Path, folder: Path, files: list, labels: list | None, jobs: list, report, part_size: int,
+                 pool, policy: str, bar) -> dict:
+    """Write one split part by part (parts finished before an interruption are kept), then merge their indexes."""
+    parts = []
+    for p, start in enumerate(range(0, len(files), part_size)):
+        part = f"part-{p:05d}"
+        parts.append(part)
+        chunk = files[start:start + part_size]
+        if (split_dir / part / "done.json").is_file():
+            bar.update(len(chunk))  # finished before an interruption: kept
+            continue
+        _write_part(split_dir / part, jobs[start:start + part_size], chunk,
+                    None if labels is None else labels[start:start + len(chunk)], folder, pool, policy, bar)
+    done = [json.loads((split_dir / part / "done.json").read_text()) for part in parts]
+    failed = [(b["file"], b["problem"]) for d in done for b in d["bad"]]
+    count = sum(d["images"] for d in done)
+    if count == 0:
+        raise DataError(f"no usable images in {folder}: none of {report.num_files} files decodes")
+    return {"folder": str(folder), "images": count, "files_found": report.num_files,
+            "bad": [{"file": f, "problem": p} for f, p in report.bad + failed],
+            "upscaled": report.upscaled, **_merge_split(split_dir, parts)}

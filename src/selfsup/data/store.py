@@ -52,7 +52,7 @@ _INSTALL_HINT = "install the store extra: pip install 'selfsup[store]' (MosaicML
 _MDS: tuple | None = None
 
 
-def _engine() -> tuple:
+def mds_engine() -> tuple:
     """``(reader_from_json, MDSWriter)``: the engine's MDS format modules, imported where used.
 
     Imported without running ``streaming/__init__``, which loads the engine's whole
@@ -151,7 +151,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.labels = torch.from_numpy(labels) if manifest["labeled"] else None
 
     def _readers(self) -> list:
-        reader_from_json = _engine()[0]
+        reader_from_json = mds_engine()[0]
         shards = [reader_from_json(str(self.root), self.split, obj) for obj in self._shard_objs]
         for shard in shards:
             shard.validate(allow_unsafe_types=False)  # the engine's own check: no pickled columns

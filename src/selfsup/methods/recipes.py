@@ -21,7 +21,8 @@ A recipe is a layer of config keys put *under* everything the user gives (comman
 - ``simclrv2``: SimCLRv2 (Chen et al. 2020b), Sec. 2 / App.: LARS lr 0.1 x sqrt(B) (6.4 at 4096),
   weight decay 1e-4, temperature 0.1 (0.5 at CIFAR size, taken from SimCLR App. B.9; the v2 paper is
   silent), 3-layer head ending in BN with a scale (official code), 10 warm-up epochs (the official
-  code uses 5). ``SIMCLRV2_FINETUNE`` holds its fine-tuning defaults for wide and SK encoders.
+  code uses 5). ``SIMCLRV2_FINETUNE`` holds its fine-tuning defaults for wide and SK encoders, which
+  ``selfsup finetune`` applies through ``FINETUNE_RECIPES`` (``auto_finetune_recipe``).
 
 Automatic choice (``auto_recipe``): a narrow CPU encoder gets ``cpu``; every other encoder gets the
 paper recipe of its method. Within a paper recipe the image size picks the CIFAR-size (<= 32 px) or
@@ -113,6 +114,32 @@ PAPER_RECIPE = {"simclr": "simclr", "simclrv2": "simclrv2", "byol": "byol", "sup
 # no weight decay, fine-tuning from the head's first layer; 60 epochs at 1% labels, 30 at 10%.
 SIMCLRV2_FINETUNE = {"optim": {"name": "lars", "lr": 0.005, "lr_scaling": "sqrt", "weight_decay": 0.0},
                      "batch_size": 1024, "epochs_at_1pct": 60, "epochs_at_10pct": 30, "from_head_layer": 1}
+
+# The recipes ``selfsup finetune`` chooses from (``auto_finetune_recipe``), with the one-line summary it prints.
+FINETUNE_RECIPES: dict[str, str] = {
+    "default": "fine-tuning defaults (LARS 0.005 x sqrt(B), no weight decay, batch 256, 60 epochs at 1% labels "
+               "and 30 above, from head layer 1 where the run has a head)",
+    "simclrv2": "SimCLRv2 paper for wide and SK encoders (LARS 0.005 x sqrt(B), no weight decay, batch 1024, "
+                "60 epochs at 1% labels and 30 above, from head layer 1)",
+    "scratch": "from scratch, the supervised baseline (SGD 0.1 x B/256, weight decay 5e-4, batch 256)",
+}
+WIDE_OR_SK_TAGS = ("_2x", "_3x", "_sk")  # SimCLRv2's wide and selective-kernel ResNets (models/backbones.py)
+
+
+def auto_finetune_recipe(pretrain_recipe: str | None, backbone: str) -> str:
+    """``simclrv2`` for a run pre-trained with that recipe or on a wide or SK ResNet, else ``default``."""
+    wide_or_sk = not backbone.startswith("timm:") and any(tag in backbone for tag in WIDE_OR_SK_TAGS)
+    return "simclrv2" if pretrain_recipe == "simclrv2" or wide_or_sk else "default"
+
+
+def finetune_values(name: str, label_fraction: float) -> dict:
+    """The config layer of fine-tuning recipe ``name`` at ``label_fraction`` (``default``/``scratch``: none, the
+    config's own defaults)."""
+    if name != "simclrv2":
+        return {}
+    v = SIMCLRV2_FINETUNE
+    return {"batch_size": v["batch_size"], "optim": dict(v["optim"]), "from_head_layer": v["from_head_layer"],
+            "epochs": float(v["epochs_at_1pct"] if label_fraction <= 0.01 else v["epochs_at_10pct"])}
 
 
 def paper_lr(method: str, batch_size: int) -> float:

@@ -13,7 +13,7 @@ from typing import Callable
 from torch import nn
 
 from selfsup.models.resnet import (
-    _DEPTHS, LEGACY_SMALL_IMAGE_MAX, SMALL_IMAGE_MAX, BasicBlock, Bottleneck, Conv2d, ResNet,
+    RESNET_DEPTHS, LEGACY_SMALL_IMAGE_MAX, SMALL_IMAGE_MAX, BasicBlock, Bottleneck, Conv2d, ResNet,
 )
 from selfsup.models.sk_resnet import build_sk_resnet
 from selfsup.models.timm_adapter import TIMM_PREFIX, build_timm_backbone
@@ -21,7 +21,7 @@ from selfsup.models.timm_adapter import TIMM_PREFIX, build_timm_backbone
 
 def _resnet_builder(depth: int, width: float = 1.0, base_channels: int = 64, layers: list[int] | None = None,
                     block: type | None = None, stem_stride: int = 1, expand_features: int | None = None):
-    default_block, default_layers = _DEPTHS[depth] if depth in _DEPTHS else (block, layers)
+    default_block, default_layers = RESNET_DEPTHS[depth] if depth in RESNET_DEPTHS else (block, layers)
 
     def build(in_channels: int = 3, image_size: int = 224, small_stem: bool | None = None, width: float = width,
               zero_init_residual: bool = False, expand_features: int | None = expand_features, **kw) -> ResNet:

@@ -193,7 +193,7 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
 
 
-_DEPTHS = {
+RESNET_DEPTHS = {
     18: (BasicBlock, [2, 2, 2, 2]),
     34: (BasicBlock, [3, 4, 6, 3]),
     50: (Bottleneck, [3, 4, 6, 3]),

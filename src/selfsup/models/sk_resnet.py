@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.models.resnet import SMALL_IMAGE_MAX, Bottleneck, ResNet, _DEPTHS
+from selfsup.models.resnet import SMALL_IMAGE_MAX, Bottleneck, ResNet, RESNET_DEPTHS
 
 SK_RATIO = 0.0625  # SimCLRv2's released code: mixing MLP width = channels / 16 ...
 SK_MIN_DIM = 32  # ... but at least 32
@@ -117,7 +117,7 @@ def build_sk_resnet(depth: int, width: float = 1.0, in_channels: int = 3, image_
     def sk_conv(cin: int, cout: int, stride: int) -> nn.Module:
         return SelectiveKernelConv(cin, cout, stride, sk_ratio=sk_ratio, min_dim=sk_min_dim)
 
-    model = ResNet(SKBottleneck, _DEPTHS[depth][1], width=width, in_channels=in_channels, small_stem=small_stem,
+    model = ResNet(SKBottleneck, RESNET_DEPTHS[depth][1], width=width, in_channels=in_channels, small_stem=small_stem,
                    zero_init_residual=zero_init_residual, conv3x3=sk_conv)
     if resnet_d:
         for layer in (model.layer1, model.layer2, model.layer3, model.layer4):

@@ -42,17 +42,19 @@ from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
 from selfsup.losses import distill_loss
 from selfsup.models.backbones import build_backbone, saved_stem
-from selfsup.protocols.finetune import (
-    LABEL_SUBSET_FILE, Classifier, HeadLayers, _common_checks, crop_flip_view, load_classifier, prepare_label_subset,
-)
+from selfsup.protocols.classifier import Classifier, HeadLayers, load_classifier
+from selfsup.protocols.finetune import crop_flip_view
+from selfsup.protocols.label_subsets import LABEL_SUBSET_FILE, prepare_label_subset
 from selfsup.protocols.labelled_loop import (
-    begin_labelled_run, LoopSettings, RESULTS_FILE, LoopSpec, effective_batch, labeled_stream, length_in_steps,
-    mix_seed, prepare_run_dir, resume_state, setup_device, train_and_evaluate,
+    begin_labelled_run, check_loop_settings, LoopSettings, RESULTS_FILE, LoopSpec, effective_batch, labeled_stream,
+    length_in_steps, train_and_evaluate,
 )
-from selfsup.training.config import OptimConfig, _check
+from selfsup.training.config import OptimConfig
+from selfsup.training.config_io import check_field
 from selfsup.training.optim import build_optimizer
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.schedules import scaled_lr
+from selfsup.training.steps import mix_seed
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 
@@ -87,14 +89,14 @@ class DistillConfig(LoopSettings):
     optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
 
     def validate(self) -> None:
-        _check("teacher", bool(self.teacher), "give the fine-tuned teacher's run folder (--teacher RUN)")
-        _check("temperature", self.temperature is None or (self.temperature > 0 and math.isfinite(self.temperature)),
-               "must be > 0 (paper: 1.0 big-to-small, 0.1 self-distillation)")
-        _check("labeled_weight", self.labeled_weight >= 0 and math.isfinite(self.labeled_weight), "must be >= 0")
-        _check("labeled_batch_size", self.labeled_batch_size is None or self.labeled_batch_size >= 1, "must be >= 1")
-        _check("student_width", self.student_width is None or (self.student_width > 0 and math.isfinite(self.student_width)),
-               "must be > 0")
-        _common_checks(self)
+        check_field("teacher", bool(self.teacher), "give the fine-tuned teacher's run folder (--teacher RUN)")
+        check_field("temperature", self.temperature is None or (self.temperature > 0 and math.isfinite(self.temperature)),
+                    "must be > 0 (paper: 1.0 big-to-small, 0.1 self-distillation)")
+        check_field("labeled_weight", self.labeled_weight >= 0 and math.isfinite(self.labeled_weight), "must be >= 0")
+        check_field("labeled_batch_size", self.labeled_batch_size is None or self.labeled_batch_size >= 1, "must be >= 1")
+        check_field("student_width", self.student_width is None or (self.student_width > 0 and math.isfinite(self.student_width)),
+                    "must be > 0")
+        check_loop_settings(self)
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
@@ -131,11 +133,8 @@ def distill_objective(student: nn.Module, teacher: nn.Module, images: torch.Tens
 FREE_KEYS = {"device", "data_dir", "log_every", "checkpoint_every", "keep_last", "eval_batch_size"}
 
 
-def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Distill the teacher into a student on the training split's images; evaluate on the test split."""
-    cfg, run_dir, device, precision, owns_group, weights, state = begin_labelled_run(cfg, run_dir, resume, "distill",
-                                                                                    FREE_KEYS)
-
+def _teacher_and_data(cfg: DistillConfig, device: torch.device):
+    """The frozen teacher, its run.json, and the data set's training and test splits (checked against it)."""
     teacher, tinfo = load_classifier(cfg.teacher)
     teacher = freeze_teacher(teacher).to(device)
     dataset_name = cfg.dataset or tinfo["dataset"]
@@ -146,9 +145,12 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
     if train.num_channels != tinfo["in_channels"] or len(train.classes) != tinfo["num_classes"]:
         raise ConfigError(f"dataset: {dataset_name} ({train.num_channels} channels, {len(train.classes)} classes) does not "
                           f"fit the teacher {cfg.teacher} ({tinfo['in_channels']} channels, {tinfo['num_classes']} classes)")
+    return teacher, tinfo, dataset_name, data_dir, train, test
 
-    # The student: its own pre-training, or fresh.
-    torch.manual_seed(cfg.seed)
+
+def _student_backbone(cfg: DistillConfig, tinfo: dict, in_channels: int) -> tuple[nn.Module, str, float | None]:
+    """The student's backbone, its name and width: from its own pre-training (``student_init``), or fresh."""
+    image_size = tinfo["image_size"]
     if cfg.student_init is not None:
         init = load_run(cfg.student_init)
         if cfg.student is not None and (cfg.student, cfg.student_width) != (init.config.backbone, init.config.backbone_width):
@@ -158,17 +160,39 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
         if init.image_size != image_size or init.in_channels != tinfo["in_channels"]:
             raise ConfigError(f"student_init: {cfg.student_init} was trained on {init.in_channels}-channel {init.image_size} px "
                               f"images, the teacher on {tinfo['in_channels']}-channel {image_size} px images")
-        backbone = load_encoder(init)
-        student_name, student_width = init.config.backbone, init.config.backbone_width
-    else:
-        student_name = cfg.student or tinfo["backbone"]
-        student_width = cfg.student_width
-        if cfg.student is None or (cfg.student == tinfo["backbone"] and student_width is None):
-            student_width = tinfo.get("backbone_width")
-        kw = {} if student_width is None else {"width": student_width}
-        if student_name == tinfo["backbone"]:  # the teacher's stem (runs saved before small_stem: the 64 px rule)
-            kw.update(saved_stem(student_name, tinfo.get("small_stem"), image_size))
-        backbone = build_backbone(student_name, in_channels=train.num_channels, image_size=image_size, **kw)
+        return load_encoder(init), init.config.backbone, init.config.backbone_width
+    student_name = cfg.student or tinfo["backbone"]
+    student_width = cfg.student_width
+    if cfg.student is None or (cfg.student == tinfo["backbone"] and student_width is None):
+        student_width = tinfo.get("backbone_width")
+    kw = {} if student_width is None else {"width": student_width}
+    if student_name == tinfo["backbone"]:  # the teacher's stem (runs saved before small_stem: the 64 px rule)
+        kw.update(saved_stem(student_name, tinfo.get("small_stem"), image_size))
+    backbone = build_backbone(student_name, in_channels=in_channels, image_size=image_size, **kw)
+    return backbone, student_name, student_width
+
+
+def _teacher_label_subset(cfg: DistillConfig, run_dir: Path, train, dataset_name: str) -> torch.Tensor:
+    """The teacher's label subset, for the supervised term (``labeled_weight > 0``)."""
+    teacher_subset = Path(cfg.teacher) / LABEL_SUBSET_FILE
+    tcfg_fraction = json.loads(teacher_subset.read_text())["fraction"] if teacher_subset.is_file() else None
+    if tcfg_fraction is None:
+        raise ConfigError(f"labeled_weight: the teacher {cfg.teacher} has no {LABEL_SUBSET_FILE} to take labels from")
+    return prepare_label_subset(run_dir, train.labels, dataset_name, tcfg_fraction, 0, train.num_classes,
+                                source=teacher_subset if not (run_dir / LABEL_SUBSET_FILE).is_file() else None)
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Distill the teacher into a student on the training split's images; evaluate on the test split."""
+    cfg, run_dir, device, precision, owns_group, weights, state = begin_labelled_run(cfg, run_dir, resume, "distill",
+                                                                                    FREE_KEYS)
+
+    teacher, tinfo, dataset_name, data_dir, train, test = _teacher_and_data(cfg, device)
+    image_size = tinfo["image_size"]
+
+    # The student: its own pre-training, or fresh.
+    torch.manual_seed(cfg.seed)
+    backbone, student_name, student_width = _student_backbone(cfg, tinfo, train.num_channels)
     # A randomly initialised classifier (a zero one would have no scale for LARS's trust ratio to keep).
     student = Classifier(backbone, HeadLayers([], backbone.num_features), tinfo["num_classes"], zero_init=False)
     same_arch = (student_name, student_width) == (tinfo["backbone"], tinfo.get("backbone_width"))
@@ -182,20 +206,12 @@ def distill(cfg: DistillConfig, run_dir: str | Path, resume: bool = False, progr
     # Data: every training image unlabeled; the teacher's label subset for the optional supervised term.
     world = dist.world_size()
     batch = effective_batch(cfg.batch_size, len(train), world)
-    idx = None
-    if cfg.labeled_weight > 0:
-        teacher_subset = Path(cfg.teacher) / LABEL_SUBSET_FILE
-        tcfg_fraction = json.loads(teacher_subset.read_text())["fraction"] if teacher_subset.is_file() else None
-        if tcfg_fraction is None:
-            raise ConfigError(f"labeled_weight: the teacher {cfg.teacher} has no {LABEL_SUBSET_FILE} to take labels from")
-        idx = prepare_label_subset(run_dir, train.labels, dataset_name, tcfg_fraction, 0, train.num_classes,
-                                   source=teacher_subset if not (run_dir / LABEL_SUBSET_FILE).is_file() else None)
+    idx = _teacher_label_subset(cfg, run_dir, train, dataset_name) if cfg.labeled_weight > 0 else None
+    if idx is not None:
         lbatch = effective_batch(cfg.labeled_batch_size or cfg.batch_size, len(idx), world)
     total_steps = int(state["total_steps"]) if state else length_in_steps(cfg.epochs, cfg.steps, DEFAULT_EPOCHS,
                                                                           len(train), batch)
     aug = BatchAugment(cfg.view, image_size, train.mean, train.std)
-
-
     base_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
     # The pre-training recipe, classifier included: LARS's trust ratio makes the step size independent
     # of the gradient's scale, which grows as 1 / temperature (Eq. 2 has no T^2 factor).

@@ -64,16 +64,8 @@ def _result_path(kind: str, run_dir, baseline: str | None, linear_protocol: str)
     return Path(run_dir, name + ".json")
 
 
-def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
-             batch_size: int | None = None, device: str = "auto", k: int = 200, temperature: float = 0.1,
-             progress: bool = False, *, baseline: str | None = None, linear_protocol: str = "logreg",
-             solver: str = "auto", sgd: LinearSGDConfig | None = None, seed: int = 0,
-             out: str | Path | None = None) -> dict:
-    """Evaluate a run's frozen encoder (or a baseline beside it); returns the result and writes it as JSON.
-
-    Written to ``out`` if given, else into the run folder: ``eval_{kind}[_sgd][_{baseline}].json``.
-    """
-    t0 = time.perf_counter()
+def _check_arguments(kind: str, run_dir, baseline: str | None, linear_protocol: str, k: int, temperature: float) -> None:
+    """One-line ConfigErrors for a protocol, baseline or kNN setting that does not exist."""
     if kind not in ("knn", "linear"):
         raise ConfigError(f"protocol: unknown {kind!r}; use knn or linear")
     if linear_protocol not in LINEAR_PROTOCOLS:
@@ -84,6 +76,57 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
         raise ConfigError("--run: give the run folder to evaluate (or --baseline pixels|random-init --dataset D)")
     if k < 1 or not temperature > 0:
         raise ConfigError(f"--k must be >= 1 and --temperature > 0 (got {k} and {temperature})")
+
+
+def _encoder_to_evaluate(baseline: str | None, run, run_dir, cfg: PretrainConfig, in_channels: int,
+                         image_size: int) -> tuple[nn.Module, str]:
+    """The frozen encoder (the run's, or a baseline's) and the name the result gives it."""
+    if baseline == "pixels":
+        return PixelEncoder(in_channels, image_size), "raw pixels"
+    if baseline == "random-init":
+        return (random_init_encoder(cfg, in_channels, image_size),
+                f"{cfg.backbone} at random initialisation (seed {cfg.seed})")
+    return load_encoder(run), f"{run.config.method} run {run_dir}"
+
+
+def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, image_size: int, dev: torch.device,
+                             device_arg: str, precision: str, batch_size: int, progress: bool, *, k: int,
+                             temperature: float, seed: int, solver: str) -> tuple[dict, int, bool]:
+    """kNN or logistic regression on features embedded once (under torchrun each rank embeds a shard).
+
+    Returns ``(result, feature_dim, main)``; ``main``: this process writes the result.
+    """
+    owns_group = dist.init_from_env(device_arg)  # under torchrun each rank embeds a shard (docs/distributed.md)
+    ftr, ytr = extract_features_sharded(encoder, train, dev, image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process())
+    fte, yte = extract_features_sharded(encoder, test, dev, image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process())
+    main = dist.is_main_process()
+    if owns_group:
+        dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
+    feature_dim = int(ftr.shape[1])
+    if kind == "knn":
+        result = {**knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature),
+                  "probe": "weighted-knn", "paper": "Wu et al. 2018 (k=200, t=0.1 in the peer libraries' CIFAR monitor)",
+                  "similarity": "cosine (features L2-normalised)", "features_dtype": str(ftr.dtype).replace("torch.", "")}
+    else:
+        result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=solver,
+                             device=dev if solver != "sklearn" else "cpu")
+    result["feature_precision"] = precision
+    return result, feature_dim, main
+
+
+def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
+             batch_size: int | None = None, device: str = "auto", k: int = 200, temperature: float = 0.1,
+             progress: bool = False, *, baseline: str | None = None, linear_protocol: str = "logreg",
+             solver: str = "auto", sgd: LinearSGDConfig | None = None, seed: int = 0,
+             out: str | Path | None = None) -> dict:
+    """Evaluate a run's frozen encoder (or a baseline beside it); returns the result and writes it as JSON.
+
+    Written to ``out`` if given, else into the run folder: ``eval_{kind}[_sgd][_{baseline}].json``.
+    """
+    t0 = time.perf_counter()
+    _check_arguments(kind, run_dir, baseline, linear_protocol, k, temperature)
     run = load_run(run_dir) if run_dir is not None else None
     cfg = run.config if run is not None else PretrainConfig()
     name = dataset or cfg.dataset
@@ -99,13 +142,7 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
     if run is not None and train.num_channels != run.in_channels:
         raise ConfigError(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
                           f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
-    if baseline == "pixels":
-        encoder, encoder_name = PixelEncoder(train.num_channels, image_size), "raw pixels"
-    elif baseline == "random-init":
-        encoder = random_init_encoder(cfg, train.num_channels, image_size)
-        encoder_name = f"{cfg.backbone} at random initialisation (seed {cfg.seed})"
-    else:
-        encoder, encoder_name = load_encoder(run), f"{run.config.method} run {run_dir}"
+    encoder, encoder_name = _encoder_to_evaluate(baseline, run, run_dir, cfg, train.num_channels, image_size)
     dev = resolve_device(device)
     precision = resolve_precision("auto", dev)
     encoder = encoder.to(dev)
@@ -118,24 +155,9 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
         result = linear_eval_sgd(encoder, train, test, image_size, dev, sgd, precision, progress=progress)
         feature_dim = encoder.num_features
     else:
-        owns_group = dist.init_from_env(device)  # under torchrun each rank embeds a shard (docs/distributed.md)
-        bs = batch_size or 512
-        ftr, ytr = extract_features_sharded(encoder, train, dev, image_size, batch_size=bs, precision=precision,
-                                            progress=progress and dist.is_main_process())
-        fte, yte = extract_features_sharded(encoder, test, dev, image_size, batch_size=bs, precision=precision,
-                                            progress=progress and dist.is_main_process())
-        main = dist.is_main_process()
-        if owns_group:
-            dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
-        feature_dim = int(ftr.shape[1])
-        if kind == "knn":
-            result = {**knn_eval(ftr, ytr, fte, yte, train.num_classes, k=k, temperature=temperature),
-                      "probe": "weighted-knn", "paper": "Wu et al. 2018 (k=200, t=0.1 in the peer libraries' CIFAR monitor)",
-                      "similarity": "cosine (features L2-normalised)", "features_dtype": str(ftr.dtype).replace("torch.", "")}
-        else:
-            result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=solver,
-                                 device=dev if solver != "sklearn" else "cpu")
-        result["feature_precision"] = precision
+        result, feature_dim, main = _frozen_feature_protocol(
+            kind, encoder, train, test, image_size, dev, device, precision, batch_size or 512, progress,
+            k=k, temperature=temperature, seed=seed, solver=solver)
     if state_fingerprint(encoder) != before:
         raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")
     result = {"top1": result["top1"], "top5": result["top5"], "dataset": name, "protocol": kind,

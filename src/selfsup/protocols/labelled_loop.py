@@ -8,6 +8,7 @@ Only the trainable model is wrapped in DDP under torchrun; anything else a step 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -22,12 +23,12 @@ from selfsup import distributed as dist
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.evaluation.frozen import iterate_batches, prepare_images, topk_accuracy
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.config import from_dict, to_dict, save_yaml
-from selfsup.training.metrics import _Logger, _truncate_metrics
+from selfsup.training.config_io import check_choice, check_field, from_dict, save_yaml, to_dict
+from selfsup.training.metrics import MetricsLogger, truncate_metrics
 from selfsup.training.optim import optimizer_from_groups, split_decay_groups
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.steps import (
-    StepBatchSampler, step_indices, autocast_context, resolve_device, resolve_precision, _mix,
+    StepBatchSampler, step_indices, autocast_context, resolve_device, resolve_precision,
 )
 
 
@@ -107,6 +108,29 @@ class LoopSettings:
     max_bad_steps: int = 5
 
 
+def check_loop_settings(cfg) -> None:
+    """The checks every labelled run's config shares (fine-tuning, distillation): length, batch, bookkeeping,
+    device, and its optimiser and view configs."""
+    check_field("optim.warmup_epochs", getattr(cfg, "optim", None) is None or cfg.optim.warmup_epochs is None,
+                "is a pre-training key; fine-tuning and distillation take optim.warmup_fraction")
+    check_field("batch_size", cfg.batch_size >= 1, "must be >= 1")
+    check_field("steps", cfg.steps is None or cfg.steps >= 1, "must be >= 1")
+    check_field("epochs", cfg.epochs is None or (cfg.epochs > 0 and math.isfinite(cfg.epochs)), "must be > 0")
+    check_field("epochs", cfg.epochs is None or cfg.steps is None, "give at most one of epochs, steps")
+    check_choice("precision", cfg.precision, ("auto", "bf16", "fp32"))
+    for key in ("checkpoint_every", "keep_last", "log_every", "eval_batch_size", "max_bad_steps"):
+        check_field(key, getattr(cfg, key) >= 1, "must be >= 1")
+    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device: unknown device {cfg.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if cfg.optim is not None:
+        cfg.optim.validate()
+    if cfg.view is not None:
+        try:
+            cfg.view.validate()
+        except ValueError as e:
+            raise ConfigError(f"view: {e}") from None
+
+
 @dataclass
 class LoopSpec:
     """What the supervised loop needs besides the model: length, lr schedule, and one step's loss."""
@@ -131,7 +155,7 @@ def run_supervised(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.optim
     """
     main = dist.is_main_process()
     train_model = dist.wrap_ddp(model, device)
-    logger = _Logger(run_dir, main)
+    logger = MetricsLogger(run_dir, main)
     bar = None
     if main and progress:
         from tqdm.auto import tqdm
@@ -211,7 +235,7 @@ def train_and_evaluate(cfg, spec: LoopSpec, model: nn.Module, optimizer: torch.o
         if state is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
+            truncate_metrics(run_dir / "metrics.jsonl", start)
     t0 = time.perf_counter()
     bad = run_supervised(cfg, spec, model, optimizer, run_dir, device, precision, start, progress,
                          int(state.get("bad_steps", 0)) if state else 0)
@@ -276,11 +300,6 @@ def length_in_steps(epochs: float | None, steps: int | None, default_epochs: flo
     if steps is not None:
         return steps
     return max(1, int(round((epochs if epochs is not None else default_epochs) * (n // batch))))
-
-
-def mix_seed(*xs: int) -> int:
-    """A deterministic seed from integers (the one pre-training uses)."""
-    return _mix(*xs)
 
 
 def classifier_optimizer(optim_cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -28,7 +28,7 @@ from torch import nn
 from selfsup.errors import BackboneChangedError
 from selfsup.evaluation.frozen import iterate_batches, prepare_images, state_fingerprint, topk_accuracy
 from selfsup.training.schedules import warmup_cosine
-from selfsup.training.steps import _mix, autocast_context, batch_stream
+from selfsup.training.steps import mix_seed, autocast_context, batch_stream
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 
@@ -101,7 +101,7 @@ def linear_eval_sgd(encoder: nn.Module, train, test, image_size: int, device: to
     augment = BatchAugment(view, image_size, train.mean, train.std)
     t0 = time.perf_counter()
     try:
-        torch.manual_seed(_mix(cfg.seed, 5))
+        torch.manual_seed(mix_seed(cfg.seed, 5))
         classifier = nn.Linear(encoder.num_features, train.num_classes).to(device)  # the one backbone interface
         nn.init.normal_(classifier.weight, std=0.01)
         nn.init.zeros_(classifier.bias)
@@ -119,7 +119,7 @@ def linear_eval_sgd(encoder: nn.Module, train, test, image_size: int, device: to
             lr = warmup_cosine(step, total, 0, cfg.base_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, 6))
+            gen = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, 6))
             h = _features(encoder, augment(images, gen), precision, device)
             logits = classifier(h)
             loss = F.cross_entropy(logits, labels)

@@ -1,4 +1,5 @@
-"""Typed configuration: dataclasses validated on construction, read from YAML and ``--set key=value``.
+"""Typed configuration: dataclasses validated on construction, read from YAML and ``--set key=value`` (the reading,
+writing and type checks are in :mod:`selfsup.training.config_io`).
 
 Every run folder holds the resolved config as ``config.yaml``; checkpoints embed it too. Unknown keys
 (with the closest valid key suggested), wrong types and impossible values raise ``ConfigError``
@@ -9,19 +10,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.data.image_checks import BAD_IMAGE_POLICIES
 from selfsup.errors import ConfigError  # noqa: F401 (re-exported: defined here before)
 from selfsup.methods import recipes, METHOD_DEFAULTS, METHODS
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
+from selfsup.training.config_io import check_choice, check_field
+from selfsup.training.config_io import (  # noqa: F401 (re-exported: defined here before)
+    build_config, from_dict, load_yaml, merge, parse_overrides, save_yaml, to_dict,
+)
 from selfsup.views.config import ViewConfig
 
 
@@ -39,14 +38,14 @@ class OptimConfig:
     final_lr_fraction: float = 0.0  # cosine decays to lr x this
 
     def validate(self, prefix: str = "optim.") -> None:
-        _choice(prefix + "name", self.name, ("lars", "sgd", "adamw"))
-        _choice(prefix + "lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
-        _check(prefix + "lr", self.lr > 0, "must be > 0")
-        _check(prefix + "weight_decay", self.weight_decay >= 0, "must be >= 0")
-        _check(prefix + "momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
-        _check(prefix + "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
-        _check(prefix + "warmup_epochs", self.warmup_epochs is None or self.warmup_epochs >= 0, "must be >= 0")
-        _check(prefix + "final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]")
+        check_choice(prefix + "name", self.name, ("lars", "sgd", "adamw"))
+        check_choice(prefix + "lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
+        check_field(prefix + "lr", self.lr > 0, "must be > 0")
+        check_field(prefix + "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        check_field(prefix + "momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        check_field(prefix + "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
+        check_field(prefix + "warmup_epochs", self.warmup_epochs is None or self.warmup_epochs >= 0, "must be >= 0")
+        check_field(prefix + "final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]")
 
 
 @dataclass
@@ -146,52 +145,52 @@ class PretrainConfig:
             raise ConfigError(str(e)) from None
 
     def validate(self) -> None:
-        _choice("method", self.method, tuple(METHODS))
+        check_choice("method", self.method, tuple(METHODS))
         if self.recipe is not None:
-            _choice("recipe", self.recipe, tuple(recipes.RECIPES))
+            check_choice("recipe", self.recipe, tuple(recipes.RECIPES))
         _check_names(self)
-        _check("batch_size", self.batch_size >= 1, "must be >= 1")
+        check_field("batch_size", self.batch_size >= 1, "must be >= 1")
         if self.method in ("simclr", "simclrv2"):
-            _check("batch_size", self.batch_size >= 2, "SimCLR needs at least 2 images per batch (negatives)")
+            check_field("batch_size", self.batch_size >= 2, "SimCLR needs at least 2 images per batch (negatives)")
         lengths = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
-        _check(lengths[1] if len(lengths) > 1 else "epochs", len(lengths) <= 1,
-               f"give at most one of epochs, steps, minutes (got {', '.join(lengths)})")
+        check_field(lengths[1] if len(lengths) > 1 else "epochs", len(lengths) <= 1,
+                    f"give at most one of epochs, steps, minutes (got {', '.join(lengths)})")
         for k in ("epochs", "minutes"):
             v = getattr(self, k)
-            _check(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
-        _check("steps", self.steps is None or self.steps >= 1, "must be >= 1")
-        _check("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
-        _check("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
-               "must be > 0")
-        _check("image_size", self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
-               f"must be between 8 and {MAX_IMAGE_SIZE} pixels")
+            check_field(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
+        check_field("steps", self.steps is None or self.steps >= 1, "must be >= 1")
+        check_field("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
+        check_field("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
+                    "must be > 0")
+        check_field("image_size", self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
+                    f"must be between 8 and {MAX_IMAGE_SIZE} pixels")
         for k in ("proj_out_dim", "proj_hidden_dim", "pred_hidden_dim"):
-            _check(k, (getattr(self, k) or 0) <= MAX_DIM, f"must be <= {MAX_DIM}")
-        _check("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)")
-        _check("proj_out_dim", self.proj_out_dim >= 1, "must be >= 1")
-        _check("proj_hidden_dim", self.proj_hidden_dim is None or self.proj_hidden_dim >= 1, "must be >= 1")
-        _check("proj_layers", self.proj_layers >= 0, "must be >= 0 (0: no projection head, z = h)")
-        _check("proj_layers", self.proj_layers >= 1 or self.method == "simclr",
-               "0 (no projection head) is only defined for simclr (SimCLR Figure 8 ablation)")
-        _check("pred_hidden_dim", self.pred_hidden_dim is None or self.pred_hidden_dim >= 1, "must be >= 1")
-        _check("base_tau", 0 <= self.base_tau <= 1, "must be in [0, 1] (paper: 0.996; 1 = fixed target, 0 = no EMA)")
-        _check("collapse_threshold", self.collapse_threshold >= 0, "must be >= 0 (0 turns the collapse warning off)")
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _check("accumulate", self.accumulate >= 1, "must be >= 1")
-        _check("accumulate", self.batch_size % self.accumulate == 0, "must divide batch_size")
-        _check("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1")
-        _check("keep_last", self.keep_last >= 1, "must be >= 1")
-        _check("log_every", self.log_every >= 1, "must be >= 1")
-        _check("knn_k", self.knn_k >= 1, "must be >= 1")
-        _check("knn_temperature", self.knn_temperature > 0, "must be > 0")
-        _check("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1")
-        _check("num_workers", self.num_workers >= 0, "must be >= 0")
+            check_field(k, (getattr(self, k) or 0) <= MAX_DIM, f"must be <= {MAX_DIM}")
+        check_field("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)")
+        check_field("proj_out_dim", self.proj_out_dim >= 1, "must be >= 1")
+        check_field("proj_hidden_dim", self.proj_hidden_dim is None or self.proj_hidden_dim >= 1, "must be >= 1")
+        check_field("proj_layers", self.proj_layers >= 0, "must be >= 0 (0: no projection head, z = h)")
+        check_field("proj_layers", self.proj_layers >= 1 or self.method == "simclr",
+                    "0 (no projection head) is only defined for simclr (SimCLR Figure 8 ablation)")
+        check_field("pred_hidden_dim", self.pred_hidden_dim is None or self.pred_hidden_dim >= 1, "must be >= 1")
+        check_field("base_tau", 0 <= self.base_tau <= 1, "must be in [0, 1] (paper: 0.996; 1 = fixed target, 0 = no EMA)")
+        check_field("collapse_threshold", self.collapse_threshold >= 0, "must be >= 0 (0 turns the collapse warning off)")
+        check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        check_field("accumulate", self.accumulate >= 1, "must be >= 1")
+        check_field("accumulate", self.batch_size % self.accumulate == 0, "must divide batch_size")
+        check_field("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1")
+        check_field("keep_last", self.keep_last >= 1, "must be >= 1")
+        check_field("log_every", self.log_every >= 1, "must be >= 1")
+        check_field("knn_k", self.knn_k >= 1, "must be >= 1")
+        check_field("knn_temperature", self.knn_temperature > 0, "must be > 0")
+        check_field("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1")
+        check_field("num_workers", self.num_workers >= 0, "must be >= 0")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         self.optim.validate()
         for name in (t.strip() for t in self.logger.split(",")):
             if name and name != "none":
-                _choice("logger", name, TRACKERS)
+                check_choice("logger", name, TRACKERS)
         for key in ("view", "view2"):
             v = getattr(self, key)
             if v is not None:
@@ -215,187 +214,5 @@ def _check_names(cfg: PretrainConfig) -> None:
             raise ConfigError(f"dataset: {cfg.dataset!r} is not one of {', '.join(DATASET_NAMES)} or "
                               f"imagefolder:PATH, store:PATH or hf:PATH{hint}")
     if not cfg.backbone.startswith("timm:"):
-        _choice("backbone", cfg.backbone, tuple(BACKBONES))
-    _choice("on_bad_image", cfg.on_bad_image, BAD_IMAGE_POLICIES)
-
-
-def _check(key: str, ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def _choice(key: str, value: str, options: tuple) -> None:
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}{hint}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Generic dict <-> dataclass conversion with type checking
-
-
-def _strip_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(key: str, tp, value: Any):
-    tp, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key}: may not be empty (null)")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=key + ".")
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown config key{_suggest(cls, str(key), prefix)}; "
-                              f"valid keys: {', '.join(names)}")
-        kwargs[key] = _coerce(prefix + key, hints[key], value)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
-
-
-def _suggest(cls, key: str, prefix: str) -> str:
-    """' (did you mean ...?)' with the closest key, also looking one level down (``lr`` -> ``optim.lr``)."""
-    candidates = {f.name: prefix + f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        sub, _ = _strip_optional(hints[f.name])
-        if dataclasses.is_dataclass(sub):
-            for g in dataclasses.fields(sub):
-                candidates.setdefault(g.name, f"{prefix}{f.name}.{g.name}")
-    if key in candidates:  # a nested key given at this level
-        return f" (did you mean {candidates[key]!r}?)"
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {candidates[close[0]]!r}?)" if close else ""
-
-
-def to_dict(obj) -> dict:
-    def conv(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(obj)
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["optim.lr=0.5", "view.blur_p=0"]`` -> nested dict; values are parsed as YAML scalars."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
-        key, raw = pair.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"--set {pair!r}: empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
-    return data
-
-
-def build_config(cls, *layers: dict):
-    """Merge dict layers (later wins) into a validated ``cls`` instance."""
-    data: dict = {}
-    for layer in layers:
-        data = merge(data, layer)
-    if hasattr(cls, "resolve"):
-        data = cls.resolve(data)  # the recipe's values fill only keys not given (selfsup.methods.recipes)
-    elif hasattr(cls, "method_defaults"):
-        data = merge(cls.method_defaults(data), data)  # the method's defaults fill only keys not given
-    cfg = from_dict(cls, data)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def save_yaml(obj, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+        check_choice("backbone", cfg.backbone, tuple(BACKBONES))
+    check_choice("on_bad_image", cfg.on_bad_image, BAD_IMAGE_POLICIES)

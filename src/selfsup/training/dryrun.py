@@ -12,10 +12,11 @@ from pathlib import Path
 import yaml
 
 from selfsup.data.containers import IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.data.folders import _images_under, _resolve_split_folder
+from selfsup.data.folders import images_under, resolve_split_folder
 from selfsup.errors import ConfigError
 from selfsup.methods import recipes
-from selfsup.training.config import PretrainConfig, to_dict
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import to_dict
 
 # Training images of the built-in data sets (pre-training split; STL-10 uses train+unlabeled).
 NUM_TRAIN_IMAGES = {"fashion-mnist": 60000, "mnist": 60000, "embedded": 10000, "cifar10": 50000, "cifar100": 50000,
@@ -28,8 +29,8 @@ def count_train_images(dataset: str) -> int | None:
         path = Path(dataset[len(IMAGEFOLDER_PREFIX):]).expanduser()
         if not path.is_dir():
             raise ConfigError(f"dataset: image folder {str(path)!r} does not exist or is not a folder")
-        folder, _ = _resolve_split_folder(path, "train")
-        return len(_images_under(folder))
+        folder, _ = resolve_split_folder(path, "train")
+        return len(images_under(folder))
     name = canonical_dataset_name(dataset)
     return NUM_TRAIN_IMAGES.get("stl10" if name.startswith("stl10") else name)
 

@@ -9,14 +9,14 @@ from selfsup.data.datasets import load_dataset
 from selfsup.evaluation.frozen import knn_eval
 from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.training.build import unwrap
-from selfsup.training.steps import _mix
+from selfsup.training.steps import mix_seed
 
 
 KNN_BANK, KNN_QUERIES = 10000, 2000
 
 
 def knn_images(dataset) -> int:
-    """Images one kNN-monitor evaluation embeds: the bank and the queries (as ``_knn_monitor`` draws them)."""
+    """Images one kNN-monitor evaluation embeds: the bank and the queries (as ``run_knn_monitor`` draws them)."""
     return min(KNN_BANK, len(dataset)) + min(KNN_QUERIES, len(dataset))
 
 
@@ -40,14 +40,14 @@ def measure_knn_cost(model, dataset, device, image_size, precision, clock, sampl
     return seconds * knn_images(dataset) / n
 
 
-def _knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
+def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
     """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries).
 
     Under torchrun every rank embeds a shard of the bank and queries (``dist_eval``); rank 0 scores
     and logs. All ranks take part, so none waits in a collective while another evaluates.
     """
     if cache is None:
-        g = torch.Generator().manual_seed(_mix(cfg.seed, 3))
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
         perm = torch.randperm(len(dataset), generator=g)
         try:
             test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,

@@ -28,11 +28,12 @@ from selfsup.errors import BadImageError, TrainingError
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import total_steps_for, warmup_steps_for
-from selfsup.training.config import PretrainConfig, save_yaml, to_dict
-from selfsup.training.knn_monitor import _knn_monitor, measure_knn_cost
-from selfsup.training.metrics import _Logger, _truncate_metrics
-from selfsup.training.ranks import _broadcast_int, _mean_over_ranks, _rank_failure
-from selfsup.training.resume import _save, _update_run_json, _weights_meta, export_weights
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import save_yaml, to_dict
+from selfsup.training.knn_monitor import measure_knn_cost, run_knn_monitor
+from selfsup.training.metrics import MetricsLogger, truncate_metrics
+from selfsup.training.ranks import broadcast_int, mean_over_ranks, rank_failure
+from selfsup.training.resume import save_run_checkpoint, update_run_json, weights_meta, export_weights
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.setup import RunState, begin_run, build_run, load_training_data
 from selfsup.training.steps import TrainStep, batch_stream
@@ -79,7 +80,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
                             "once the file is fixed or removed") from None
     except BaseException as e:
         if dist.world_size() > 1:
-            failure = _rank_failure(e, run.step, run.last_ckpt)
+            failure = rank_failure(e, run.step, run.last_ckpt)
             if failure is not e:
                 raise failure from e
         raise
@@ -129,7 +130,7 @@ def _write_run_folder(run: RunState) -> None:
     ckpt.cleanup_temporary(run_dir)
     save_yaml(cfg, run_dir / "config.yaml")
     if run.resume:
-        _truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
+        truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     world = dist.world_size()
@@ -156,7 +157,7 @@ def _open_outputs(run: RunState, progress: bool) -> None:
     """The metric log and trackers (rank 0), the progress bar, and the clocks and monitors of the loop."""
     cfg = run.cfg
     trackers = open_trackers(cfg.logger, run.run_dir, to_dict(cfg), run.resume, run.start_step) if run.main else []
-    run.logger = _Logger(run.run_dir, run.main, trackers)
+    run.logger = MetricsLogger(run.run_dir, run.main, trackers)
     if run.main and progress:
         run.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"{cfg.method} pre-training", unit="step",
                        dynamic_ncols=True, file=sys.stderr)
@@ -194,13 +195,13 @@ def _after_step(run: RunState, loss: float, logs: dict[str, float], lr: float, o
     if cfg.knn_monitor and run.dataset.labels is not None and (step % run.steps_per_epoch == 0
                                                                  or step == run.total_steps):
         t_knn = _clock()
-        run.knn_data = _knn_monitor(cfg, run.model, run.dataset, run.device, run.image_size, run.precision, step,
-                                    run.logger, run.knn_data)
+        run.knn_data = run_knn_monitor(cfg, run.model, run.dataset, run.device, run.image_size, run.precision, step,
+                                       run.logger, run.knn_data)
         run.knn_seconds.append(_clock() - t_knn)
     replanned = run.plan is not None and step < run.total_steps and _replan(run, now)
     if (step % cfg.checkpoint_every == 0 or (replanned and not run.replaying)) and step < run.total_steps:
-        run.last_ckpt = _save(run.run_dir, run.model, run.optimizer, cfg, step, run.total_steps, run.bad_total,
-                              run.main)
+        run.last_ckpt = save_run_checkpoint(run.run_dir, run.model, run.optimizer, cfg, step, run.total_steps, run.bad_total,
+                                            run.main)
 
 
 def _count_bad_steps(run: RunState, loss: float) -> None:
@@ -220,7 +221,7 @@ def _count_bad_steps(run: RunState, loss: float) -> None:
 
 def _log_step(run: RunState, loss: float, logs: dict[str, float], lr: float, now: float) -> None:
     """The global batch's loss (averaged over ranks, not rank 0's share), logged by rank 0."""
-    loss, logs = _mean_over_ranks(loss, logs, run.device)
+    loss, logs = mean_over_ranks(loss, logs, run.device)
     if not run.main:
         return
     ips = run.imgs_since / max(now - run.t_log, 1e-9)
@@ -246,7 +247,7 @@ def _replan(run: RunState, now: float) -> bool:
             extra = lambda total: cost * evaluations_after(step, total, run.steps_per_epoch)  # noqa: E731
         new_total = replan(plan, step, now - run.t_budget, pace, extra, total_steps=run.total_steps)
         if dist.is_distributed():  # every rank takes rank 0's decision
-            new_total = _broadcast_int(-1 if new_total is None else new_total, run.device)
+            new_total = broadcast_int(-1 if new_total is None else new_total, run.device)
             new_total = None if new_total < 0 else new_total
         run.step_times = []
         if new_total is not None:
@@ -254,7 +255,7 @@ def _replan(run: RunState, now: float) -> bool:
             plan.record(step, new_total, new_warmup, pace)
             if run.main:
                 plan.save(run.run_dir)
-                _update_run_json(run.run_dir, total_steps=new_total, warmup_steps=new_warmup)
+                update_run_json(run.run_dir, total_steps=new_total, warmup_steps=new_warmup)
                 print(f"[selfsup] --minutes {cfg.minutes}: {pace * 1000:.0f} ms/step since the last check; "
                       f"{run.total_steps} -> {new_total} steps", file=sys.stderr)
     if new_total is None:
@@ -269,10 +270,10 @@ def _replan(run: RunState, now: float) -> bool:
 def _finish(run: RunState) -> Path:
     """The last checkpoint, the final weights and train_summary.json; leave the process group if this call joined it."""
     cfg, run_dir, dataset = run.cfg, run.run_dir, run.dataset
-    _save(run_dir, run.model, run.optimizer, cfg, run.step, run.total_steps, run.bad_total, run.main)
+    save_run_checkpoint(run_dir, run.model, run.optimizer, cfg, run.step, run.total_steps, run.bad_total, run.main)
     final = run_dir / "model.safetensors"
     if run.main:
-        ckpt.save_weights(export_weights(run.model), final, metadata=_weights_meta(cfg, run.image_size, dataset))
+        ckpt.save_weights(export_weights(run.model), final, metadata=weights_meta(cfg, run.image_size, dataset))
         image_report = final_report(dataset)
         if image_report is not None and image_report.skipped:
             print(f"[selfsup] {image_report.skipped} bad images skipped: {image_report.summary()}", file=sys.stderr)

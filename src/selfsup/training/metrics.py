@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-class _Logger:
+class MetricsLogger:
     """metrics.jsonl + TensorBoard (if installed), written by rank 0 only.
 
     ``trackers`` (from ``selfsup.training.trackers.open_trackers``, ``--logger``) replace the built-in TensorBoard writer.
@@ -52,7 +52,7 @@ class _Logger:
             tracker.close()
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop log lines written after the checkpoint we restart from."""
     if not path.is_file():
         return

@@ -13,7 +13,7 @@ from selfsup import distributed as dist
 from selfsup.errors import TrainingError
 
 
-def _mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) -> tuple[float, dict[str, float]]:
+def mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) -> tuple[float, dict[str, float]]:
     """Average the loss and logged scalars over ranks (each rank's loss is the mean over its share)."""
     if dist.world_size() == 1:
         return loss, logs
@@ -26,7 +26,7 @@ def _mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) 
 _LOST_PEER = r"(?i)timed out|timeout|connection (closed|reset|refused)|pair closure|by peer|nccl|gloo"
 
 
-def _rank_failure(e: BaseException, step: int, last_ckpt: Path | None) -> BaseException:
+def rank_failure(e: BaseException, step: int, last_ckpt: Path | None) -> BaseException:
     """Name the rank in the error; a failed collective means another rank died or hung first."""
     who = f"rank {dist.rank()} of {dist.world_size()}"
     resume = f"continue with --resume {last_ckpt.parent.parent}" if last_ckpt else "no checkpoint was written yet"
@@ -49,7 +49,7 @@ def _init_process_group() -> bool:
     """Join torchrun's process group (kept for callers of the old name; see ``dist.init_from_env``)."""
     return dist.init_from_env()
 
-def _broadcast_int(value: int, device: torch.device) -> int:
+def broadcast_int(value: int, device: torch.device) -> int:
     import torch.distributed as tdist
 
     t = torch.tensor([value], device=device if device.type == "cuda" else "cpu")

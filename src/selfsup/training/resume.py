@@ -11,7 +11,8 @@ from torch import nn
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import unwrap
-from selfsup.training.config import PretrainConfig, to_dict, from_dict
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import from_dict, to_dict
 
 
 def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -19,12 +20,12 @@ def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unwrap(model).state_dict().items()}
 
 
-def _weights_meta(cfg: PretrainConfig, image_size: int, dataset) -> dict[str, str]:
+def weights_meta(cfg: PretrainConfig, image_size: int, dataset) -> dict[str, str]:
     return {"method": cfg.method, "backbone": cfg.backbone, "image_size": str(image_size),
             "in_channels": str(dataset.num_channels), "config": json.dumps(to_dict(cfg))}
 
 
-def _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main) -> Path | None:
+def save_run_checkpoint(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main) -> Path | None:
     if not main:
         return None
     weights = export_weights(model)
@@ -41,7 +42,7 @@ def _save(run_dir, model, optimizer, cfg, step, total_steps, bad_total, main) ->
                                 keep_last=cfg.keep_last)
 
 
-def _load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -53,7 +54,7 @@ def _load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_
     model.load_state_dict(weights)
 
 
-def _load_resume(cfg: PretrainConfig, run_dir: Path):
+def load_resume(cfg: PretrainConfig, run_dir: Path):
     ckpts = ckpt.list_checkpoints(run_dir)
     if not ckpts:
         raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "
@@ -78,7 +79,7 @@ def _load_resume(cfg: PretrainConfig, run_dir: Path):
         setattr(saved, k, getattr(cfg, k))
     return saved, weights, state
 
-def _update_run_json(run_dir: Path, **values) -> None:
+def update_run_json(run_dir: Path, **values) -> None:
     path = run_dir / "run.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     info.update(values)

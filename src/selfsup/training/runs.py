@@ -11,7 +11,8 @@ from torch import nn
 from selfsup.errors import ConfigError
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.config import PretrainConfig, from_dict, load_yaml
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import from_dict, load_yaml
 from selfsup.training.lightning_ckpt import read_lightning_checkpoint
 
 

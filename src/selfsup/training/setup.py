@@ -26,9 +26,9 @@ from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import build_model, resolve_views
 from selfsup.training.config import PretrainConfig
 from selfsup.training.guards import channels_last_hazard
-from selfsup.training.metrics import _truncate_metrics
+from selfsup.training.metrics import truncate_metrics
 from selfsup.training.optim import build_optimizer
-from selfsup.training.resume import _load_model_weights, _load_resume
+from selfsup.training.resume import load_model_weights, load_resume
 from selfsup.training.schedules import scaled_lr
 from selfsup.training.steps import resolve_device, resolve_precision
 from selfsup.training.timed import TimePlan
@@ -123,9 +123,9 @@ def resume_point(cfg: PretrainConfig, run_dir: Path, resume: bool, main: bool):
         # (for --minutes) the recorded step plan, so it ends as an uninterrupted run would.
         if main:
             print(f"[selfsup] --resume {run_dir}: no checkpoint was written yet; starting from step 0", file=sys.stderr)
-        _truncate_metrics(run_dir / "metrics.jsonl", 0)
+        truncate_metrics(run_dir / "metrics.jsonl", 0)
     elif resume:
-        return _load_resume(cfg, run_dir)
+        return load_resume(cfg, run_dir)
     elif (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
                           "or choose a new --out folder")
@@ -169,7 +169,7 @@ def build_run(run: RunState) -> None:
     num_classes = dataset.num_classes if run.with_labels else None  # only labelled methods take it
     model = build_model(cfg, dataset.num_channels, run.image_size, num_classes=num_classes, init=init).to(device)
     if run.weights is not None:
-        _load_model_weights(model, run.weights, run.run_dir)
+        load_model_weights(model, run.weights, run.run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
         model = convert_sync_batchnorm(model)
     run.channels_last = cfg.channels_last

@@ -66,7 +66,7 @@ def autocast_context(device: torch.device, precision: str):
 # Data order
 
 
-def _mix(*xs: int) -> int:
+def mix_seed(*xs: int) -> int:
     """A deterministic 63-bit seed from integers (splitmix-style), stable across runs and platforms."""
     h = 0x9E3779B97F4A7C15
     for x in xs:
@@ -76,7 +76,7 @@ def _mix(*xs: int) -> int:
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
 
 
 def step_indices(n: int, global_batch: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -154,7 +154,7 @@ class TrainStep:
         images, labels = images if run.with_labels else (images, None)  # (images, labels) for LABELLED_METHODS
         for g in optimizer.param_groups:
             g["lr"] = lr
-        gen = torch.Generator(device=run.device).manual_seed(_mix(cfg.seed, step, dist.rank(), 2))
+        gen = torch.Generator(device=run.device).manual_seed(mix_seed(cfg.seed, step, dist.rank(), 2))
         micro = images.chunk(cfg.accumulate)
         micro_labels = labels.chunk(cfg.accumulate) if run.with_labels else [None] * len(micro)
         total_loss, logs = 0.0, {}

@@ -41,12 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.views.config import ViewConfig, _HUE
-from selfsup.views.ops import (
-    MAX_OUT_SIZE, _N_UNIFORM, _U_AREA, _U_BLUR_P, _U_BRI, _U_CON, _U_CUT_P, _U_CUT_S, _U_CUT_X, _U_CUT_Y, _U_FLIP,
-    _U_GRAY, _U_HUE, _U_JIT_P, _U_NOISE_P, _U_NOISE_S, _U_ORDER, _U_RATIO, _U_ROT_K, _U_ROT_P, _U_SAT, _U_SIGMA,
-    _U_SOBEL, _U_SOL, _U_X, _U_Y, _col, _colour_jitter, _gaussian_blur, _gray, _kernel_size, _sobel,
-)
+from selfsup.views import ops
+from selfsup.views.config import ViewConfig
+from selfsup.views.ops import MAX_OUT_SIZE, per_sample
+
+# Columns of the per-sample uniform draw (one rand call for every scalar parameter).
+_U_AREA, _U_RATIO, _U_X, _U_Y, _U_FLIP, _U_ROT_P, _U_ROT_K = 0, 1, 2, 3, 4, 5, 6
+_U_JIT_P, _U_BRI, _U_CON, _U_SAT, _U_HUE = 7, 8, 9, 10, 11
+_U_GRAY, _U_BLUR_P, _U_SIGMA, _U_SOL = 12, 13, 14, 15
+_U_CUT_P, _U_CUT_S, _U_CUT_X, _U_CUT_Y, _U_SOBEL, _U_NOISE_P, _U_NOISE_S = 16, 17, 18, 19, 20, 21, 22
+_U_ORDER = 23  # 4 columns: per-sample jitter order = argsort of these
+_N_UNIFORM = _U_ORDER + 4
 
 
 __all__ = ["BatchAugment", "two_views", "save_view_grid"]
@@ -83,7 +88,7 @@ class BatchAugment(torch.nn.Module):
             raise ValueError(f"std must be > 0, got {self.std}")
         self.cfg = cfg
         self.out_size = int(out_size)
-        self.blur_kernel_size = _kernel_size(cfg.blur_kernel_frac, self.out_size)
+        self.blur_kernel_size = ops.blur_kernel_size(cfg.blur_kernel_frac, self.out_size)
 
     def extra_repr(self) -> str:
         return f"out_size={self.out_size}, mean={self.mean}, std={self.std}, cfg={self.cfg}"
@@ -140,19 +145,24 @@ class BatchAugment(torch.nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         # Ops switched off in the config are skipped statically (no work, no kernel launches); their
         # params are only filled in when asked for.
-        cfg, size = self.cfg, self.out_size
-        device = images.device
-        bsz, ch, src_h, src_w = images.shape
-        self._stats(ch)  # fail early on a mean/std vs channel mismatch
+        self._stats(images.shape[1])  # fail early on a mean/std vs channel mismatch
         params: dict[str, Tensor] = {}
-
         # One draw for all scalar parameters, on the generator's device, then moved (a CPU generator
         # with CUDA images works and gives the same parameters as on CPU, at the cost of a copy).
-        gen_device = generator.device if generator is not None else device
-        u = torch.rand(bsz, _N_UNIFORM, generator=generator, device=gen_device).to(device)
-        col = u.unbind(1)
+        gen_device = generator.device if generator is not None else images.device
+        u = torch.rand(images.shape[0], _N_UNIFORM, generator=generator, device=gen_device).to(images.device)
+        x = self._crop_flip_rotate(images, u, params, want_params)
+        x = self._colour(x, u, params, want_params)
+        x = self._filters(x, u, params, want_params)
+        x = self._noise(x, u, params, want_params, generator, gen_device)
+        x = self.normalize(x)
+        x = self._cutout(x, u, params, want_params)
+        return x, params
 
-        # --- random resized crop + flip + rotation: one grid_sample --------------------------------
+    def _crop_flip_rotate(self, images: Tensor, u: Tensor, params: dict[str, Tensor], want_params: bool) -> Tensor:
+        """Random resized crop + flip + rotation as one ``grid_sample``; float in [0, 1] at ``out_size``."""
+        cfg, size, col, device = self.cfg, self.out_size, u.unbind(1), images.device
+        bsz, _, src_h, src_w = images.shape
         lo, hi = cfg.crop_scale
         area = (lo + (hi - lo) * col[_U_AREA]) * (src_w * src_h)
         rlo, rhi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
@@ -201,8 +211,11 @@ class BatchAugment(torch.nn.Module):
                 crop_box=torch.stack([x0 / src_w, y0 / src_h, w / src_w, h / src_h], dim=1),
                 crop_area=(w * h) / (src_w * src_h),
             )
+        return x
 
-        # --- colour jitter in a random per-sample order (torchvision ColorJitter semantics) ------
+    def _colour(self, x: Tensor, u: Tensor, params: dict[str, Tensor], want_params: bool) -> Tensor:
+        """Colour jitter in a random per-sample order (torchvision ColorJitter semantics), then grayscale."""
+        cfg, col = self.cfg, u.unbind(1)
         strengths = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
         if cfg.jitter_p > 0.0 or want_params:
             jittered = col[_U_JIT_P] < cfg.jitter_p
@@ -213,56 +226,60 @@ class BatchAugment(torch.nn.Module):
             factors = torch.stack([c * (hi_ - lo_) + lo_ for c, lo_, hi_ in zip(cols, lows, highs)], dim=1)  # (B, 4)
             order = torch.argsort(u[:, _U_ORDER:_U_ORDER + 4], dim=1)
             if cfg.jitter_p > 0.0:
-                x = _colour_jitter(x, jittered, factors, order, strengths)
+                x = ops.colour_jitter(x, jittered, factors, order, strengths)
             if want_params:
-                neutral = (torch.arange(4, device=device) != _HUE).to(factors.dtype)  # (1, 1, 1, 0)
+                neutral = (torch.arange(4, device=x.device) != ops.HUE).to(factors.dtype)  # (1, 1, 1, 0)
                 params.update(jitter_factors=torch.where(jittered.view(-1, 1), factors, neutral), jitter_order=order)
-
-        # --- grayscale ------------------------------------------------------------------------------
         if cfg.grayscale_p > 0.0 or want_params:
             gray = col[_U_GRAY] < cfg.grayscale_p
-            if cfg.grayscale_p > 0.0 and ch == 3:
-                x = torch.where(_col(gray), _gray(x).expand_as(x), x)
+            if cfg.grayscale_p > 0.0 and x.shape[1] == 3:
+                x = torch.where(per_sample(gray), ops.to_gray(x).expand_as(x), x)
             params["gray"] = gray
+        return x
 
-        # --- Sobel (ablation) -----------------------------------------------------------------------
+    def _filters(self, x: Tensor, u: Tensor, params: dict[str, Tensor], want_params: bool) -> Tensor:
+        """Sobel (ablation), Gaussian blur, solarize: the per-sample filters after colour."""
+        cfg, col = self.cfg, u.unbind(1)
         if cfg.sobel_p > 0.0 or want_params:
-            sobel = col[_U_SOBEL] < cfg.sobel_p
+            sobeled = col[_U_SOBEL] < cfg.sobel_p
             if cfg.sobel_p > 0.0:
-                x = torch.where(_col(sobel), _sobel(x), x)
-            params["sobel"] = sobel
-
-        # --- Gaussian blur --------------------------------------------------------------------------
+                x = torch.where(per_sample(sobeled), ops.sobel(x), x)
+            params["sobel"] = sobeled
         if cfg.blur_p > 0.0 or want_params:
             blurred = col[_U_BLUR_P] < cfg.blur_p
             params["blurred"] = blurred
             s_lo, s_hi = cfg.blur_sigma
-            sigma = (s_lo + (s_hi - s_lo) * col[_U_SIGMA]) * (size / cfg.blur_sigma_ref_size)
+            sigma = (s_lo + (s_hi - s_lo) * col[_U_SIGMA]) * (self.out_size / cfg.blur_sigma_ref_size)
             if cfg.blur_p > 0.0 and self.blur_kernel_size > 1:
-                x = torch.where(_col(blurred), _gaussian_blur(x, sigma, self.blur_kernel_size), x)
+                x = torch.where(per_sample(blurred), ops.gaussian_blur(x, sigma, self.blur_kernel_size), x)
             params["blur_sigma"] = torch.where(blurred, sigma, 0.0)
-
-        # --- solarize -------------------------------------------------------------------------------
         if cfg.solarize_p > 0.0 or want_params:
             solarized = col[_U_SOL] < cfg.solarize_p
             if cfg.solarize_p > 0.0:
-                x = torch.where(_col(solarized) & (x >= cfg.solarize_threshold), 1.0 - x, x)
+                x = torch.where(per_sample(solarized) & (x >= cfg.solarize_threshold), 1.0 - x, x)
             params["solarized"] = solarized
+        return x
 
-        # --- Gaussian noise (ablation): sigma ~ U(0, 0.2) ---------------------------------------------
+    def _noise(self, x: Tensor, u: Tensor, params: dict[str, Tensor], want_params: bool,
+               generator: torch.Generator | None, gen_device: torch.device) -> Tensor:
+        """Gaussian noise (ablation): sigma ~ U(0, 0.2), clamped back to [0, 1]."""
+        cfg, col = self.cfg, u.unbind(1)
         if cfg.noise_p > 0.0 or want_params:
             noised = col[_U_NOISE_P] < cfg.noise_p
             params["noised"] = noised
             noise_sigma = torch.where(noised, 0.2 * col[_U_NOISE_S], 0.0)
             if cfg.noise_p > 0.0:
-                eps = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
-                x = torch.addcmul(x, eps, _col(noise_sigma)).clamp_(0.0, 1.0)
+                eps = torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+                x = torch.addcmul(x, eps, per_sample(noise_sigma)).clamp_(0.0, 1.0)
             params["noise_sigma"] = noise_sigma
+        return x
 
-        x = self.normalize(x)
+    def _cutout(self, x: Tensor, u: Tensor, params: dict[str, Tensor], want_params: bool) -> Tensor:
+        """Cutout (ablation) on the normalised views: a square set to the mean, i.e. 0.
 
-        # --- cutout (ablation): a square set to the mean, i.e. 0 once normalised ----------------------
-        # Pixel-aligned: side = round(U(0.1, 0.5) * size) >= 1, top-left uniform over valid positions.
+        Pixel-aligned: side = round(U(0.1, 0.5) * size) >= 1, top-left uniform over valid positions.
+        """
+        cfg, size, col = self.cfg, self.out_size, u.unbind(1)
         if cfg.cutout_p > 0.0 or want_params:
             cut = col[_U_CUT_P] < cfg.cutout_p
             params["cutout"] = cut
@@ -270,13 +287,13 @@ class BatchAugment(torch.nn.Module):
             cx0 = torch.floor(col[_U_CUT_X] * (size - side + 1)).clamp_(max=size - side)
             cy0 = torch.floor(col[_U_CUT_Y] * (size - side + 1)).clamp_(max=size - side)
             if cfg.cutout_p > 0.0:
-                pix = torch.arange(size, device=device, dtype=torch.float32).view(1, -1)
+                pix = torch.arange(size, device=x.device, dtype=torch.float32).view(1, -1)
                 inside_x = (pix >= cx0.view(-1, 1)) & (pix < (cx0 + side).view(-1, 1))
                 inside_y = (pix >= cy0.view(-1, 1)) & (pix < (cy0 + side).view(-1, 1))
                 hole = (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)) & cut.view(-1, 1, 1)  # (B, S, S)
                 x = x.masked_fill(hole.unsqueeze(1), 0.0)
             params["cutout_box"] = torch.stack([cx0, cy0, side, side], dim=1) / size
-        return x, params
+        return x
 
 
 def two_views(

@@ -13,10 +13,6 @@ from dataclasses import dataclass
 
 TRANSFORM_NAMES: tuple[str, ...] = ("crop", "cutout", "colour", "sobel", "noise", "blur", "rotate")
 
-# ITU-R 601-2 luma with torchvision's rounding (0.2989), so grayscale matches rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
-# Jitter op ids (the order they are reported in ``params["jitter_factors"]``).
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
 _SMALL_IMAGE = 32  # CIFAR-size and below: SimCLR's CIFAR recipe (s=0.5, no blur)
 
 _OPTIONAL_FIELDS = ("jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue")

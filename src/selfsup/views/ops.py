@@ -8,17 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.views.config import _BRIGHTNESS, _CONTRAST, _HUE, _LUMA, _SATURATION
+
+# ITU-R 601-2 luma with torchvision's rounding (0.2989), so grayscale matches rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+# Jitter op ids: the columns of colour_jitter's ``factors`` (and of ``params["jitter_factors"]``).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------------
 # Vectorised colour ops on (B, C, H, W) float tensors in [0, 1]; per-sample factors of shape (B,).
 # --------------------------------------------------------------------------------------------------
-def _col(v: Tensor) -> Tensor:
+def per_sample(v: Tensor) -> Tensor:
+    """A per-sample ``(B,)`` value as ``(B, 1, 1, 1)``, to broadcast over images."""
     return v.view(-1, 1, 1, 1)
 
 
-def _gray(x: Tensor) -> Tensor:
+def to_gray(x: Tensor) -> Tensor:
     """(B, 1, H, W) luma; the identity for 1-channel images."""
     if x.shape[1] == 1:
         return x
@@ -51,7 +56,7 @@ def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return (v - v * sat.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
 
 
-def _colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, strengths: Sequence[float]) -> Tensor:
+def colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, strengths: Sequence[float]) -> Tensor:
     """torchvision ColorJitter with a random op order per sample, vectorised.
 
     ``factors[:, k]`` is op k's factor (brightness, contrast, saturation; hue shift for k=3) and
@@ -68,8 +73,8 @@ def _colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, 
     saturation/hue on 1-channel images) are skipped statically, so strength 0 is an exact identity.
     """
     rgb = x.shape[1] == 3
-    linear = [k for k in (_BRIGHTNESS, _CONTRAST, _SATURATION) if strengths[k] > 0.0 and (rgb or k != _SATURATION)]
-    use_hue = rgb and strengths[_HUE] > 0.0
+    linear = [k for k in (BRIGHTNESS, CONTRAST, SATURATION) if strengths[k] > 0.0 and (rgb or k != SATURATION)]
+    use_hue = rgb and strengths[HUE] > 0.0
     if not linear and not use_hue:
         return x
     m = len(linear)
@@ -78,7 +83,7 @@ def _colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, 
         pos = torch.argsort(order, dim=1)  # pos[b, k]: step at which sample b applies op k
         pos_lin = torch.stack([pos[:, k] for k in linear], dim=1)  # (B, m)
         rank = (pos_lin.unsqueeze(2) > pos_lin.unsqueeze(1)).sum(dim=2)  # rank among the linear ops
-        slot = rank + m * (pos_lin > pos[:, _HUE:_HUE + 1]) if use_hue else rank
+        slot = rank + m * (pos_lin > pos[:, HUE:HUE + 1]) if use_hue else rank
         slot = torch.where(jittered.view(-1, 1), slot, n_slots)  # not jittered: no slot
         onehot = (slot.unsqueeze(2) == torch.arange(n_slots, device=x.device)).to(x.dtype)  # (B, m, slots)
         # Per-op (a - 1, beta, gamma): brightness (f-1, 0, 0), contrast (f-1, 0, 1-f), saturation (f-1, 1-f, 0).
@@ -86,17 +91,17 @@ def _colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, 
         for k in linear:
             d = factors[:, k] - 1.0
             zero = torch.zeros_like(d)
-            coef.append(torch.stack([d, -d if k == _SATURATION else zero, -d if k == _CONTRAST else zero], dim=1))
+            coef.append(torch.stack([d, -d if k == SATURATION else zero, -d if k == CONTRAST else zero], dim=1))
         coef = torch.stack(coef, dim=1)  # (B, m, 3)
         slot_coef = (onehot.unsqueeze(3) * coef.unsqueeze(2)).sum(dim=1)  # (B, slots, 3)
-    need_gray = _CONTRAST in linear or _SATURATION in linear
+    need_gray = CONTRAST in linear or SATURATION in linear
 
     def linear_slot(x: Tensor, s: int) -> Tensor:
-        a, beta, gamma = (_col(c) for c in slot_coef[:, s].unbind(1))
+        a, beta, gamma = (per_sample(c) for c in slot_coef[:, s].unbind(1))
         out = x * (a + 1.0)
         if need_gray:
-            g = _gray(x)
-            if _SATURATION in linear:
+            g = to_gray(x)
+            if SATURATION in linear:
                 out = out.add_(g * beta)
             out = out.add_(gamma * g.mean(dim=(1, 2, 3), keepdim=True))
         return out.clamp_(0.0, 1.0)
@@ -104,13 +109,13 @@ def _colour_jitter(x: Tensor, jittered: Tensor, factors: Tensor, order: Tensor, 
     for s in range(m):
         x = linear_slot(x, s)
     if use_hue:
-        x = torch.where(_col(jittered), _adjust_hue(x, factors[:, _HUE]), x)
+        x = torch.where(per_sample(jittered), _adjust_hue(x, factors[:, HUE]), x)
         for s in range(m, 2 * m):
             x = linear_slot(x, s)
     return x
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Separable Gaussian blur with one kernel per sample (grouped conv over B*C groups), reflect pad."""
     bsz, ch, h, w = x.shape
     radius = kernel_size // 2
@@ -127,9 +132,9 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return flat.view(bsz, ch, h, w)
 
 
-def _sobel(x: Tensor) -> Tensor:
+def sobel(x: Tensor) -> Tensor:
     """Sobel gradient magnitude of the luma, scaled to [0, 1] per image, replicated over channels."""
-    g = F.pad(_gray(x), (1, 1, 1, 1), mode="replicate")
+    g = F.pad(to_gray(x), (1, 1, 1, 1), mode="replicate")
     # Separable Sobel from slices (no constant kernels to copy to the device): smooth [1, 2, 1]
     # across the derivative direction, central difference along it.
     sm_v = g[:, :, :-2, :] + 2.0 * g[:, :, 1:-1, :] + g[:, :, 2:, :]  # (B, 1, H, W + 2)
@@ -141,20 +146,12 @@ def _sobel(x: Tensor) -> Tensor:
     return mag.expand_as(x)
 
 
-def _kernel_size(frac: float, size: int) -> int:
+def blur_kernel_size(frac: float, size: int) -> int:
+    """Odd Gaussian kernel side, ``frac`` of the image side (at least 3, below twice the side)."""
     k = max(3, int(round(frac * size)))
     if k % 2 == 0:
         k += 1
     return min(k, 2 * size - 1)  # reflect padding needs radius < side
-
-
-# Columns of the per-sample uniform draw (one rand call for every scalar parameter).
-_U_AREA, _U_RATIO, _U_X, _U_Y, _U_FLIP, _U_ROT_P, _U_ROT_K = 0, 1, 2, 3, 4, 5, 6
-_U_JIT_P, _U_BRI, _U_CON, _U_SAT, _U_HUE = 7, 8, 9, 10, 11
-_U_GRAY, _U_BLUR_P, _U_SIGMA, _U_SOL = 12, 13, 14, 15
-_U_CUT_P, _U_CUT_S, _U_CUT_X, _U_CUT_Y, _U_SOBEL, _U_NOISE_P, _U_NOISE_S = 16, 17, 18, 19, 20, 21, 22
-_U_ORDER = 23  # 4 columns: per-sample jitter order = argsort of these
-_N_UNIFORM = _U_ORDER + 4
 
 
 MAX_OUT_SIZE = 8192  # beyond this a batch cannot be held in memory; refused up front
