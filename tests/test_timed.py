@@ -72,6 +72,22 @@ def test_timed_run_ends_within_3_percent_when_the_pace_changes(tmp_path, tiny_cf
     assert json.loads((tmp_path / "r" / "run.json").read_text())["total_steps"] == steps
 
 
+def test_timed_run_ends_on_time_when_the_pace_changes_in_its_last_interval(tmp_path, tiny_cfg, monkeypatch):
+    # The machine gets busier 8 steps before the planned end (0.5 -> 0.9 s/step): with checks only every
+    # tenth of the run, the run would end ~3 s (5%) late; the last interval is checked more often.
+    clock = FakeClock(0.5)
+    monkeypatch.setattr(train, "_clock", clock)
+
+    def slow_down(step):
+        if step == TimePlan.load(tmp_path / "r").total_steps - 8:
+            clock.dt = 0.9
+
+    pretrain(tiny_cfg(steps=None, minutes=1.0, checkpoint_every=1000, log_every=50), tmp_path / "r",
+             progress=False, on_step=slow_down)
+    used = json.loads((tmp_path / "r" / "train_summary.json").read_text())["budget_seconds_used"]
+    assert clock.dt == 0.9 and abs(used - 60.0) <= 0.03 * 60.0, used
+
+
 def test_timed_run_without_drift_equals_a_fixed_step_run(tmp_path, tiny_cfg, monkeypatch):
     # Steady 0.25 s steps: the loop's one set-up read of the clock (0.25 s) is within the 1% tolerance of 30 s.
     monkeypatch.setattr(train, "_clock", FakeClock(0.25))

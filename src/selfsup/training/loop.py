@@ -37,7 +37,7 @@ from selfsup.training.resume import save_run_checkpoint, update_run_json, weight
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.setup import RunState, begin_run, build_run, load_training_data
 from selfsup.training.steps import TrainStep, batch_stream
-from selfsup.training.timed import TimePlan, boundaries, calibrate_steps, evaluations_after, median, replan
+from selfsup.training.timed import TimePlan, boundaries, is_check_step, calibrate_steps, evaluations_after, median, replan
 from selfsup.training.trackers import open_trackers
 from selfsup.views.augment import save_view_grid
 
@@ -239,7 +239,7 @@ def _replan(run: RunState, now: float) -> bool:
     if run.replaying:
         new_total, new_warmup = plan.state_at(step)
         new_total = None if (new_total, new_warmup) == (run.total_steps, run.warmup_steps) else new_total
-    elif step % run.replan_every == 0 and run.step_times:
+    elif is_check_step(step, run.total_steps, run.replan_every) and run.step_times:
         pace = median(run.step_times)
         extra = 0.0
         if cfg.knn_monitor and run.dataset.labels is not None:  # measured once one evaluation has run
