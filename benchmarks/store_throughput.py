@@ -7,15 +7,17 @@ Three comparisons on the generated 0.5-MP JPEG folder of ``benchmarks/imagefolde
 2. pre-training at ``--pretrain-size`` (64-96 px): streamed from the store vs the same run from
    memory (the same store read whole into RAM first; target >= 0.9x); ``--nvjpeg`` adds, on a CUDA
    device, nvJPEG batch decoding of that store;
-3. ``selfsup prepare`` of ``--prepare-images`` images (``--prepare-images 100000`` is the full
-   figure): images/s and peak RSS (this process and its decoding workers) vs decoding every file
-   once with PIL (full decode, same number of processes) and vs one epoch of the folder loader's own
-   decoding (PIL draft + resize, what ``imagefolder:PATH`` pays every epoch).
+3. ``selfsup prepare`` of ``--prepare-images`` images (``--prepare-images 100000 --prepare-distinct 3000``
+   is the full figure), run in a child process: images/s and peak RSS (its main process and its
+   largest decoding worker) vs decoding every file once with PIL (full-size ``load()``, no draft; in
+   ``--workers`` processes, the target's reference, and in one process) and vs one epoch of the
+   folder loader's own decoding (PIL draft + resize, what ``imagefolder:PATH`` pays every epoch).
 
 Usage::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/store_throughput.py                  # all three, small
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/store_throughput.py --only prepare --prepare-images 100000
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/store_throughput.py --only prepare --prepare-images 100000 \\
+        --prepare-distinct 3000 --no-folder-epoch
 
 Data goes under ``--root`` (default a temporary folder in /tmp). Each line printed is one JSON result.
 """
@@ -124,10 +126,17 @@ def bench_nvjpeg(root: Path, size: int, batch_size: int, steps: int) -> None:
 
 
 def _pil_decode(path: str) -> int:
+    """The reference: one full-size PIL decode of a file (no draft), as a plain PIL loop would do it.
+
+    ``load()`` decodes; a gray file is then converted to RGB (what a 3-channel reader needs). An RGB
+    file is not copied again (``convert("RGB")``, used before, copied every decoded image: ~0.3 ms
+    more per file, which made the reference slower than a decode).
+    """
     from PIL import Image
 
     with Image.open(path) as img:
-        return img.convert("RGB").size[0]
+        img.load()
+        return (img if img.mode == "RGB" else img.convert("RGB")).size[0]
 
 
 def _folder_decode(job: tuple[str, int]) -> int:
@@ -149,9 +158,32 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
+# Run in a fresh process, so its peak RSS is prepare's own (and its decoding workers'), not this
+# benchmark's: imports first (a fixed cost, reported apart), then prepare_store timed.
+_PREPARE_CHILD = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from selfsup.data.prepare import prepare_store
+from selfsup.data.store import _engine
+_engine()
+imports = time.perf_counter() - t0
+def cpu():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0, c0 = time.perf_counter(), cpu()
+prepare_store("imagefolder:" + sys.argv[1], sys.argv[2], size=int(sys.argv[3]), workers=int(sys.argv[4]), progress=False)
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu() - c0, "imports_s": imports,
+                  "rss_main_before_mb": rss_before / 1024,
+                  "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def bench_prepare(folder: Path, root: Path, size: int, workers: int, folder_epoch: bool = True) -> None:
+    import subprocess
+
     from selfsup.data.containers import default_load_size
-    from selfsup.data.prepare import prepare_store
 
     files = sorted(str(p) for p in folder.iterdir())
     n = len(files)
@@ -161,33 +193,55 @@ def bench_prepare(folder: Path, root: Path, size: int, workers: int) -> None:
             for _ in pool.imap_unordered(fn, jobs, chunksize=16):
                 pass
 
-    # The engine's import is a fixed cost once per process (seconds of CPU here): timed apart, not per image.
-    from selfsup.data.store import _engine
-
-    import_wall, _ = _timed(_engine)
-    pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))
     load = default_load_size(size)
-    folder_wall, folder_cpu = _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))
+    load_avg = [os.getloadavg()[0]]
+    pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))
+    one_wall, one_cpu = _timed(lambda: [_pil_decode(f) for f in files])
+    load_avg.append(os.getloadavg()[0])
+    if folder_epoch:
+        folder_wall, folder_cpu = _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))
     shutil.rmtree(root / "prepared", ignore_errors=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    wall, cpu = _timed(lambda: prepare_store(f"imagefolder:{folder}", root / "prepared", size=size, workers=workers,
-                                             progress=False))
-    rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, str(folder), str(root / "prepared"), str(size),
+                           str(workers)], env=env, check=True, capture_output=True, text=True)
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    load_avg.append(os.getloadavg()[0])
+    wall, cpu = child["wall"], child["cpu"]
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
-    print(json.dumps({"bench": "prepare", "images": n, "image_size": size, "workers": workers,
-                      "pil_decode_once_images_per_s": round(n / pil_wall, 1), "prepare_images_per_s": round(n / wall, 1),
-                      "ratio": round(pil_wall / wall, 2),
-                      "folder_loader_decode_images_per_s": round(n / folder_wall, 1),
-                      "ratio_to_folder_loader": round(folder_wall / wall, 2),
-                      "cpu_ms_per_image": {"pil_decode_once": round(1e3 * pil_cpu / n, 2),
-                                           "folder_loader_decode": round(1e3 * folder_cpu / n, 2),
-                                           "prepare": round(1e3 * cpu / n, 2)},
-                      "cpu_ratio": round(pil_cpu / cpu, 2),
-                      "peak_rss_mb_main": round(rss_self), "peak_rss_mb_main_before_prepare": round(before / 1024),
-                      "peak_rss_mb_largest_child": round(rss_child),
-                      "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
-                      "engine_import_s": round(import_wall, 1)}), flush=True)
+    row = {"bench": "prepare", "images": n, "image_size": size, "workers": workers,
+           "pil_decode_once_images_per_s": round(n / pil_wall, 1),
+           "pil_decode_once_1_process_images_per_s": round(n / one_wall, 1),
+           "prepare_images_per_s": round(n / wall, 1),
+           "ratio": round(pil_wall / wall, 2), "ratio_to_1_process_pil": round(one_wall / wall, 2),
+           "cpu_ms_per_image": {"pil_decode_once": round(1e3 * pil_cpu / n, 2),
+                                "pil_decode_once_1_process": round(1e3 * one_cpu / n, 2),
+                                "prepare": round(1e3 * cpu / n, 2)},
+           "cpu_ratio": round(pil_cpu / cpu, 2),
+           "peak_rss_mb_prepare_main": round(child["rss_main_mb"]),
+           "peak_rss_mb_prepare_main_after_imports": round(child["rss_main_before_mb"]),
+           "peak_rss_mb_largest_worker": round(child["rss_largest_worker_mb"]),
+           "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
+           "prepare_imports_s": round(child["imports_s"], 1), "load_average_1min": [round(x, 2) for x in load_avg]}
+    if folder_epoch:
+        row.update(folder_loader_decode_images_per_s=round(n / folder_wall, 1),
+                   ratio_to_folder_loader=round(folder_wall / wall, 2))
+        row["cpu_ms_per_image"]["folder_loader_decode"] = round(1e3 * folder_cpu / n, 2)
+    print(json.dumps(row), flush=True)
+
+
+def make_copied_folder(folder: Path, num_images: int, distinct: int, pool_folder: Path) -> dict:
+    """``num_images`` JPEGs in ``folder``: ``distinct`` generated ones (``make_jpeg_folder``), their bytes
+    written again under new names for the rest (file ``i`` holds image ``i % distinct``). Every file is
+    its own inode, read from disk or page cache like any other; only the content repeats."""
+    stats = make_jpeg_folder(pool_folder, distinct)
+    pool = sorted(pool_folder.iterdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        path = folder / f"img_{i:06d}.jpg"
+        if not path.exists():
+            path.write_bytes(pool[i % distinct].read_bytes())
+    return {**stats, "num_images": num_images, "distinct_images": distinct}
 
 
 def main() -> None:
@@ -196,6 +250,11 @@ def main() -> None:
                     help="run only these comparisons (repeatable; default all three)")
     ap.add_argument("--num-images", type=int, default=800, help="JPEGs for the loader and pre-training comparisons")
     ap.add_argument("--prepare-images", type=int, default=2000, help="JPEGs for the prepare comparison (full: 100000)")
+    ap.add_argument("--prepare-distinct", type=int,
+                    help="generate only this many distinct JPEGs for the prepare comparison and write their bytes "
+                         "again under new names up to --prepare-images (e.g. 3000 for the 100,000-file run)")
+    ap.add_argument("--no-folder-epoch", action="store_true",
+                    help="prepare comparison: skip the line timing one epoch of the folder loader's decoding")
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
     ap.add_argument("--pretrain-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
@@ -224,8 +283,14 @@ def main() -> None:
                     bench_nvjpeg(root, args.pretrain_size, args.batch_size, args.pretrain_steps)
         if "prepare" in only:
             folder = root / f"jpegs{args.prepare_images}"
-            print(json.dumps({"prepare_folder": make_jpeg_folder(folder, args.prepare_images)}), flush=True)
-            bench_prepare(folder, root, args.sizes[-1], args.workers)
+            if args.prepare_distinct and args.prepare_distinct < args.prepare_images:
+                folder = root / f"jpegs{args.prepare_images}_from{args.prepare_distinct}"
+                made = make_copied_folder(folder, args.prepare_images, args.prepare_distinct,
+                                          root / f"jpegs{args.prepare_distinct}")
+            else:
+                made = make_jpeg_folder(folder, args.prepare_images)
+            print(json.dumps({"prepare_folder": made}), flush=True)
+            bench_prepare(folder, root, args.sizes[-1], args.workers, folder_epoch=not args.no_folder_epoch)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
