@@ -36,38 +36,67 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagefolder_throughput import make_jpeg_folder, measure_loader  # noqa: E402  (the same generator and loader)
+from imagefolder_throughput import make_jpeg_folder  # noqa: E402  (the same generator)
 
 
-def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: int) -> float:
+def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: int,
+            channels: int | None = None) -> tuple[float, float]:
+    """Images/s out of ``batch_stream`` over ``steps`` batches, after ``max(1, workers)`` untimed ones.
+
+    The workers start together, so the first ``workers`` batches arrive together: timing from the
+    first one (as ``imagefolder_throughput.measure_loader`` does) counts the second worker's batch as
+    free, which inflates a short run (6 batches: up to 6/5) far more than a long one (24: 24/23).
+    """
     import torch
 
     from selfsup.data.datasets import load_dataset
     from selfsup.training.steps import batch_stream
 
-    dataset = load_dataset(name, "train", image_size=image_size, in_memory=False)
-    stream = batch_stream(dataset, batch_size, 0, 0, steps + 1, workers, torch.device("cpu"))
-    next(stream)  # worker start-up and the first batch are not timed
+    warm = max(1, workers)
+    folder = {"num_channels": channels} if name.startswith("imagefolder:") else {}  # a store has its own
+    dataset = load_dataset(name, "train", image_size=image_size, in_memory=False, **folder)
+    c0 = _cpu_seconds()
+    stream = batch_stream(dataset, batch_size, 0, 0, steps + warm, workers, torch.device("cpu"))
+    for _ in range(warm):
+        next(stream)  # worker start-up and each worker's first batch are not timed
     t0, n = time.perf_counter(), 0
     for images in stream:
         n += images.shape[0]
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    # CPU of this process and the (finished, so counted) workers over the whole stream, start-up included:
+    # the steadier figure on a shared CPU, where wall-clock rates swing with the other jobs.
+    return rate, 1e3 * (_cpu_seconds() - c0) / (n + warm * batch_size)
 
 
-def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch_size: int, steps: int) -> None:
+def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch_size: int, steps: int,
+                 repeats: int = 3, store_factor: int = 10, channels: int = 3) -> None:
+    """Each size: the folder and the two stores measured in turn ``repeats`` times; medians and their ratios."""
     from selfsup.data.prepare import prepare_store
 
     for size in sizes:
         store, raw = root / f"store{size}", root / f"store{size}raw"
-        prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False)
-        prepare_store(f"imagefolder:{folder}", raw, size=size, format="raw", workers=workers, progress=False)
-        pil = measure_loader(folder, size, batch_size, workers, steps)["loader_images_per_sec"]
-        fast = _loader(f"store:{store}", size, batch_size, workers, steps * 4)
-        fast_raw = _loader(f"store:{raw}", size, batch_size, workers, steps * 4)
-        print(json.dumps({"bench": "loader", "image_size": size, "workers": workers, "batch_size": batch_size,
+        prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False, num_channels=channels)
+        prepare_store(f"imagefolder:{folder}", raw, size=size, format="raw", workers=workers, progress=False,
+                      num_channels=channels)
+        runs, cpu = {"pil": [], "jpeg": [], "raw": []}, {"pil": [], "jpeg": [], "raw": []}
+        for _ in range(repeats):  # interleaved, so a change in the machine's load hits every line alike
+            # The stores time ~10x the batches: a window as long as the folder's, not a fraction of a second.
+            for key, name, n in (("pil", f"imagefolder:{folder}", steps), ("jpeg", f"store:{store}", steps * store_factor),
+                                 ("raw", f"store:{raw}", steps * store_factor)):
+                rate, ms = _loader(name, size, batch_size, workers, n, channels)
+                runs[key].append(rate)
+                cpu[key].append(ms)
+        pil, fast, fast_raw = (statistics.median(runs[k]) for k in ("pil", "jpeg", "raw"))
+        print(json.dumps({"bench": "loader", "image_size": size, "channels": channels, "workers": workers,
+                          "batch_size": batch_size,
+                          "timed_batches": {"folder": steps, "store": steps * store_factor}, "repeats": repeats,
                           "imagefolder_pil_images_per_s": round(pil, 1), "store_jpeg_images_per_s": round(fast, 1),
                           "ratio": round(fast / pil, 1), "store_raw_images_per_s": round(fast_raw, 1),
-                          "ratio_raw": round(fast_raw / pil, 1)}), flush=True)
+                          "ratio_raw": round(fast_raw / pil, 1),
+                          "runs_images_per_s": {k: [round(v, 1) for v in r] for k, r in runs.items()},
+                          "cpu_ms_per_image": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+                          "cpu_ratio": round(statistics.median(cpu["pil"]) / statistics.median(cpu["jpeg"]), 1),
+                          "load_average_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
 def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, run: Path, backbone: str | None,
@@ -92,11 +121,11 @@ def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, r
 
 
 def bench_pretrain(folder: Path, root: Path, size: int, batch_size: int, steps: int, workers: int,
-                   backbone: str | None = None, device: str = "auto") -> None:
+                   backbone: str | None = None, device: str = "auto", channels: int = 3) -> None:
     from selfsup.data.prepare import prepare_store
 
     store = root / f"store{size}"
-    prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False)
+    prepare_store(f"imagefolder:{folder}", store, size=size, workers=workers, progress=False, num_channels=channels)
     common = (f"store:{store}", size, batch_size, steps, workers)
     memory = _pretrain(*common, root / "run_memory", backbone, device, in_memory=True)
     streamed = _pretrain(*common, root / "run_store", backbone, device, in_memory=False)
@@ -159,9 +188,11 @@ def _timed(fn) -> tuple[float, float]:
 
 
 # Run in a fresh process, so its peak RSS is prepare's own (and its decoding workers'), not this
-# benchmark's: imports first (a fixed cost, reported apart), then prepare_store timed.
+# benchmark's: imports first (a fixed cost, reported apart), then prepare_store timed. Peak RSS is read
+# from /proc (VmHWM, per address space: getrusage's ru_maxrss survives exec and would report this
+# benchmark's own peak), the workers' sampled every 0.2 s.
 _PREPARE_CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 t0 = time.perf_counter()
 from selfsup.data.prepare import prepare_store
 from selfsup.data.store import _engine
@@ -170,13 +201,37 @@ imports = time.perf_counter() - t0
 def cpu():
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(pid, key):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+def children(pid):
+    try:
+        return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        return []
+peak = {"total": 0.0, "worker": 0.0}
+done = threading.Event()
+def sample():  # every 0.2 s: this process's RSS plus its decoding workers' (shared pages counted in each)
+    me = os.getpid()
+    while not done.wait(0.2):
+        kids = [status(k, "VmRSS") for k in children(me)]
+        peak["total"] = max(peak["total"], status(me, "VmRSS") + sum(kids))
+        peak["worker"] = max([peak["worker"]] + kids)
+threading.Thread(target=sample, daemon=True).start()
+rss_before = status("self", "VmHWM")
 t0, c0 = time.perf_counter(), cpu()
 prepare_store("imagefolder:" + sys.argv[1], sys.argv[2], size=int(sys.argv[3]), workers=int(sys.argv[4]), progress=False)
-print(json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu() - c0, "imports_s": imports,
-                  "rss_main_before_mb": rss_before / 1024,
-                  "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+wall, used = time.perf_counter() - t0, cpu() - c0
+done.set()
+print(json.dumps({"wall": wall, "cpu": used, "imports_s": imports, "rss_main_before_mb": rss_before,
+                  "rss_main_mb": status("self", "VmHWM"), "rss_largest_worker_mb": peak["worker"],
+                  "rss_main_plus_workers_mb": peak["total"]}))
 """
 
 
@@ -221,6 +276,7 @@ def bench_prepare(folder: Path, root: Path, size: int, workers: int, folder_epoc
            "peak_rss_mb_prepare_main": round(child["rss_main_mb"]),
            "peak_rss_mb_prepare_main_after_imports": round(child["rss_main_before_mb"]),
            "peak_rss_mb_largest_worker": round(child["rss_largest_worker_mb"]),
+           "peak_rss_mb_main_plus_workers": round(child["rss_main_plus_workers_mb"]),
            "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
            "prepare_imports_s": round(child["imports_s"], 1), "load_average_1min": [round(x, 2) for x in load_avg]}
     if folder_epoch:
@@ -256,10 +312,17 @@ def main() -> None:
     ap.add_argument("--no-folder-epoch", action="store_true",
                     help="prepare comparison: skip the line timing one epoch of the folder loader's decoding")
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
+    ap.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                    help="loader comparison: decode as RGB (default) or gray. Forced, because detection probes 16 "
+                         "evenly spread files and the generator makes every 10th file gray: with 800 files every "
+                         "probe is gray, so the folder read as gray before")
     ap.add_argument("--pretrain-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--loader-steps", type=int, default=6)
+    ap.add_argument("--loader-steps", type=int, default=6,
+                    help="timed batches of the folder loader, after one per worker")
+    ap.add_argument("--store-steps-factor", type=int, default=10, help="the stores time this many times as many batches")
+    ap.add_argument("--loader-repeats", type=int, default=3, help="interleaved repeats of the loader lines (median)")
     ap.add_argument("--pretrain-steps", type=int, default=8)
     ap.add_argument("--backbone", help="pre-training backbone (default: the CPU default)")
     ap.add_argument("--device", default="auto")
@@ -275,10 +338,11 @@ def main() -> None:
             folder = root / "jpegs"
             print(json.dumps({"folder": make_jpeg_folder(folder, args.num_images)}), flush=True)
             if "loader" in only:
-                bench_loader(folder, root, args.sizes, args.workers, args.batch_size, args.loader_steps)
+                bench_loader(folder, root, args.sizes, args.workers, args.batch_size, args.loader_steps,
+                             args.loader_repeats, args.store_steps_factor, args.channels)
             if "pretrain" in only:
                 bench_pretrain(folder, root, args.pretrain_size, args.batch_size, args.pretrain_steps, args.workers,
-                               args.backbone, args.device)
+                               args.backbone, args.device, args.channels)
                 if args.nvjpeg:
                     bench_nvjpeg(root, args.pretrain_size, args.batch_size, args.pretrain_steps)
         if "prepare" in only:
