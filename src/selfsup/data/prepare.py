@@ -1,12 +1,15 @@
 """``selfsup prepare``: decode an image folder once into a sharded store (see :mod:`selfsup.data.store`).
 
 One pass over the folder (flat, class sub-folders, or ``train/`` + ``val/``/``test/`` splits, as
-``imagefolder:PATH`` reads it): every image is decoded exactly as the streamed image folder decodes
-it (:func:`selfsup.data.datasets._decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
-load size, centre square), then stored as raw pixels (``--format raw``: bit-identical to what the
-folder gives, bigger) or re-encoded as a JPEG at that size (``--format jpeg``, the default: ~10x
-smaller, decoded with libjpeg-turbo at training time). The load size is the one the training size
-needs, ``size * 256 / 224`` (256 for 224).
+``imagefolder:PATH`` reads it): every image becomes the streamed image folder's image
+(:func:`selfsup.data.folders._decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
+load size, centre square), stored as raw pixels (``--format raw``: decoded exactly as the folder
+decodes it, bit-identical, bigger) or re-encoded as a JPEG at that size (``--format jpeg``, the
+default: ~10x smaller, decoded with libjpeg-turbo at training time). For ``--format jpeg`` a JPEG
+source takes a faster path to the same image within resampling tolerance
+(:func:`_jpeg_at_load_size`: the folder's DCT-scaled decode, done by libjpeg-turbo, and torch's
+antialiased bicubic resize). The load size is the one the training size needs, ``size * 256 / 224``
+(256 for 224).
 
 Resumable: the images are written in parts of ``part_size`` (default 4096), each a folder of the
 engine's shards finished by a ``done.json``; an interrupted run, started again with the same
