@@ -235,7 +235,9 @@ print(json.dumps({"wall": wall, "cpu": used, "imports_s": imports, "rss_main_bef
 """
 
 
-def bench_prepare(folder: Path, root: Path, size: int, workers: int, folder_epoch: bool = True) -> None:
+def bench_prepare(folder: Path, root: Path, size: int, workers: int, folder_epoch: bool = True,
+                  repeats: int = 1) -> None:
+    """The prepare comparison; with ``repeats`` > 1 the lines run in turn that many times (medians)."""
     import subprocess
 
     from selfsup.data.containers import default_load_size
@@ -248,41 +250,60 @@ def bench_prepare(folder: Path, root: Path, size: int, workers: int, folder_epoc
             for _ in pool.imap_unordered(fn, jobs, chunksize=16):
                 pass
 
+    def prepare_child() -> tuple[float, float, dict]:
+        shutil.rmtree(root / "prepared", ignore_errors=True)
+        src = str(Path(__file__).resolve().parent.parent / "src")
+        env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, str(folder), str(root / "prepared"), str(size),
+                               str(workers)], env=env, check=True, capture_output=True, text=True)
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        return child["wall"], child["cpu"], child
+
     load = default_load_size(size)
-    load_avg = [os.getloadavg()[0]]
-    pil_wall, pil_cpu = _timed(lambda: pool_over(_pil_decode, files))
-    one_wall, one_cpu = _timed(lambda: [_pil_decode(f) for f in files])
-    load_avg.append(os.getloadavg()[0])
+    lines = {"pil": lambda: _timed(lambda: pool_over(_pil_decode, files)),
+             "pil_1": lambda: _timed(lambda: [_pil_decode(f) for f in files]),
+             "prepare": prepare_child}
     if folder_epoch:
-        folder_wall, folder_cpu = _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))
-    shutil.rmtree(root / "prepared", ignore_errors=True)
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, str(folder), str(root / "prepared"), str(size),
-                           str(workers)], env=env, check=True, capture_output=True, text=True)
-    child = json.loads(done.stdout.strip().splitlines()[-1])
-    load_avg.append(os.getloadavg()[0])
-    wall, cpu = child["wall"], child["cpu"]
+        lines["folder"] = lambda: _timed(lambda: pool_over(_folder_decode, [(f, load) for f in files]))
+    t0 = time.perf_counter()
+    for f in files:  # one untimed read of every file: the first timed line must not be the only one reading the disk
+        with open(f, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    warm_s = time.perf_counter() - t0
+    walls, cpus, load_avg, child = {k: [] for k in lines}, {k: [] for k in lines}, [os.getloadavg()[0]], {}
+    for _ in range(repeats):
+        for key, fn in lines.items():
+            out = fn()
+            walls[key].append(out[0])
+            cpus[key].append(out[1])
+            if key == "prepare":
+                child = out[2]
+            load_avg.append(os.getloadavg()[0])
+    w = {k: statistics.median(v) for k, v in walls.items()}
+    c = {k: statistics.median(v) for k, v in cpus.items()}
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
-    row = {"bench": "prepare", "images": n, "image_size": size, "workers": workers,
-           "pil_decode_once_images_per_s": round(n / pil_wall, 1),
-           "pil_decode_once_1_process_images_per_s": round(n / one_wall, 1),
-           "prepare_images_per_s": round(n / wall, 1),
-           "ratio": round(pil_wall / wall, 2), "ratio_to_1_process_pil": round(one_wall / wall, 2),
-           "cpu_ms_per_image": {"pil_decode_once": round(1e3 * pil_cpu / n, 2),
-                                "pil_decode_once_1_process": round(1e3 * one_cpu / n, 2),
-                                "prepare": round(1e3 * cpu / n, 2)},
-           "cpu_ratio": round(pil_cpu / cpu, 2),
+    row = {"bench": "prepare", "images": n, "image_size": size, "workers": workers, "repeats": repeats,
+           "pil_decode_once_images_per_s": round(n / w["pil"], 1),
+           "pil_decode_once_1_process_images_per_s": round(n / w["pil_1"], 1),
+           "prepare_images_per_s": round(n / w["prepare"], 1),
+           "ratio": round(w["pil"] / w["prepare"], 2), "ratio_to_1_process_pil": round(w["pil_1"] / w["prepare"], 2),
+           "cpu_ms_per_image": {"pil_decode_once": round(1e3 * c["pil"] / n, 2),
+                                "pil_decode_once_1_process": round(1e3 * c["pil_1"] / n, 2),
+                                "prepare": round(1e3 * c["prepare"] / n, 2)},
+           "cpu_ratio": round(c["pil"] / c["prepare"], 2),
+           "runs_images_per_s": {k: [round(n / x, 1) for x in v] for k, v in walls.items()},
            "peak_rss_mb_prepare_main": round(child["rss_main_mb"]),
            "peak_rss_mb_prepare_main_after_imports": round(child["rss_main_before_mb"]),
            "peak_rss_mb_largest_worker": round(child["rss_largest_worker_mb"]),
            "peak_rss_mb_main_plus_workers": round(child["rss_main_plus_workers_mb"]),
            "store_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
-           "prepare_imports_s": round(child["imports_s"], 1), "load_average_1min": [round(x, 2) for x in load_avg]}
+           "prepare_imports_s": round(child["imports_s"], 1), "untimed_read_all_s": round(warm_s, 1),
+           "load_average_1min": [round(x, 2) for x in load_avg]}
     if folder_epoch:
-        row.update(folder_loader_decode_images_per_s=round(n / folder_wall, 1),
-                   ratio_to_folder_loader=round(folder_wall / wall, 2))
-        row["cpu_ms_per_image"]["folder_loader_decode"] = round(1e3 * folder_cpu / n, 2)
+        row.update(folder_loader_decode_images_per_s=round(n / w["folder"], 1),
+                   ratio_to_folder_loader=round(w["folder"] / w["prepare"], 2))
+        row["cpu_ms_per_image"]["folder_loader_decode"] = round(1e3 * c["folder"] / n, 2)
     print(json.dumps(row), flush=True)
 
 
@@ -309,6 +330,8 @@ def main() -> None:
     ap.add_argument("--prepare-distinct", type=int,
                     help="generate only this many distinct JPEGs for the prepare comparison and write their bytes "
                          "again under new names up to --prepare-images (e.g. 3000 for the 100,000-file run)")
+    ap.add_argument("--prepare-repeats", type=int, default=3,
+                    help="prepare comparison: run its lines in turn this many times (medians; 1 for 100,000 files)")
     ap.add_argument("--no-folder-epoch", action="store_true",
                     help="prepare comparison: skip the line timing one epoch of the folder loader's decoding")
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
@@ -354,7 +377,8 @@ def main() -> None:
             else:
                 made = make_jpeg_folder(folder, args.prepare_images)
             print(json.dumps({"prepare_folder": made}), flush=True)
-            bench_prepare(folder, root, args.sizes[-1], args.workers, folder_epoch=not args.no_folder_epoch)
+            bench_prepare(folder, root, args.sizes[-1], args.workers, folder_epoch=not args.no_folder_epoch,
+                          repeats=args.prepare_repeats)
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

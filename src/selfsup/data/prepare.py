@@ -188,7 +188,7 @@ def _write_part(part_dir: Path, jobs: list, files: list[Path], labels: list[int]
     kept_labels, bad = [], []
     with MDSWriter(out=str(part_dir), columns=dict(SAFE_ENCODINGS), hashes=["sha1"], size_limit=SHARD_BYTES,
                    progress_bar=False) as writer:
-        for i, (data, problem) in enumerate(pool.imap(_encode, jobs, chunksize=8) if pool else map(_encode, jobs)):
+        for i, (data, problem) in enumerate(pool.imap(_encode, jobs, chunksize=32) if pool else map(_encode, jobs)):
             bar.update(1)
             if data is None:
                 if policy == "error":
