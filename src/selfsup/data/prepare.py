@@ -1,12 +1,15 @@
 """``selfsup prepare``: decode an image folder once into a sharded store (see :mod:`selfsup.data.store`).
 
 One pass over the folder (flat, class sub-folders, or ``train/`` + ``val/``/``test/`` splits, as
-``imagefolder:PATH`` reads it): every image is decoded exactly as the streamed image folder decodes
-it (:func:`selfsup.data.datasets.decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
-load size, centre square), then stored as raw pixels (``--format raw``: bit-identical to what the
-folder gives, bigger) or re-encoded as a JPEG at that size (``--format jpeg``, the default: ~10x
-smaller, decoded with libjpeg-turbo at training time). The load size is the one the training size
-needs, ``size * 256 / 224`` (256 for 224).
+``imagefolder:PATH`` reads it): every image becomes the streamed image folder's image
+(:func:`selfsup.data.folders.decode_image`: EXIF rotation, RGB or gray, shorter side resized to the
+load size, centre square), stored as raw pixels (``--format raw``: decoded exactly as the folder
+decodes it, bit-identical, bigger) or re-encoded as a JPEG at that size (``--format jpeg``, the
+default: ~10x smaller, decoded with libjpeg-turbo at training time). For ``--format jpeg`` a JPEG
+source takes a faster path to the same image within resampling tolerance
+(:func:`_jpeg_at_load_size`: the folder's DCT-scaled decode, done by libjpeg-turbo, and torch's
+antialiased bicubic resize). The load size is the one the training size needs, ``size * 256 / 224``
+(256 for 224).
 
 Resumable: the images are written in parts of ``part_size`` (default 4096), each a folder of the
 engine's shards finished by a ``done.json``; an interrupted run, started again with the same
@@ -44,20 +47,109 @@ DEFAULT_PART_SIZE = 4096
 SHARD_BYTES = 1 << 26  # 64 MB shards, the engine's default
 
 
-def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | None]:
-    """One file to stored bytes, in a worker process: ``(bytes, None)`` or ``(None, problem)``."""
-    path, load_size, channels, fmt, quality = job
+# EXIF orientation -> the PIL transpose ImageOps.exif_transpose applies (the same table).
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _jpeg_draft_decode(data: bytes, load_size: int, channels: int) -> tuple[np.ndarray, int] | None:
+    """``(pixels (H, W, C) uint8, EXIF orientation)`` of an RGB or gray JPEG, or ``None`` for the PIL path.
+
+    libjpeg-turbo (simplejpeg) decodes at the DCT scale PIL's ``draft`` picks for ``load_size``: the
+    largest of 1/8, 1/4, 1/2 that keeps both sides >= ``load_size`` (``JpegImagePlugin.draft``), so the
+    pixels are the ones the folder's drafted decode gets (bit-identical; the tests check it). ``None``
+    for anything else: not a JPEG, CMYK/YCCK, or any failure, whose message PIL then gives.
+    """
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    import io
+
+    import simplejpeg
+    from PIL import Image
+
     try:
-        image = decode_image(Path(path), load_size, channels)
-    except OSError as err:
-        return None, str(err)
-    if fmt == "raw":
-        return image.numpy().tobytes(), None
+        with Image.open(io.BytesIO(data)) as img:  # header only: format, mode, size, EXIF; PIL's bomb check
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            (w, h), orientation = img.size, img.getexif().get(0x0112, 1)
+        fit = min(w // load_size, h // load_size)
+        scale = next((s for s in (8, 4, 2) if fit >= s), 1)
+        # The smallest libjpeg-turbo output at least ceil(side / scale) is exactly the 1/scale one.
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB",
+                                        min_height=-(-h // scale) if scale > 1 else 0,
+                                        min_width=-(-w // scale) if scale > 1 else 0)
+    except Exception:  # noqa: BLE001 - any problem: the PIL path decodes it or names the problem
+        return None
+    if pixels.shape != (-(-h // scale), -(-w // scale), channels):
+        return None
+    return pixels, orientation
+
+
+def _jpeg_at_load_size(data: bytes, load_size: int, channels: int) -> np.ndarray | None:
+    """An RGB or gray JPEG to ``(L, L, C)`` uint8 pixels, or ``None`` (the caller decodes with PIL).
+
+    The ``--format jpeg`` fast path, the image :func:`selfsup.data.folders.decode_image` gives within
+    resampling tolerance: :func:`_jpeg_draft_decode`, the centre square cropped at whole pixels (the
+    folder's box may start half a pixel further) and resized to ``L`` by torch's antialiased bicubic
+    (PIL's filter, a=-0.5, vectorised for uint8: ~3x cheaper than PIL's resize here), then the EXIF
+    orientation applied to the ``L x L`` result (cropping and resizing a square commute with it).
+    """
+    decoded = _jpeg_draft_decode(data, load_size, channels)
+    if decoded is None:
+        return None
+    import torch
+    from PIL import Image
+
+    pixels, orientation = decoded
+    side = min(pixels.shape[:2])
+    y, x = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+    # (1, C, H, W) with channels-last strides (built from (1, H, W, C), so the batch stride is H*W*C too)
+    square = torch.from_numpy(pixels)[None].permute(0, 3, 1, 2)[:, :, y:y + side, x:x + side]
+    if side != load_size:
+        square = torch.nn.functional.interpolate(square.contiguous(memory_format=torch.channels_last),
+                                                 size=(load_size, load_size), mode="bicubic", antialias=True)
+    out = square[0].permute(1, 2, 0).numpy()  # (L, L, C); channels-last in, channels-last out: no copy
+    method = _ORIENTATION.get(orientation)
+    if method is not None:
+        flat = Image.fromarray(np.ascontiguousarray(out[..., 0] if channels == 1 else out))
+        out = np.asarray(flat.transpose(getattr(Image.Transpose, method))).reshape(load_size, load_size, channels)
+    return np.ascontiguousarray(out)
+
+
+def _worker_init() -> None:
+    """Each decoding process runs one torch thread: the pool already uses every core."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _encode(job: tuple[str, int, int, str, int]) -> tuple[bytes | None, str | None]:
+    """One file to stored bytes, in a worker process: ``(bytes, None)`` or ``(None, problem)``.
+
+    ``raw``: the folder's own decode (:func:`decode_image`), bit-identical to ``imagefolder:PATH``.
+    ``jpeg``: JPEG sources take :func:`_jpeg_at_load_size`; other files and its refusals take the
+    folder's decode. Either way the ``(L, L, C)`` pixels are encoded by libjpeg-turbo.
+    """
+    path, load_size, channels, fmt, quality = job
+    pixels = None
+    if fmt == "jpeg":
+        try:
+            pixels = _jpeg_at_load_size(Path(path).read_bytes(), load_size, channels)
+        except OSError:
+            pixels = None  # unreadable: the folder's decode names the problem
+    if pixels is None:
+        try:
+            image = decode_image(Path(path), load_size, channels)
+        except OSError as err:
+            return None, str(err)
+        if fmt == "raw":
+            return image.numpy().tobytes(), None
+        pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
     import simplejpeg  # the store extra: libjpeg-turbo, as the reader's decoder
 
-    c = image.shape[0]
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), quality=quality,
-                                  colorspace="GRAY" if c == 1 else "RGB", colorsubsampling="Gray" if c == 1 else "420"), None
+    gray = pixels.shape[-1] == 1
+    return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="GRAY" if gray else "RGB",
+                                  colorsubsampling="Gray" if gray else "420"), None
 
 
 def _require_store_extra() -> None:
@@ -96,7 +188,7 @@ def _write_part(part_dir: Path, jobs: list, files: list[Path], labels: list[int]
     kept_labels, bad = [], []
     with MDSWriter(out=str(part_dir), columns=dict(SAFE_ENCODINGS), hashes=["sha1"], size_limit=SHARD_BYTES,
                    progress_bar=False) as writer:
-        for i, (data, problem) in enumerate(pool.imap(_encode, jobs, chunksize=8) if pool else map(_encode, jobs)):
+        for i, (data, problem) in enumerate(pool.imap(_encode, jobs, chunksize=32) if pool else map(_encode, jobs)):
             bar.update(1)
             if data is None:
                 if policy == "error":
@@ -165,7 +257,7 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     _start_or_resume(root, settings)
     total = sum(len(f) for _, _, f, _, _, _ in splits)
     workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
-    pool = get_context().Pool(workers) if workers > 0 else None
+    pool = get_context().Pool(workers, initializer=_worker_init) if workers > 0 else None
     bar = tqdm(total=total, unit="img", desc="prepare", disable=not progress, smoothing=0.1, file=sys.stderr)
     split_info = {}
     try:

@@ -124,7 +124,8 @@ def batch_stream(dataset, global_batch: int, seed: int, start_step: int, total_s
 
     sampler = StepBatchSampler(n, global_batch, seed, start_step, total_steps, r, w)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                        collate_fn=getattr(dataset, "collate_fn", None))  # a store's: channels-last batches
     for images, labels in loader:
         batch = images.to(device, non_blocking=True)
         yield (batch, torch.as_tensor(labels).long().to(device, non_blocking=True)) if with_labels else batch
