@@ -106,9 +106,8 @@ def _plan_length(run: RunState, train_step: TrainStep) -> None:
     elif run.total_steps is None:
         if cfg.knn_monitor and run.dataset.labels is not None:
             run.knn_cost = measure_knn_cost(run.model, run.dataset, run.device, run.image_size, run.precision, _clock)
-        run.total_steps, run.t_budget = calibrate_steps(cfg, run.model, run.optimizer, train_step, run.dataset,
-                                                         run.device, n, run.run_dir, run.main, _clock,
-                                                         t_start=run.t_budget, knn_cost=run.knn_cost)
+        run.total_steps = calibrate_steps(cfg, run.model, run.optimizer, train_step, run.dataset, run.device, n,
+                                          run.run_dir, run.main, _clock, t_start=run.t_budget, knn_cost=run.knn_cost)
     run.warmup_steps = warmup_steps_for(cfg, run.total_steps, run.steps_per_epoch)
     if cfg.minutes is not None and plan is None:
         plan = TimePlan(cfg.minutes * 60.0, run.total_steps, warmup_steps=run.warmup_steps)

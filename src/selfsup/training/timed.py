@@ -1,6 +1,6 @@
 """Timed runs (``--minutes M``): plan the step count from a measured pace, re-plan when the pace drifts.
 
-The first plan comes from timing a few throw-away steps (``train._calibrate_steps``). Early steps are
+The first plan comes from timing a few throw-away steps (:func:`calibrate_steps`). Early steps are
 often slower or faster than the steady state (allocator and kernel warm-up, a busy machine; a BYOL
 run measured 296 ms/step in calibration and then ran at ~163 ms/step), so at regular boundaries
 (``boundaries``) the run compares the time the remaining steps will take at the pace measured since
@@ -98,6 +98,19 @@ def evaluations_after(step: int, total_steps: int, steps_per_epoch: int) -> int:
     return max(0, ends) + (1 if total_steps % steps_per_epoch and total_steps > step else 0)
 
 
+def fit_total(step: int, left_s: float, pace_s: float, extra: Callable[[int], float], start: int) -> int:
+    """The total step count that fills ``left_s`` after ``step`` at ``pace_s``, with ``extra(total)``
+    seconds of other work (the kNN evaluations a total implies), by fixed-point iteration from ``start``.
+    Never below ``step + 1``."""
+    total = start
+    for _ in range(8):
+        new = step + max(1, steps_for(left_s, pace_s, extra(total)))
+        if new == total:
+            break
+        total = new
+    return total
+
+
 def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: float | Callable[[int], float] = 0.0,
            tolerance: float = TOLERANCE, total_steps: int | None = None) -> int | None:
     """A new total if finishing ``total_steps`` (the total in force; default the first plan's) at ``pace_s``
@@ -114,12 +127,7 @@ def replan(plan: TimePlan, step: int, elapsed_s: float, pace_s: float, extra_s: 
     predicted = (current - step) * pace_s + extra(current)
     if abs(predicted - left) <= tolerance * plan.budget_s:
         return None
-    total = current
-    for _ in range(8):
-        new = step + max(1, steps_for(left, pace_s, extra(total)))
-        if new == total:
-            break
-        total = new
+    total = fit_total(step, left, pace_s, extra, current)
     return None if total == current else total
 
 
@@ -129,17 +137,15 @@ def median(xs: list[float]) -> float:
 
 
 def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_dir, main, clock,
-                    t_start: float | None = None, knn_cost: float = 0.0) -> tuple[int, float]:
+                    t_start: float, knn_cost: float = 0.0) -> int:
     """For ``--minutes``: time a few steps on a throw-away copy of the state, then fix the step count.
 
     The copy is restored afterwards, so a run with a time budget is still reproducible from its seed
     and its (recorded) step count. ``clock`` is the loop's (a fake one in tests). The budget runs from
-    ``t_start`` (when ``pretrain`` began: loading the data and building the model count too; default:
-    now); ``knn_cost`` is the measured time of one kNN-monitor evaluation (0 without the monitor).
-    Returns the step count and ``t_start``.
+    ``t_start`` (when ``pretrain`` began: loading the data and building the model count too);
+    ``knn_cost`` is the measured time of one kNN-monitor evaluation (0 without the monitor).
     """
     budget = cfg.minutes * 60.0
-    t0 = clock() if t_start is None else t_start
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
     # The first steps pay for allocations and kernel set-up; the median of the timed ones is the
@@ -161,15 +167,9 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     optimizer.load_state_dict(opt_state)
     steps_per_epoch = n // cfg.batch_size
     # Per-epoch extras (the kNN monitor: one evaluation per epoch end and one at the end) cost time too.
-    remaining = budget - (clock() - t0)
-    total = int(remaining / per_step)
-    if knn_cost > 0:
-        for _ in range(8):  # the number of evaluations depends on the total: fixed-point iteration
-            new = max(1, int((remaining - knn_cost * evaluations_after(0, total, steps_per_epoch)) / per_step))
-            if new == total:
-                break
-            total = new
-    total = max(1, total)
+    remaining = budget - (clock() - t_start)
+    total = fit_total(0, remaining, per_step, lambda t: knn_cost * evaluations_after(0, t, steps_per_epoch),
+                      max(1, int(remaining / per_step)))
     if dist.is_distributed():
         t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
         tdist.broadcast(t, 0)
@@ -177,4 +177,4 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     if main:
         print(f"[selfsup] --minutes {cfg.minutes}: {per_step * 1000:.0f} ms/step measured, training for {total} steps "
               f"({total / steps_per_epoch:.2f} epochs); re-planned if the pace drifts", file=sys.stderr)
-    return total, t0
+    return total
