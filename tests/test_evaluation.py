@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from selfsup.data.datasets import load_dataset
 from selfsup.evaluation.frozen import BackboneChangedError, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
-from selfsup.evaluation.linear_probe import choose_c, fit_logreg, stratified_split
+from selfsup.evaluation.linear_probe import choose_c, fit_logreg, start_gradient, stratified_split, warm_tol
 
 # ------------------------------------------------------------------------------------------------
 # top-k and kNN
@@ -120,6 +120,29 @@ def test_c_choice_follows_the_validation_curve_not_a_near_tie():
     # Without half-decade neighbours there is nothing to smooth over: the plain arg-max, ties to the smaller C.
     assert choose_c({0.01: 70.0, 1.0: 71.0}) == 1.0
     assert choose_c({0.01: 71.0, 1.0: 71.0}) == 0.01
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_a_warm_started_fit_moves_to_its_own_optimum(solver):
+    # At tens of thousands of samples, the neighbouring C's optimum already meets tol = 1e-4 on the new
+    # C's gradient ((l2_new - l2_old) x W is tiny), so a plain warm start stops in 0 iterations and the
+    # validation curve repeats the neighbour (seen on BYOL features at 54k x 1024).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50000, 16, generator=g)
+    y = (x @ torch.randn(16, 10, generator=g) + 2 * torch.randn(50000, 10, generator=g)).argmax(1)
+    c = math.sqrt(10)
+    start = fit_logreg(x, y, 10, 1.0, 10000, 1e-6, solver="sklearn")
+    assert start_gradient(x, y, c, start) < 1e-4
+    plain = fit_logreg(x, y, 10, c, 10000, 1e-4, init=start, solver=solver)
+    assert plain.iterations <= 1  # the failure the rule exists for
+    tol = warm_tol(x, y, c, 1e-4, start)
+    assert tol < 1e-4 and warm_tol(x, y, c, 1e-4, None) == 1e-4
+    moved = fit_logreg(x, y, 10, c, 10000, tol, init=start, solver=solver)
+    assert moved.converged and moved.iterations > 0
+    ref = fit_logreg(x, y, 10, c, 10000, 1e-8, solver="sklearn")
+    centred = lambda f: f.weight - f.weight.mean(0)
+    gap = lambda f: (centred(f) - centred(ref)).norm().item()
+    assert gap(moved) < 0.5 * gap(start), (gap(moved), gap(start))
 
 
 def test_probe_reports_an_iteration_cap_instead_of_hiding_it():
