@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from selfsup.data.datasets import load_dataset
 from selfsup.evaluation.frozen import BackboneChangedError, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
-from selfsup.evaluation.linear_probe import choose_c, fit_logreg, start_gradient, stratified_split, warm_tol
+from selfsup.evaluation.linear_probe import choose_c, fit_logreg, select_and_fit, start_gradient, stratified_split, warm_start
 
 # ------------------------------------------------------------------------------------------------
 # top-k and kNN
@@ -122,27 +122,38 @@ def test_c_choice_follows_the_validation_curve_not_a_near_tie():
     assert choose_c({0.01: 71.0, 1.0: 71.0}) == 0.01
 
 
-@pytest.mark.parametrize("solver", ["sklearn", "torch"])
-def test_a_warm_started_fit_moves_to_its_own_optimum(solver):
-    # At tens of thousands of samples, the neighbouring C's optimum already meets tol = 1e-4 on the new
-    # C's gradient ((l2_new - l2_old) x W is tiny), so a plain warm start stops in 0 iterations and the
-    # validation curve repeats the neighbour (seen on BYOL features at 54k x 1024).
+def _separable_enough(n: int = 50000):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(50000, 16, generator=g)
-    y = (x @ torch.randn(16, 10, generator=g) + 2 * torch.randn(50000, 10, generator=g)).argmax(1)
+    x = torch.randn(n, 16, generator=g)
+    return x, (x @ torch.randn(16, 10, generator=g) + 2 * torch.randn(n, 10, generator=g)).argmax(1)
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_no_fit_stops_at_its_neighbours_weights(solver):
+    # At tens of thousands of samples the neighbouring C's optimum can already meet tol = 1e-4 on the new
+    # C's gradient ((l2_new - l2_old) x W is tiny): a plain warm start then stops in 0 iterations and the
+    # validation curve repeats the neighbour (seen on BYOL features at 54k x 1024). Such a fit starts
+    # from zero instead, as scikit-learn's reference fit does.
+    x, y = _separable_enough()
     c = math.sqrt(10)
     start = fit_logreg(x, y, 10, 1.0, 10000, 1e-6, solver="sklearn")
     assert start_gradient(x, y, c, start) < 1e-4
-    plain = fit_logreg(x, y, 10, c, 10000, 1e-4, init=start, solver=solver)
-    assert plain.iterations <= 1  # the failure the rule exists for
-    tol = warm_tol(x, y, c, 1e-4, start)
-    assert tol < 1e-4 and warm_tol(x, y, c, 1e-4, None) == 1e-4
-    moved = fit_logreg(x, y, 10, c, 10000, tol, init=start, solver=solver)
-    assert moved.converged and moved.iterations > 0
-    ref = fit_logreg(x, y, 10, c, 10000, 1e-8, solver="sklearn")
-    centred = lambda f: f.weight - f.weight.mean(0)
-    gap = lambda f: (centred(f) - centred(ref)).norm().item()
-    assert gap(moved) < 0.5 * gap(start), (gap(moved), gap(start))
+    assert fit_logreg(x, y, 10, c, 10000, 1e-4, init=start, solver=solver).iterations <= 1  # the failure
+    assert warm_start(x, y, c, 1e-4, start) is None
+    far = fit_logreg(x, y, 10, 1e-3, 10000, 1e-4, solver="sklearn")
+    assert warm_start(x, y, c, 1e-4, far) is far  # a start that is not yet a fit at c is kept
+    moved = fit_logreg(x, y, 10, c, 10000, 1e-4, init=warm_start(x, y, c, 1e-4, start), solver=solver)
+    reference = fit_logreg(x, y, 10, c, 10000, 1e-4, solver="sklearn")  # scikit-learn's cold fit
+    assert moved.converged and moved.iterations > 1
+    assert (moved.scores(x).argmax(1) == reference.scores(x).argmax(1)).double().mean() >= 0.999
+
+
+def test_the_c_search_restarts_cold_where_the_neighbour_already_fits_and_records_it():
+    # Two C values a hair apart: the first one's optimum meets tol at the second, the case above.
+    x, y = _separable_enough(5000)
+    rec = select_and_fit(x, y, 10, c_grid=(1.0, 1.000001), solver="sklearn", widen=False, refine=False).record
+    assert rec["val_cold_restarts"] == ["1"] and "warm_start" in rec, rec["val_cold_restarts"]
+    assert all(it > 1 for it in rec["val_iterations"].values()), rec["val_iterations"]
 
 
 def test_probe_reports_an_iteration_cap_instead_of_hiding_it():
