@@ -17,7 +17,9 @@ Nothing stops early: ``max_iter`` is a safety cap far above what the fits need, 
 iterations and whether it converged, and a run that hits the cap says so (a warning and
 ``converged: false`` in the result). The C grid widens itself by a decade while the best value sits
 at one end, then is refined by half-decades around the best; C is chosen from the validation curve
-averaged over neighbouring half-decades (:func:`choose_c`), so a near-tie does not decide it.
+averaged over neighbouring half-decades (:func:`choose_c`), so a near-tie does not decide it. Each
+fit starts from the nearest C's fit, or from zero where that already meets ``tol`` at the new C
+(:func:`warm_start`), so no point of the validation curve repeats its neighbour.
 """
 from __future__ import annotations
 
