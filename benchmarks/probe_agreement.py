@@ -1,7 +1,8 @@
 """Does ``selfsup eval linear`` agree with scikit-learn? Our probe's top-1 vs the best LogisticRegression.
 
 On the same standardised frozen features (a run's encoder with ``--run RUN``, raw pixels with
-``--baseline pixels``), prints our probe's test top-1 (``selfsup.evaluation.frozen.linear_eval``, the default
+``--baseline pixels``; ``--run RUN --pixels`` does both, the run's features and then the raw pixels of
+its dataset, and ends with one line each), prints our probe's test top-1 (``selfsup.evaluation.frozen.linear_eval``, the default
 solver) beside scikit-learn's ``LogisticRegression`` (lbfgs, ``max_iter=10000``, cold start) with C
 chosen on the same held-out split (stratified 10%, seed 0) from every half-decade 1e-4..1e1, refitted
 on the whole training set; and the difference (issue 12's target: within 0.3 points). Two references:
@@ -11,6 +12,7 @@ scikit-learn's own validation curve, which isolates the solvers from the selecti
 
     python benchmarks/probe_agreement.py --baseline pixels --dataset fashion-mnist
     python benchmarks/probe_agreement.py --run runs/simclr-fmnist
+    python benchmarks/probe_agreement.py --run runs/simclr-fmnist --pixels   # both, one command
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import os
 import time
 
 import torch
+
+
+TARGET = 0.3  # points: issue 12's agreement target
 
 
 def features(args):
@@ -57,28 +62,16 @@ def sklearn_fit_score(xfit, yfit, xs, ys, C):
     return [100.0 * clf.score(x, y) for x, y in zip(xs, ys)], int(max(clf.n_iter_))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run")
-    p.add_argument("--baseline", choices=("pixels", "random-init"))
-    p.add_argument("--dataset")
-    p.add_argument("--data-dir")
-    p.add_argument("--solver", default="auto", help="our probe's solver (auto, sklearn, torch)")
-    p.add_argument("--jobs", type=int, default=1, help="scikit-learn reference fits in parallel (processes)")
-    p.add_argument("--out", help="also write the result JSON here")
-    args = p.parse_args()
-    if not args.run and not args.baseline:
-        p.error("give --run RUN and/or --baseline pixels|random-init")
-
+def compare(args, solver: str) -> dict:
+    """Our probe and the scikit-learn reference on the features ``args`` names; the result as a dict."""
     from selfsup.evaluation.frozen import linear_eval, standardise
     from selfsup.evaluation.linear_probe import choose_c, stratified_split
 
     t0 = time.perf_counter()
     ftr, ytr, fte, yte, k, name = features(args)
     t1 = time.perf_counter()
-    ours = linear_eval(ftr, ytr, fte, yte, k, solver=args.solver)
+    ours = linear_eval(ftr, ytr, fte, yte, k, solver=solver)
     t2 = time.perf_counter()
-
     s_tr, s_te = (x.numpy() for x in standardise(ftr, fte))
     fit, val = stratified_split(ytr, 0.1, 0)
     grid = [10 ** (e / 2) for e in range(-8, 3)]
@@ -111,10 +104,41 @@ def main() -> None:
         "seconds": {"features": round(t1 - t0, 1), "ours": round(t2 - t1, 1), "sklearn_reference": round(t3 - t2, 1)},
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
     }
-    print(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run")
+    p.add_argument("--baseline", choices=("pixels", "random-init"))
+    p.add_argument("--pixels", action="store_true",
+                   help="with --run: also compare on the raw pixels of the run's dataset (two results)")
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--solver", default="auto", help="our probe's solver (auto, sklearn, torch)")
+    p.add_argument("--jobs", type=int, default=1, help="scikit-learn reference fits in parallel (processes)")
+    p.add_argument("--out", help="also write the result JSON here (a list with --pixels)")
+    args = p.parse_args()
+    if not args.run and not args.baseline:
+        p.error("give --run RUN and/or --baseline pixels|random-init")
+    if args.pixels and (not args.run or args.baseline):
+        p.error("--pixels goes with --run RUN alone (it adds the raw-pixel comparison to the run's)")
+
+    todo = [args]
+    if args.pixels:
+        todo.append(argparse.Namespace(**{**vars(args), "baseline": "pixels"}))
+    results = []
+    for a in todo:
+        results.append(compare(a, args.solver))
+        print(json.dumps(results[-1], indent=1), flush=True)
+    for r in results:
+        met = "met" if abs(r["difference"]) <= TARGET else "MISSED"
+        print(f"{r['features']}: ours {r['ours_top1']:.2f} (C {r['ours_C']:g}), scikit-learn "
+              f"{r['sklearn_top1']:.2f} (C {r['sklearn_C']:g}), difference {r['difference']:+.2f}: "
+              f"{met} (target within {TARGET})")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results if args.pixels else results[0], f, indent=1)
 
 
 if __name__ == "__main__":
