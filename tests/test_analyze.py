@@ -251,7 +251,26 @@ def test_batch_size_and_temperature_compare_methods_on_one_plot(tmp_path):
     assert rows[0]["linear_h"] == pytest.approx(sum(per_seed) / 2)
     assert rows[0]["linear_h_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
     assert "±" in (out / "summary.md").read_text()
+    assert "Best SimCLR temperature here: 0.5" in (out / "summary.md").read_text()
     assert is_png(out / "temperature.png")
+
+
+def test_a_best_cell_is_only_called_separated_when_the_seed_spread_separates_it():
+    from selfsup.analyze.outputs import not_separated, separation
+
+    best = {"name": "a", "acc": 80.0, "acc_std": 0.5}
+    close = {"name": "b", "acc": 79.0, "acc_std": 0.5}      # 80 - 0.5 = 79.5 = 79 + 0.5: intervals touch
+    apart = {"name": "c", "acc": 78.0, "acc_std": 0.6}      # 79.5 > 78.6: separated
+    rows = [best, close, apart]
+    assert not_separated(best, rows, "acc") == [close]
+    text = separation(best, rows, "acc", lambda r: r["name"])
+    assert "from b " in text and "c" not in text.split("from")[1]
+    assert "ahead of every other" in separation(best, [best, apart], "acc", lambda r: r["name"])
+    many = [best] + [dict(close, name=str(i)) for i in range(9)]
+    assert "9 of the other 9" in separation(best, many, "acc", lambda r: r["name"])
+    one_seed = [{"acc": 80.0}, {"acc": 60.0}]
+    assert not_separated(one_seed[0], one_seed, "acc") is None
+    assert "one seed" in separation(one_seed[0], one_seed, "acc", str)
 
 
 def test_views_study_writes_grids_of_the_documented_size(tmp_path):

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> dict:
     if best_pair:
         lines.append(f"- Best pair: {best_pair} {pairs[best_pair]:.1f}%; mean of pairs "
                      f"{sum(pairs.values()) / len(pairs):.1f}% vs mean of singles {sum(singles.values()) / len(singles):.1f}%.")
+        best_row = next(r for r in rows if r["cell"] == best_pair)
+        lines.append("- The best pair: " + outputs.separation(best_row, rows, "linear_top1", lambda r: r["cell"]) + ".")
         if "crop+colour" in pairs:
             lines.append(f"- crop+colour (the paper's key pair): {pairs['crop+colour']:.1f}%, rank "
                          f"{[r['cell'] for r in order].index('crop+colour') + 1} of {len(rows)} cells.")

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
                               [[r["method"], r["batch_size"], r["steps"], outputs.pm(r, "linear_h"), outputs.fmt(r["final_loss"], 3)]
                                for r in rows]),
         "", "Spread (best - worst batch size): " + ", ".join(f"{m} {v:.1f} points" for m, v in spread.items()) + ".",
+        *(best_line(m, [r for r in rows if r["method"] == m]) for m in methods),
         f"Untrained encoder (random init), same probe: {baseline:.1f}%.",
         "The paper: SimCLR gains from bigger batches (Table B.1: 57.5 -> 64.8 from 256 to 8192 at 100 epochs); "
         "BYOL is robust to small batches (Table 16).",
@@ -74,3 +75,10 @@ def run(args: argparse.Namespace) -> dict:
     lines += ["", "![batch size](batch_size.png)"]
     summary = ctx.write_summary("Batch size at a fixed image budget", lines)
     return {"study": "batch-size", "out": str(ctx.out), "figures": [str(png)], "summary": str(summary), "runs": len(rows)}
+
+
+def best_line(method: str, rows: list[dict]) -> str:
+    """Which batch size did best for ``method``, and whether the seed spread separates it from the others."""
+    best = max(rows, key=lambda r: r["linear_h"])
+    return (f"Best {method} batch: {best['batch_size']} ({outputs.pm(best, 'linear_h')}%); "
+            + outputs.separation(best, rows, "linear_h", lambda r: r["batch_size"]) + ".")

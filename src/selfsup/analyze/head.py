@@ -93,14 +93,21 @@ def run(args: argparse.Namespace) -> dict:
                                outputs.fmt(r["linear_h"] - r["linear_z"])] for r in rows])
     mean_h = {h: sum(r["linear_h"] for r in rows if r["head"] == h) / max(1, sum(r["head"] == h for r in rows))
               for h in heads}
+    best = max(rows, key=lambda r: r["linear_h"])
     lines = [
         f"SimCLR Figure 8: {len(rows)} SimCLR runs of {args.steps} steps x {args.batch_size} on {ctx.dataset}, "
         f"linear evaluation of h and z on {args.train_images} / {args.test_images} images.",
         "", *table, "",
         "Mean linear top-1 of h per head: " + ", ".join(f"{h} {v:.1f}%" for h, v in mean_h.items()) + ".",
+        f"Best on h: {label(best)} ({outputs.pm(best, 'linear_h')}%); "
+        + outputs.separation(best, rows, "linear_h", label) + ".",
         f"Untrained encoder (random init), same probe: {baseline:.1f}%.",
         "The paper: nonlinear > linear by ~3%, > none by >10%; h > z by >10%; output dimension barely matters.",
         "", "![head](head.png)",
     ]
     summary = ctx.write_summary("Projection head (SimCLR Figure 8)", lines)
     return {"study": "head", "out": str(ctx.out), "figures": [str(png)], "summary": str(summary), "runs": len(rows)}
+
+
+def label(row: dict) -> str:
+    return "no head" if row["head"] == "none" else f"{row['head']}-{row['out_dim']}"

@@ -62,6 +62,29 @@ def pm(row: dict, key: str) -> str:
     return fmt(row[key]) + ("" if std is None else f" ± {std:.1f}")
 
 
+def not_separated(best: dict, rows: Sequence[dict], key: str) -> list[dict] | None:
+    """The rows (``best`` left out) whose mean ± sd interval of ``key`` reaches ``best``'s: the seed spread
+    does not separate them from it. None when the study ran one seed (no spread to judge by)."""
+    sd = best.get(f"{key}_std")
+    if sd is None:
+        return None
+    return [r for r in rows if r is not best and r.get(f"{key}_std") is not None
+            and best[key] - sd <= r[key] + r[f"{key}_std"]]
+
+
+def separation(best: dict, rows: Sequence[dict], key: str, name, most: int = 8) -> str:
+    """A claim's qualifier: whether the seed spread separates ``best`` from the other ``rows``; ``name(row)``
+    labels a row, and more than ``most`` unseparated rows are counted instead of listed."""
+    tied = not_separated(best, rows, key)
+    if tied is None:
+        return "one seed, so the seed spread is unknown: gaps of 1-2 points may be noise (--seeds 3 measures it)"
+    if not tied:
+        return "ahead of every other by more than the seed spread (no mean ± sd interval overlaps its own)"
+    others = len([r for r in rows if r is not best])
+    names = ", ".join(str(name(r)) for r in tied) if len(tied) <= most else f"{len(tied)} of the other {others}"
+    return f"not separated by the seed spread from {names} (mean ± sd intervals overlap)"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

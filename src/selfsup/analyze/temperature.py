@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         "",
     ]
     if best:
-        lines.append(f"Best SimCLR temperature here: {best['temperature']:g} ({best['linear_h']:.1f}%).")
+        lines.append(f"Best SimCLR temperature here: {best['temperature']:g} ({outputs.pm(best, 'linear_h')}%); "
+                     + outputs.separation(best, sim, "linear_h", lambda r: f"{r['temperature']:g}") + ".")
     lines.append(f"Untrained encoder (random init), same probe: {baseline:.1f}%.")
     lines += ["The paper (Table 5, ImageNet, 100 epochs): 0.05 / 0.1 / 0.5 / 1 -> 59.7 / 64.4 / 60.7 / 58.0.",
               "", "![temperature](temperature.png)"]
