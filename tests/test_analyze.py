@@ -3,6 +3,7 @@ shape and labels, the transform probe's labels against the transformation actual
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,26 @@ def test_transform_probe_end_to_end(tiny_run, tmp_path):
     assert rot["classes"] == 4 and 0 <= rot["probe_h"] <= 100 and 0 <= rot["probe_z"] <= 100
     assert data["h_dim"] == 64 and data["z_dim"] == 128
     assert is_png(out / "probe.png") and "rotation" in (out / "summary.md").read_text()
+
+
+def test_transform_probe_with_seeds_pretrains_one_run_per_seed_and_reports_mean_and_sd(tmp_path):
+    from selfsup.errors import ConfigError
+
+    out = tmp_path / "probe"
+    run_study("transform-probe", TINY + ["--out", str(out), "--tasks", "rotation", "--seeds", "2", "--seed", "3"])
+    data = json.loads((out / "results.json").read_text())
+    assert [Path(r).name for r in data["runs"]] == ["pretrain", "pretrain@seed4"]
+    assert "seed: 4" in (out / "pretrain@seed4" / "config.yaml").read_text()
+    assert "seed: 3" in (out / "pretrain" / "config.yaml").read_text()
+    rot = data["rows"][0]
+    a, b = rot["probe_h_per_seed"]
+    assert rot["probe_h"] == pytest.approx((a + b) / 2) and rot["probe_h_std"] == pytest.approx(abs(a - b) / 2**0.5)
+    diffs = [h - z for h, z in zip(rot["probe_h_per_seed"], rot["probe_z_per_seed"])]
+    assert rot["h_minus_z_per_seed"] == pytest.approx(diffs)
+    assert len(data["classes"]["linear_h_per_seed"]) == 2
+    assert "±" in (out / "summary.md").read_text()
+    with pytest.raises(ConfigError, match="--seeds"):
+        run_study("transform-probe", TINY + ["--out", str(tmp_path / "x"), "--run", str(out / "pretrain"), "--seeds", "2"])
 
 
 def test_tsne_end_to_end_trains_its_own_run(tmp_path):

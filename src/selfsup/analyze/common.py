@@ -317,13 +317,15 @@ def final_loss(run_dir: Path) -> float | None:
 # The run a single-run study analyses
 
 
-def ensure_run(ctx: StudyContext, args: argparse.Namespace) -> Path:
-    """The run to analyse: ``--run``, or one pre-trained (once) into ``OUT/pretrain``."""
+def ensure_run(ctx: StudyContext, args: argparse.Namespace, seed: int | None = None) -> Path:
+    """The run to analyse: ``--run``, or one pre-trained (once) into ``OUT/pretrain`` (``OUT/pretrain@seedS``
+    for a pre-training ``seed`` other than ``--seed``)."""
     if args.run is not None:
         return Path(args.run)
     if args.method not in METHODS:
         raise ConfigError(f"--method: {args.method!r} is not registered; choose from {', '.join(METHODS)}")
-    run_dir = ctx.out / "pretrain"
+    seed = ctx.seed if seed is None else seed
+    run_dir = ctx.out / ("pretrain" if seed == ctx.seed else f"pretrain@seed{seed}")
     if not (run_dir / "model.safetensors").is_file():
         log(f"{ctx.study}: pre-training {args.method} for {args.steps} steps of {args.batch_size} into {run_dir}")
-    return ctx.pretrain(run_dir, {"method": args.method})
+    return ctx.pretrain(run_dir, {"method": args.method, "seed": seed})

@@ -55,7 +55,7 @@ TASKS: dict[str, ProbeTask] = {
 
 def build_parser(prog: str = "selfsup analyze transform-probe") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
-    arguments.add_common_args(p, "transform-probe", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH)
+    arguments.add_common_args(p, "transform-probe", steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, seeds=True)
     arguments.add_run_args(p)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {','.join(TASKS)} (default: all that apply)")
     return p
@@ -94,21 +94,12 @@ def images_of(dataset) -> torch.Tensor:
     return dataset.images if hasattr(dataset, "images") else torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def run(args: argparse.Namespace) -> dict:
-    arguments.adopt_run_settings(args)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASKS]
-    if bad or not names:
-        raise C.ConfigError(f"--tasks: unknown {bad or 'empty list'}; choose from {','.join(TASKS)}")
-    ctx = C.StudyContext("transform-probe", args, {"tasks": names, "run": str(args.run) if args.run else None,
-                                                   "method": args.method})
-    ctx.open()
-    run_dir = C.ensure_run(ctx, args)
+def probe_run(ctx, run_dir, names: list[str], train, test) -> dict:
+    """Every task's probes on one run's h and z (the draws and probe slices fixed by ``--seed``) as ``rows``,
+    its class-label probe as ``classes``, the feature sizes and the run's ``info``."""
     model, info = probes.load_method(run_dir)
-    train, test = ctx.eval_slices()
-    skipped = [t for t in names if TASKS[t].rgb_only and train.num_channels != 3]
-    rows = []
-    for k, name in enumerate(t for t in names if t not in skipped):
+    rows, dims = [], (None, None)
+    for k, name in enumerate(names):
         task = TASKS[name]
         aug = task_augment(task, info.image_size, train.mean, train.std)
         htr, ztr, ytr = probe_features(model, images_of(train), task, aug, ctx.seed * 1000 + 2 * k, ctx.device)
@@ -118,38 +109,81 @@ def run(args: argparse.Namespace) -> dict:
         acc_z = probes.linear_top1(ztr, ytr, zte, yte, task.num_classes, ctx.seed)
         rows.append({"task": name, "question": task.question, "classes": task.num_classes, "chance": chance,
                      "probe_h": acc_h, "probe_z": acc_z, "h_minus_z": acc_h - acc_z})
-        C.log(f"transform-probe {name}: h {acc_h:.1f}%, z {acc_z:.1f}% (chance {chance:.1f}%)")
+        dims = (int(htr.shape[1]), int(ztr.shape[1]))
+        C.log(f"transform-probe {name} ({run_dir.name}): h {acc_h:.1f}%, z {acc_z:.1f}% (chance {chance:.1f}%)")
     classes = C.evaluate_run(ctx, run_dir, with_z=True)  # context: how good the run is at the labels
+    return {"rows": rows, "classes": classes, "h_dim": dims[0], "z_dim": dims[1], "info": info}
+
+
+def mean_over_seeds(per_seed: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
+    """Rows of the first seed with each of ``keys`` replaced by its mean over seeds, plus ``KEY_std``
+    (sample standard deviation) and ``KEY_per_seed``; one seed comes back unchanged."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    out = []
+    for rows in zip(*per_seed):
+        row = dict(rows[0])
+        for key in keys:
+            values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+            row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = float(values.mean()), float(values.std()), values.tolist()
+        out.append(row)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    arguments.adopt_run_settings(args)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise C.ConfigError(f"--tasks: unknown {bad or 'empty list'}; choose from {','.join(TASKS)}")
+    if args.run is not None and args.seeds > 1:
+        raise C.ConfigError("--seeds: needs runs the study pre-trains itself (one per seed); drop --run, or --seeds")
+    ctx = C.StudyContext("transform-probe", args, {"tasks": names, "run": str(args.run) if args.run else None,
+                                                   "method": args.method})
+    ctx.open()
+    train, test = ctx.eval_slices()
+    skipped = [t for t in names if TASKS[t].rgb_only and train.num_channels != 3]
+    names = [t for t in names if t not in skipped]
+    run_dirs = [C.ensure_run(ctx, args, ctx.seed + k) for k in range(args.seeds)]
+    measured = [probe_run(ctx, d, names, train, test) for d in run_dirs]
+    rows = mean_over_seeds([m["rows"] for m in measured], ("probe_h", "probe_z", "h_minus_z"))
+    classes = mean_over_seeds([[m["classes"]] for m in measured], ("linear_h", "linear_z"))[0]
+    run_dir, info = run_dirs[0], measured[0]["info"]
     outputs.write_csv(ctx.out / "probe.csv", rows)
-    outputs.write_json(ctx.out / "results.json", {"run": str(run_dir), "rows": rows, "skipped": skipped, "classes": classes,
-                                            "h_dim": int(htr.shape[1]) if rows else None,
-                                            "z_dim": int(ztr.shape[1]) if rows else None})
+    outputs.write_json(ctx.out / "results.json", {"run": str(run_dir), "runs": [str(d) for d in run_dirs], "rows": rows,
+                                                  "skipped": skipped, "classes": classes, "h_dim": measured[0]["h_dim"],
+                                                  "z_dim": measured[0]["z_dim"]})
 
     plt = outputs.pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.2))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["probe_h"] for r in rows], 0.4, label="from h", color="tab:blue")
-    ax.bar([x + 0.2 for x in xs], [r["probe_z"] for r in rows], 0.4, label="from z = g(h)", color="tab:orange")
+    for shift, key, label, colour in ((-0.2, "probe_h", "from h", "tab:blue"), (0.2, "probe_z", "from z = g(h)", "tab:orange")):
+        errs = [r.get(f"{key}_std") for r in rows]
+        ax.bar([x + shift for x in xs], [r[key] for r in rows], 0.4, label=label, color=colour,
+               yerr=errs if all(e is not None for e in errs) and rows else None, capsize=2)
     ax.scatter(list(xs), [r["chance"] for r in rows], marker="_", s=400, color="black", label="chance", zorder=3)
     ax.set_xticks(list(xs), labels=[r["task"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("linear probe accuracy (%)")
     ax.set_ylim(0, 118)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title(f"Which transformation was applied? ({info.config.method}, {ctx.dataset})", fontsize=9)
+    seeds = f", mean ± sd of {args.seeds} seeds" if args.seeds > 1 else ""
+    ax.set_title(f"Which transformation was applied? ({info.config.method}, {ctx.dataset}{seeds})", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
     png = outputs.save_figure(fig, ctx.out / "probe.png")
 
+    runs = f"run `{run_dir}`" if len(run_dirs) == 1 else \
+        f"runs `{run_dir}` .. `{run_dirs[-1].name}` ({len(run_dirs)} pre-training seeds, mean ± sd)"
     lines = [
         f"SimCLR Table 3: linear probes predicting the applied transformation from h and from z of the "
-        f"{info.config.method} run `{run_dir}` ({info.config.backbone}, {info.image_size} px), "
-        f"{args.train_images} training / {args.test_images} test images, one draw each.",
+        f"{info.config.method} {runs} ({info.config.backbone}, {info.image_size} px), {args.train_images} training / {args.test_images} test "
+        "images, one draw each.",
         "",
         *outputs.markdown_table(["task", "question", "chance %", "from h %", "from z %", "h - z"],
-                          [[r["task"], r["question"], outputs.fmt(r["chance"]), outputs.fmt(r["probe_h"]), outputs.fmt(r["probe_z"]),
-                            outputs.fmt(r["h_minus_z"])] for r in rows]),
+                          [[r["task"], r["question"], outputs.fmt(r["chance"]), outputs.pm(r, "probe_h"),
+                            outputs.pm(r, "probe_z"), outputs.pm(r, "h_minus_z")] for r in rows]),
         "",
-        f"For reference, the same linear probe on the class labels: {classes['linear_h']:.1f}% from h, "
-        f"{classes['linear_z']:.1f}% from z ({classes['h_dim']}-d h, {classes['z_dim']}-d z).",
+        f"For reference, the same linear probe on the class labels: {outputs.pm(classes, 'linear_h')}% from h, "
+        f"{outputs.pm(classes, 'linear_z')}% from z ({classes['h_dim']}-d h, {classes['z_dim']}-d z).",
         "The paper (ImageNet, MLP probe): colour vs grayscale 99.3 / 97.4, rotation 67.6 / 25.6, "
         "orig. vs corrupted 99.5 / 59.6, orig. vs Sobel 96.6 / 56.3 (h / z).",
     ]
