@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -57,6 +57,20 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The study context
+
+
+def mean_over_seeds(runs: Sequence[dict], keys: Iterable[str], spread: Iterable[str]) -> dict:
+    """``runs[0]`` (one result per pre-training seed) with each of ``keys`` the runs hold replaced by its mean,
+    the values kept as ``KEY_per_seed`` and, for the keys in ``spread``, ``KEY_std`` (sample standard deviation)."""
+    out = dict(runs[0])
+    for key in keys:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = float(torch.tensor(values).mean())
+            out[f"{key}_per_seed"] = values
+            if key in spread:
+                out[f"{key}_std"] = float(torch.tensor(values).std())
+    return out
 
 
 class StudyContext:
@@ -164,15 +178,8 @@ class StudyContext:
             return self._run_one(name, layer, with_z)
         runs = [self._run_one(name if k == 0 else f"{name}@seed{self.seed + k}", {**layer, "seed": self.seed + k}, with_z)
                 for k in range(n)]
-        out = dict(runs[0], cell=name, seconds=sum(r["seconds"] for r in runs), seeds=[self.seed + k for k in range(n)])
-        for key in ("linear_h", "linear_z", "final_loss"):
-            values = [r[key] for r in runs if r.get(key) is not None]
-            if values:
-                out[key] = float(torch.tensor(values).mean())
-                out[f"{key}_per_seed"] = values
-                if key != "final_loss":
-                    out[f"{key}_std"] = float(torch.tensor(values).std())
-        return out
+        out = mean_over_seeds(runs, ("linear_h", "linear_z", "final_loss"), spread=("linear_h", "linear_z"))
+        return dict(out, cell=name, seconds=sum(r["seconds"] for r in runs), seeds=[self.seed + k for k in range(n)])
 
     def _run_one(self, name: str, layer: dict, with_z: bool) -> dict:
         """One pre-training + evaluation, kept in ``cells/NAME/result.json``; a rerun returns it without work

@@ -115,21 +115,6 @@ def probe_run(ctx, run_dir, names: list[str], train, test) -> dict:
     return {"rows": rows, "classes": classes, "h_dim": dims[0], "z_dim": dims[1], "info": info}
 
 
-def mean_over_seeds(per_seed: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
-    """Rows of the first seed with each of ``keys`` replaced by its mean over seeds, plus ``KEY_std``
-    (sample standard deviation) and ``KEY_per_seed``; one seed comes back unchanged."""
-    if len(per_seed) == 1:
-        return per_seed[0]
-    out = []
-    for rows in zip(*per_seed):
-        row = dict(rows[0])
-        for key in keys:
-            values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-            row[key], row[f"{key}_std"], row[f"{key}_per_seed"] = float(values.mean()), float(values.std()), values.tolist()
-        out.append(row)
-    return out
-
-
 def run(args: argparse.Namespace) -> dict:
     arguments.adopt_run_settings(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -146,8 +131,11 @@ def run(args: argparse.Namespace) -> dict:
     names = [t for t in names if t not in skipped]
     run_dirs = [C.ensure_run(ctx, args, ctx.seed + k) for k in range(args.seeds)]
     measured = [probe_run(ctx, d, names, train, test) for d in run_dirs]
-    rows = mean_over_seeds([m["rows"] for m in measured], ("probe_h", "probe_z", "h_minus_z"))
-    classes = mean_over_seeds([[m["classes"]] for m in measured], ("linear_h", "linear_z"))[0]
+    rows, classes = measured[0]["rows"], measured[0]["classes"]
+    if len(measured) > 1:
+        keys = ("probe_h", "probe_z", "h_minus_z")
+        rows = [C.mean_over_seeds(per_task, keys, spread=keys) for per_task in zip(*(m["rows"] for m in measured))]
+        classes = C.mean_over_seeds([m["classes"] for m in measured], ("linear_h", "linear_z"), spread=("linear_h", "linear_z"))
     run_dir, info = run_dirs[0], measured[0]["info"]
     outputs.write_csv(ctx.out / "probe.csv", rows)
     outputs.write_json(ctx.out / "results.json", {"run": str(run_dir), "runs": [str(d) for d in run_dirs], "rows": rows,
