@@ -13,6 +13,12 @@ scikit-learn's own validation curve, which isolates the solvers from the selecti
     python benchmarks/probe_agreement.py --baseline pixels --dataset fashion-mnist
     python benchmarks/probe_agreement.py --run runs/simclr-fmnist
     python benchmarks/probe_agreement.py --run runs/simclr-fmnist --pixels   # both, one command
+
+With ``--run`` it first times, side by side in this process, a few dozen training steps of the run's
+own config (``selfsup pretrain`` of the same method, encoder, batch and data) and the whole of
+``selfsup eval linear`` and ``selfsup eval knn`` on the run (loading, feature extraction, the C
+search, the final fit, the test score), and prints each evaluation's cost in training steps
+(targets: linear at most 400, kNN at most 100). ``--no-timing`` skips that.
 """
 from __future__ import annotations
 
@@ -24,7 +30,52 @@ import time
 import torch
 
 
-TARGET = 0.3  # points: issue 12's agreement target
+TARGET = 0.3  # points: the agreement target
+STEP_TARGETS = {"linear": 400, "knn": 100}  # an evaluation's cost, in training steps of the run's config
+
+
+def step_seconds(run_dir: str, steps: int = 60, skip: int = 20) -> float:
+    """Seconds per training step of ``run_dir``'s config, from a fresh ``selfsup pretrain`` of ``steps``
+    steps (kNN monitor off), timed between its logged steps ``skip`` and ``steps`` (warm-up excluded)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from selfsup.training.runs import load_run
+
+    cfg = load_run(run_dir).config
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "selfsup", "pretrain", "--method", cfg.method, "--dataset", cfg.dataset,
+               "--backbone", cfg.backbone, "--batch-size", str(cfg.batch_size), "--steps", str(steps),
+               "--out", f"{tmp}/run", "--no-progress", "--set", "knn_monitor=false", "--set", "log_every=1",
+               "--logger", "none"]
+        if cfg.data_dir:
+            cmd += ["--data-dir", cfg.data_dir]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(f"{tmp}/run/metrics.jsonl") as f:
+            elapsed = {r["step"]: r["elapsed_sec"] for r in map(json.loads, f) if "elapsed_sec" in r}
+    return (elapsed[steps] - elapsed[skip]) / (steps - skip)
+
+
+def time_evaluations(run_dir: str) -> dict:
+    """Wall seconds of ``selfsup eval linear`` and ``eval knn`` on the run, and in training steps."""
+    import tempfile
+
+    from selfsup.protocols.eval_run import evaluate
+
+    per_step = step_seconds(run_dir)
+    out = {"seconds_per_training_step": round(per_step, 4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("linear", "knn"):
+            t0 = time.perf_counter()
+            res = evaluate(kind, run_dir, out=f"{tmp}/{kind}.json")
+            sec = time.perf_counter() - t0
+            out[kind] = {"seconds": round(sec, 1), "training_steps": round(sec / per_step, 1),
+                         "target_steps": STEP_TARGETS[kind], "top1": round(res["top1"], 2)}
+            print(f"selfsup eval {kind}: {sec:.1f} s = {sec / per_step:.0f} training steps of {per_step * 1000:.0f} ms "
+                  f"(target at most {STEP_TARGETS[kind]}: {'met' if sec / per_step <= STEP_TARGETS[kind] else 'MISSED'}); "
+                  f"top-1 {res['top1']:.2f}", flush=True)
+    return out
 
 
 def features(args):
@@ -118,12 +169,23 @@ def main() -> None:
     p.add_argument("--solver", default="auto", help="our probe's solver (auto, sklearn, torch)")
     p.add_argument("--jobs", type=int, default=1, help="scikit-learn reference fits in parallel (processes)")
     p.add_argument("--out", help="also write the result JSON here (a list with --pixels)")
+    p.add_argument("--no-timing", action="store_true", help="with --run: skip timing the evaluations in training steps")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip scikit-learn's reference fits (the slow part): timing only")
     args = p.parse_args()
     if not args.run and not args.baseline:
         p.error("give --run RUN and/or --baseline pixels|random-init")
     if args.pixels and (not args.run or args.baseline):
         p.error("--pixels goes with --run RUN alone (it adds the raw-pixel comparison to the run's)")
 
+    timing = None
+    if args.run and not args.no_timing:
+        timing = time_evaluations(args.run)
+    if args.no_reference:
+        if args.out and timing:
+            with open(args.out, "w") as f:
+                json.dump({"timing": timing}, f, indent=1)
+        return
     todo = [args]
     if args.pixels:
         todo.append(argparse.Namespace(**{**vars(args), "baseline": "pixels"}))
@@ -131,6 +193,8 @@ def main() -> None:
     for a in todo:
         results.append(compare(a, args.solver))
         print(json.dumps(results[-1], indent=1), flush=True)
+    if timing:
+        results[0]["timing"] = timing
     for r in results:
         met = "met" if abs(r["difference"]) <= TARGET else "MISSED"
         print(f"{r['features']}: ours {r['ours_top1']:.2f} (C {r['ours_C']:g}), scikit-learn "

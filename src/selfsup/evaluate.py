@@ -4,7 +4,6 @@ Re-exports the public names; new code imports from the new home.
 """
 from selfsup.evaluation.frozen import (  # noqa: F401
     BackboneChangedError,
-    SKLEARN_MAX_ENTRIES,
     EVAL_CENTER_CROP,
     eval_crop,
     prepare_images,
@@ -20,7 +19,6 @@ from selfsup.evaluation.frozen import (  # noqa: F401
 
 __all__ = [
     'BackboneChangedError',
-    'SKLEARN_MAX_ENTRIES',
     'EVAL_CENTER_CROP',
     'eval_crop',
     'prepare_images',

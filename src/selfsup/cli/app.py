@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear: logreg (default; logistic regression on frozen features, C chosen on a held-out 10%%) "
                         "or sgd (the papers' protocol: SGD on crop+flip views of the frozen encoder)")
     p.add_argument("--solver", choices=("auto", "sklearn", "torch"), default="auto",
-                   help="logreg solver: auto (scikit-learn up to 16.7M feature values on a CPU, else torch), sklearn "
-                        "or torch (the same objective and stopping rule)")
+                   help="logreg solver: auto or torch (the default: every C of the search at once, float32, CPU or GPU) "
+                        "or sklearn (scikit-learn's LogisticRegression one C at a time: the reference; same "
+                        "objective and stopping rule)")
     p.add_argument("--epochs", type=float, help="--protocol sgd: epochs (default 90, SimCLR B.6)")
     p.add_argument("--lr", type=float, help="--protocol sgd: learning rate (default 0.1 x batch size / 256)")
     p.add_argument("--batch-size", type=int, help="feature-extraction batch (default 512); --protocol sgd: the "

@@ -9,17 +9,19 @@ protocol itself). The objective is scikit-learn's ``LogisticRegression`` (lbfgs)
 
 and ``C`` is chosen on a stratified, seeded held-out part of the training features. Two solvers:
 
-- ``"sklearn"`` (default): scikit-learn's lbfgs, the well-kept reference, on CPU.
-- ``"torch"``: the same objective by full-batch L-BFGS in torch, for GPUs and feature sets too large
-  for scikit-learn's float64 copy; ``tests/test_evaluation.py`` shows it equal to scikit-learn.
+- ``"torch"`` (default): every C of the search fitted at once by preconditioned L-BFGS in float32
+  (``selfsup.evaluation.logreg_solver``), on the CPU or a GPU, in bounded memory. The grid's decades
+  and the half-decades between them form one batch, so a whole search reads the features about as
+  often as one fit does.
+- ``"sklearn"``: scikit-learn's lbfgs, the well-kept reference, one C after the other (each warm-started
+  from its neighbour, or from zero where that already meets ``tol``: :func:`warm_start`).
+  ``tests/test_evaluation.py`` shows the two equal.
 
 Nothing stops early: ``max_iter`` is a safety cap far above what the fits need, each fit records its
 iterations and whether it converged, and a run that hits the cap says so (a warning and
 ``converged: false`` in the result). The C grid widens itself by a decade while the best value sits
-at one end, then is refined by half-decades around the best; C is chosen from the validation curve
-averaged over neighbouring half-decades (:func:`choose_c`), so a near-tie does not decide it. Each
-fit starts from the nearest C's fit, or from zero where that already meets ``tol`` at the new C
-(:func:`warm_start`), so no point of the validation curve repeats its neighbour.
+at one end, and is refined by half-decades; C is chosen from the validation curve averaged over
+neighbouring half-decades (:func:`choose_c`), so a near-tie does not decide it.
 """
 from __future__ import annotations
 
@@ -29,13 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from selfsup.evaluation.logreg_solver import Preconditioner, fit_path, loss_and_grad
 
 # Decades of C; at n = 60k standardised 1024-d features the best C is usually 0.01-1 (scikit-learn's
 # default is 1.0). The grid widens itself when the best sits at an end.
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 C_LIMITS = (1e-7, 1e5)  # widening stops here (and the result says the best sat at the edge)
-SOLVERS = ("sklearn", "torch")
+SOLVERS = ("torch", "sklearn")
 
 
 @dataclass
@@ -48,7 +51,11 @@ class LogRegFit:
     converged: bool
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.weight.dtype) @ self.weight.T + self.bias
+        """Class scores, in the features' precision on their device (no float64 copy of large sets)."""
+        w, b = self.weight.to(x.device), self.bias.to(x.device)
+        if x.dtype != torch.float32:
+            return x.to(w.dtype) @ w.T + b
+        return torch.addmm(b.float(), x, w.float().T)
 
 
 def fit_logreg_sklearn(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int, tol: float,
@@ -84,65 +91,32 @@ def fit_logreg_sklearn(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: fl
     return LogRegFit(weight, bias, iterations, converged=not unconverged and iterations < max_iter)
 
 
-def _lbfgs(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float, max_iter: int,
-           tol: float) -> tuple[int, float]:
-    """Minimise the probe's objective in place from ``(w, b)``; returns (iterations, largest |gradient|)."""
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=max_iter * 3, history_size=10,
-                            line_search_fn="strong_wolfe", tolerance_grad=tol,
-                            tolerance_change=64 * torch.finfo(x.dtype).eps)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    closure()
-    grad_max = max(w.grad.abs().max().item(), b.grad.abs().max().item())
-    w.requires_grad_(False)
-    b.requires_grad_(False)
-    return int(opt.state[opt._params[0]].get("n_iter", 0)), grad_max
-
-
 def fit_logreg_torch(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int, tol: float,
-                     init: LogRegFit | None = None, device: str | torch.device = "cpu") -> LogRegFit:
-    """The same objective and stopping rule as :func:`fit_logreg_sklearn`, by full-batch L-BFGS in torch.
+                     init: LogRegFit | None = None, device: str | torch.device = "cpu",
+                     pre: Preconditioner | None = None) -> LogRegFit:
+    """The same objective and stopping rule as :func:`fit_logreg_sklearn`, by preconditioned L-BFGS in torch.
 
-    Stops when the largest absolute gradient entry is ``<= tol`` (scipy's ``pgtol``, as scikit-learn
-    uses it). Each iteration reads the features twice, so the cost is memory traffic: the fit runs in
-    float32 (half the traffic of float64) and, if float32's rounding stops it short of ``tol``, is
-    polished in float64 from there. ``converged`` is whether the gradient reached ``tol``.
+    One C of :func:`selfsup.evaluation.logreg_solver.fit_path`: float32 features on ``device`` (read
+    in row chunks), stopping when the largest absolute gradient entry is ``<= tol`` (scipy's
+    ``pgtol``, as scikit-learn uses it). ``converged`` is whether the gradient reached ``tol``.
     """
-    device = torch.device(device)
-    n = x.shape[0]
-    l2 = 1.0 / (C * n)
-    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float32, device=device)
-    b = torch.zeros(num_classes, dtype=torch.float32, device=device)
-    if init is not None:
-        w.copy_(init.weight)
-        b.copy_(init.bias.clamp_min(-50.0))
     xd, yd = x.to(device, torch.float32), y.to(device)
-    iterations, grad_max = _lbfgs(xd, yd, w, b, l2, max_iter, tol)
-    if grad_max > tol and iterations < max_iter:
-        xd = xd.double()
-        w, b = w.double(), b.double()
-        more, grad_max = _lbfgs(xd, yd, w, b, l2, max_iter - iterations, tol)
-        iterations += more
-    return LogRegFit(w.cpu().double(), b.cpu().double(), iterations, converged=grad_max <= tol)
+    start = None if init is None else (init.weight[None].float(), init.bias[None].float())
+    fit = fit_path(xd, yd, num_classes, [C], max_iter=max_iter, tol=tol, init=start, pre=pre)
+    return LogRegFit(fit.weight[0].cpu().double(), fit.bias[0].cpu().double(), fit.iterations[0], fit.converged[0])
 
 
 def start_gradient(x: torch.Tensor, y: torch.Tensor, C: float, init: LogRegFit) -> float:
-    """Largest |gradient| entry of the probe's objective at ``C`` evaluated at the warm start ``init``."""
-    w = init.weight.to(torch.float64).clone().requires_grad_(True)
-    b = init.bias.to(torch.float64).clamp_min(-50.0).clone().requires_grad_(True)
-    xd = x.to(torch.float64)
-    loss = F.cross_entropy(xd @ w.T + b, y) + 0.5 / (C * x.shape[0]) * w.pow(2).sum()
-    loss.backward()
-    present = torch.unique(y)  # absent classes carry no weights in either solver
-    return max(w.grad[present].abs().max().item(), b.grad[present].abs().max().item())
+    """Largest |gradient| entry of the probe's objective at ``C`` evaluated at the warm start ``init``.
+
+    Computed in float64 one chunk of rows at a time (no float64 copy of the features).
+    """
+    w = init.weight.to(x.device, torch.float64)[None]
+    b = init.bias.to(x.device, torch.float64).clamp_min(-50.0)[None]
+    l2 = torch.tensor([1.0 / (C * x.shape[0])], dtype=torch.float64, device=x.device)
+    _, gw, gb = loss_and_grad(x, y.to(x.device), w, b, l2, chunk=16384, dtype=torch.float64)
+    present = torch.unique(y).to(x.device)  # absent classes carry no weights in either solver
+    return max(gw[0][present].abs().max().item(), gb[0][present].abs().max().item())
 
 
 def warm_start(x: torch.Tensor, y: torch.Tensor, C: float, tol: float, init: LogRegFit | None) -> LogRegFit | None:
@@ -161,7 +135,7 @@ def warm_start(x: torch.Tensor, y: torch.Tensor, C: float, tol: float, init: Log
     return None
 
 
-def fit_logreg(x, y, num_classes, C, max_iter, tol, init=None, solver="sklearn", device="cpu") -> LogRegFit:
+def fit_logreg(x, y, num_classes, C, max_iter, tol, init=None, solver="torch", device="cpu") -> LogRegFit:
     if solver == "sklearn":
         return fit_logreg_sklearn(x, y, num_classes, C, max_iter, tol, init)
     if solver == "torch":
@@ -183,7 +157,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 
 def _accuracy(fit: LogRegFit, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (fit.scores(x).argmax(1) == y).double().mean().item()
+    return 100.0 * (fit.scores(x).argmax(1) == y.to(x.device)).double().mean().item()
 
 
 @dataclass
@@ -250,18 +224,111 @@ def _search_c(run, val_top1: dict, grid: list[float], widen: bool, refine: bool)
     return widened, at_edge
 
 
+def _with_half_decades(grid: list[float]) -> list[float]:
+    """``grid`` plus the geometric midpoint of every two neighbours a decade apart (half-decades)."""
+    out = set(grid)
+    for lo, hi in zip(grid, grid[1:]):
+        if abs(math.log10(hi / lo) - 1) < 1e-6:
+            out.add(lo * math.sqrt(10))
+    return sorted(out)
+
+
+FIRST_BATCH = 5   # the batched search starts with the grid's five smallest values (1e-3..1e-1 by default)
+
+
+def _search_batched(fit_batch, val_top1: dict, grid: list[float], widen: bool, refine: bool) -> tuple[list[float], bool]:
+    """Fit the grid (with its half-decades when ``refine``) in batches of increasing C until the best
+    validation top-1 has two fitted values on each side (or the grid, widened by decades while
+    ``widen``, ends). Returns the values fitted outside the grid and whether the best sat at the edge.
+
+    The large-C fits are the slow ones (weak regularisation) and cannot win once the curve has
+    turned, so they are fitted only while the best is still near the top of what was fitted.
+    """
+    def best() -> float:
+        return max(val_top1, key=lambda c: (val_top1[c], -c))
+
+    todo = _with_half_decades(grid) if refine else list(grid)
+    step = math.sqrt(10) if refine else 10.0
+    fit_batch(todo[:FIRST_BATCH])
+    todo = todo[FIRST_BATCH:]
+    widened: list[float] = []
+    while True:
+        fitted = sorted(val_top1)
+        i = fitted.index(best())
+        above, below = len(fitted) - 1 - i, i
+        if above < 2 and (todo or (widen and fitted[-1] * step <= C_LIMITS[1])):
+            new, todo = todo[:2 - above], todo[2 - above:]
+            while len(new) < 2 - above and widen and (new or fitted)[-1] * step <= C_LIMITS[1]:
+                new.append((new or fitted)[-1] * step)
+                widened.append(new[-1])
+        elif below < 2 and widen and fitted[0] / step >= C_LIMITS[0]:
+            new = [fitted[0] / step ** k for k in range(1, 3 - below) if fitted[0] / step ** k >= C_LIMITS[0]]
+            widened += new
+        else:
+            break
+        fit_batch(new)
+    fitted = sorted(val_top1)
+    return sorted(widened), best() in (fitted[0], fitted[-1])
+
+
+class _TorchSearch:
+    """The C search with the batched solver: features moved to ``device`` once, fits kept on the CPU."""
+
+    def __init__(self, xf, yf, xv, yv, num_classes: int, max_iter: int, tol: float, device):
+        self.device = torch.device(device)
+        self.xf, self.yf = xf.to(self.device, torch.float32), yf.to(self.device)
+        self.xv, self.yv = xv.to(self.device, torch.float32), yv.to(self.device)
+        self.num_classes, self.max_iter, self.tol = num_classes, max_iter, tol
+        self.pre = Preconditioner.of(self.xf, num_classes)
+        self.fits: dict[float, LogRegFit] = {}
+        self.val_top1: dict[float, float] = {}
+        self.cold_restarts: list[float] = []
+
+    def fit_batch(self, cs: list[float]) -> None:
+        """Fit ``cs`` as one batch, each from the nearest fitted C's weights unless those already meet
+        ``tol`` at the new C (then from zero: the curve must not repeat a neighbour's point)."""
+        cs = [c for c in cs if c not in self.fits]
+        path = fit_path(self.xf, self.yf, self.num_classes, cs, max_iter=self.max_iter, tol=self.tol, pre=self.pre,
+                        init=self._starts(cs))
+        for i, c in enumerate(cs):
+            fit = LogRegFit(path.weight[i].cpu().double(), path.bias[i].cpu().double(), path.iterations[i],
+                            path.converged[i])
+            self.fits[c] = fit
+            self.val_top1[c] = _accuracy(fit, self.xv, self.yv)
+
+    def _starts(self, cs: list[float]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.fits:
+            return None
+        near = [self.fits[min(self.fits, key=lambda k: abs(math.log(k / c)))] for c in cs]
+        w = torch.stack([f.weight for f in near]).to(self.device, torch.float32)
+        b = torch.stack([f.bias for f in near]).to(self.device, torch.float32).clamp_min(-50.0)
+        l2 = torch.tensor([1.0 / (c * len(self.yf)) for c in cs], device=self.device)
+        _, gw, gb = loss_and_grad(self.xf, self.yf, w, b, l2, chunk=16384)
+        done = torch.maximum(gw.abs().amax((1, 2)), gb.abs().amax(1)) <= self.tol
+        self.cold_restarts += [c for c, d in zip(cs, done.tolist()) if d]
+        w[done], b[done] = 0.0, 0.0
+        return w, b
+
+    def final(self, xtr, ytr, C: float) -> LogRegFit:
+        """The refit on every training feature, from the search's fit at ``C`` unless that already meets tol."""
+        x, y = xtr.to(self.device, torch.float32), ytr.to(self.device)
+        init = warm_start(x, y, C, self.tol, self.fits.get(C))
+        return fit_logreg_torch(x, y, self.num_classes, C, self.max_iter, self.tol, init, self.device, self.pre)
+
+
 def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_grid=DEFAULT_C_GRID,
                    val_fraction: float = 0.1, seed: int = 0, max_iter: int = 10000, tol: float = 1e-4,
-                   solver: str = "sklearn", device: str | torch.device = "cpu", widen: bool = True,
+                   solver: str = "torch", device: str | torch.device = "cpu", widen: bool = True,
                    refine: bool = True) -> ProbeResult:
     """Choose C on a held-out part of ``(xtr, ytr)``, then refit on all of it with that C.
 
-    The grid's values are fitted in increasing order, each warm-started from the nearest C fitted
-    so far (the optimum is unique, so the start changes only the time; :func:`warm_start` starts from
-    zero instead where the neighbour's weights already meet ``tol``, so no fit stops where its neighbour ended). While the best validation top-1 sits at an end of
-    the grid, the grid grows by a decade on that side (up to ``C_LIMITS``); then, with ``refine``,
-    the two half-decades beside the best are tried, and :func:`choose_c` picks C from the
-    validation curve smoothed over neighbouring half-decades (robust to near-ties).
+    ``solver="torch"``: the grid and, with ``refine``, the half-decades between its decades are
+    fitted as one batch from zero (as scikit-learn's own fits start); ``"sklearn"``: one C after the
+    other in increasing order, each warm-started from the nearest C fitted so far (:func:`warm_start`
+    starts from zero instead where the neighbour's weights already meet ``tol``), stopping once
+    validation falls past its peak, then the half-decades beside the best. Both widen the grid by a
+    decade while the best validation top-1 sits at an end (up to ``C_LIMITS``), and :func:`choose_c`
+    picks C from the validation curve smoothed over neighbouring half-decades (robust to near-ties).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: unknown {solver!r}; use one of {', '.join(SOLVERS)}")
@@ -272,52 +339,73 @@ def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_gri
     grid = sorted(float(c) for c in c_grid)
     if not grid or grid[0] <= 0:
         raise ValueError(f"c_grid must hold positive values, got {list(c_grid)}")
-    fits: dict[float, LogRegFit] = {}
-    val_top1: dict[float, float] = {}
-    cold_restarts: list[float] = []
     fit_idx, val_idx = stratified_split(ytr, val_fraction, seed)
     xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]
     selecting = len(grid) > 1 and len(val_idx) > 0
+    if solver == "torch":
+        search = _TorchSearch(xf, yf, xv, yv, num_classes, max_iter, tol, device)
+        widened, at_edge = (_search_batched(search.fit_batch, search.val_top1, grid, widen, refine)
+                            if selecting else ([], False))
+        fits, val_top1, cold_restarts = search.fits, search.val_top1, search.cold_restarts
+        chosen = choose_c(val_top1) if selecting else grid[0]
+        final = search.final(xtr, ytr, chosen)
+    else:
+        fits, val_top1, cold_restarts = {}, {}, []
+        widened, at_edge = (_search_sequential(xf, yf, xv, yv, num_classes, max_iter, tol, fits, val_top1, cold_restarts,
+                                               grid, widen, refine) if selecting else ([], False))
+        chosen = choose_c(val_top1) if selecting else grid[0]
+        init = warm_start(xtr, ytr, chosen, tol, fits.get(chosen))
+        final = fit_logreg_sklearn(xtr, ytr, num_classes, chosen, max_iter, tol, init)
+    if not final.converged or not all(f.converged for f in fits.values()):
+        warnings.warn(f"the linear probe did not converge in max_iter={max_iter} iterations "
+                      f"(C={chosen:g}); its accuracy is a lower bound. Raise max_iter.")
+    record = _record(solver, chosen, len(ytr), fits, val_top1, grid, widened, at_edge, val_fraction, seed,
+                     int(len(val_idx)) if selecting else 0, final, max_iter, tol, cold_restarts)
+    record["train_top1"] = _accuracy(final, xtr, ytr)
+    return ProbeResult(final, record)
 
+
+def _search_sequential(xf, yf, xv, yv, num_classes, max_iter, tol, fits, val_top1, cold_restarts, grid, widen,
+                       refine) -> tuple[list[float], bool]:
+    """scikit-learn's fits one C at a time, each warm-started from the nearest (:func:`_search_c`)."""
     def run(c: float) -> None:
         near = min(fits, key=lambda k: abs(math.log(k / c))) if fits else None  # warm start: the nearest C
         init = warm_start(xf, yf, c, tol, fits.get(near))
         if near is not None and init is None:
             cold_restarts.append(c)
-        fits[c] = fit_logreg(xf, yf, num_classes, c, max_iter, tol, init, solver, device)
+        fits[c] = fit_logreg_sklearn(xf, yf, num_classes, c, max_iter, tol, init)
         val_top1[c] = _accuracy(fits[c], xv, yv)
 
-    widened, at_edge = _search_c(run, val_top1, grid, widen, refine) if selecting else ([], False)
-    chosen = choose_c(val_top1) if selecting else grid[0]
-    final = fit_logreg(xtr, ytr, num_classes, chosen, max_iter, tol, warm_start(xtr, ytr, chosen, tol, fits.get(chosen)),
-                       solver, device)
-    if not final.converged or not all(f.converged for f in fits.values()):
-        warnings.warn(f"the linear probe did not converge in max_iter={max_iter} iterations "
-                      f"(C={chosen:g}); its accuracy is a lower bound. Raise max_iter.")
-    n = len(ytr)
-    record = {
+    return _search_c(run, val_top1, grid, widen, refine)
+
+
+def _record(solver, chosen, n, fits, val_top1, grid, widened, at_edge, val_fraction, seed, num_val, final, max_iter,
+            tol, cold_restarts) -> dict:
+    batched = solver == "torch"
+    return {
         "probe": "logistic-regression",
-        "solver": f"{solver}-lbfgs",
+        "solver": "torch-lbfgs-batched-float32" if batched else "sklearn-lbfgs",
         "objective": "mean cross-entropy + ||W||^2 / (2 C n), bias unpenalised (scikit-learn LogisticRegression)",
         "C": chosen,
         "l2": 1.0 / (chosen * n),
-        "c_grid": sorted(fits) if selecting else [chosen],
+        "c_grid": sorted(fits) if fits else [chosen],
         "c_grid_start": grid,
         "c_grid_widened": widened,
         "best_c_at_grid_edge": at_edge,
         "c_choice": "best validation top-1 averaged over each C and its two half-decade neighbours",
         "val_fraction": val_fraction,
         "val_split": f"stratified, seed {seed}",
-        "num_val": int(len(val_idx)) if selecting else 0,
+        "num_val": num_val,
         "val_top1": {f"{c:g}": v for c, v in sorted(val_top1.items())},
         "val_iterations": {f"{c:g}": f.iterations for c, f in sorted(fits.items())},
         "iterations": final.iterations,
         "max_iter": max_iter,
         "tol": tol,
-        "warm_start": "from the nearest C's fit, unless that already meets tol at the new C (then from zero)",
+        "warm_start": ("search in batches of increasing C, the first from zero, later ones from the nearest C's "
+                       "fit unless that already meets tol at the new C (then from zero); refit: from the search's "
+                       "fit at C unless that already meets tol on all the training features") if batched else
+                      "from the nearest C's fit, unless that already meets tol at the new C (then from zero)",
         "val_cold_restarts": [f"{c:g}" for c in cold_restarts],
         "converged": bool(final.converged and all(f.converged for f in fits.values())),
-        "train_top1": _accuracy(final, xtr, ytr),
         "seed": seed,
     }
-    return ProbeResult(final, record)
