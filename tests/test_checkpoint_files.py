@@ -2,6 +2,7 @@
 or mixed; modes that follow the umask; byte-identical weights files in every process; no RNG state to restore."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from selfsup.artifacts.hub import export_hub
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, CheckpointWriteError
 from selfsup.methods import METHODS
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.checkpoint import list_checkpoints, load_checkpoint, load_weights, save_checkpoint, save_weights
@@ -93,6 +94,36 @@ def test_weights_written_elsewhere_without_a_checksum_still_load(tmp_path):
     assert torch.equal(load_weights(tmp_path / "w.safetensors")["backbone.w"], _weights(1.0)["backbone.w"])
 
 
+def _fail_part_way(_obj, path, *a, **kw):
+    Path(path).write_bytes(b"\x00" * 100)  # some bytes reach the disk, then it is full
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_weights_write_failing_part_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = save_weights(_weights(1.0), tmp_path / "model.safetensors")
+    before = path.read_bytes()
+    monkeypatch.setattr(ckpt, "save_file", _fail_part_way)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_weights(_weights(2.0), path)
+    assert "the disk is full" in _one_line(e) and "unchanged" in str(e.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_pt_export_failing_part_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    from selfsup.artifacts.export import export_backbone
+    from selfsup.models.backbones import build_backbone
+
+    backbone = build_backbone("resnet18", image_size=96)
+    kwargs = {"backbone_name": "resnet18", "in_channels": 3, "image_size": 96}
+    out = tmp_path / "encoder.pt"
+    export_backbone(backbone, "torchvision", out, **kwargs)
+    before = out.read_bytes()
+    monkeypatch.setattr(torch, "save", _fail_part_way)
+    with pytest.raises(CheckpointWriteError):
+        export_backbone(backbone, "torchvision", out, **kwargs)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["encoder.pt"]
+
+
 # ------------------------------------------------------------------------------------------------
 # File modes
 
@@ -118,6 +149,7 @@ def umask():
 def test_weights_and_checkpoint_folders_follow_the_umask(tmp_path, umask, mask):
     umask(mask)
     save_weights(_weights(1.0), tmp_path / "w" / "model.safetensors")
+    ckpt.write_atomically(tmp_path / "w" / "encoder.pt", lambda tmp: torch.save(_weights(1.0), tmp))
     _write(tmp_path / "run", 1, 1.0)
     modes = _modes(tmp_path)
     wrong = {k: oct(m) for k, m in modes.items()

@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save as _serialize
@@ -163,21 +163,26 @@ def _new_temp_dir(folder: Path, prefix: str) -> Path:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write a safetensors file (temporary file, fsync, rename) that records its tensors' checksum."""
+    """Atomically write a safetensors file that records its tensors' checksum."""
+    tensors = _contiguous_state(state_dict)
+    meta = {"format_version": str(FORMAT_VERSION), **(metadata or {}), DIGEST_KEY: weights_digest(tensors)}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a temporary file next to ``path``, fsync, rename: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_temp_file(path.parent, ".safetensors")
-        tensors = _contiguous_state(state_dict)
-        meta = {"format_version": str(FORMAT_VERSION), **(metadata or {}), DIGEST_KEY: weights_digest(tensors)}
-        save_file(tensors, tmp, metadata=meta)
+        tmp = _new_temp_file(path.parent, path.suffix)
+        write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             old = "the previous file there is unchanged" if path.exists() else "nothing was written"
             raise CheckpointWriteError(f"could not write {path} ({_why(e)}); {old}") from None
