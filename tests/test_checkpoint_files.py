@@ -129,7 +129,8 @@ def test_a_pt_export_failing_part_way_leaves_the_previous_file(tmp_path, monkeyp
 
 
 def _modes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}  # tmp_path itself is 0700 (pytest)
+    # Below root only: pytest makes tmp_path itself 0700.
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
 
 
 @pytest.fixture

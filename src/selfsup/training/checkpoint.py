@@ -170,7 +170,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a temporary file next to ``path``, fsync, rename: readers see the old file or the whole new one."""
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, rename: readers see the old or the whole new file."""
     path = Path(path)
     tmp = None
     try:
