@@ -100,6 +100,8 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # ... and the same file, byte for byte (metadata in a fixed order, whichever process wrote it)
+    assert (tmp_path / "reference" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     ref_log, log = _logged(tmp_path / "reference"), _logged(run)
     assert sorted(log) == list(range(1, TOTAL + 1))
     assert log == ref_log  # every step replayed exactly

@@ -30,7 +30,7 @@ from torch import nn
 from selfsup.errors import ConfigError, CheckpointError
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.models.resnet import BasicBlock, Bottleneck, ResNet
-from selfsup.training.checkpoint import save_weights, load_weights, weights_metadata
+from selfsup.training.checkpoint import save_weights, load_weights, weights_metadata, write_atomically
 from selfsup.training.runs import load_encoder, load_run
 
 __all__ = [
@@ -162,8 +162,7 @@ def timm_state_dict(backbone: nn.Module) -> tuple[str, dict[str, torch.Tensor], 
 
 def _save_state(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
     if out.suffix in (".pt", ".pth"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, out)
+        write_atomically(out, lambda tmp: torch.save(state, tmp))
         return
     save_weights(state, out, metadata=metadata)
 

@@ -6,8 +6,15 @@ Layout of a run folder::
     RUN_DIR/model.safetensors              final weights (tensor names say the part: backbone., head., ...)
     RUN_DIR/checkpoints/step_00000500/     one complete checkpoint:
         model.safetensors                  weights
-        state.pt                           optimiser, step, RNG (plain tensors/containers, no pickled objects)
+        state.pt                           optimiser, step, length (plain tensors/containers, no pickled objects)
         meta.json                          format version, step, config
+
+Every weights file records a checksum of its tensors (``weights_sha256`` in its metadata), and a
+checkpoint's ``state.pt`` and ``meta.json`` record the checksum of the weights they were written
+with: a file that stopped part-way, a damaged copy, or a folder that mixes the files of two writes
+is refused on load with a one-line error. The metadata is written in sorted key order, so the same
+tensors and metadata give the same bytes in every process. Files and folders are created with the
+mode the umask gives every other file (``mkstemp``/``mkdtemp`` would make them private).
 
 A checkpoint folder is first written under a temporary name, every file flushed and fsynced, then
 renamed into place, so a kill at any moment leaves the previous checkpoints intact and never shows
@@ -20,22 +27,25 @@ checkpoint in place and raises :class:`CheckpointWriteError` saying which checkp
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as _serialize
 
 from selfsup.errors import CheckpointError, CheckpointWriteError  # noqa: F401 (re-exported: defined here before)
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+DIGEST_KEY = "weights_sha256"
 
 
 def _why(e: OSError) -> str:
@@ -113,22 +123,66 @@ def _contiguous_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order (name, dtype, shape, bytes): equal for equal weights, whatever the file."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file`` with the metadata in sorted key order (safetensors' own order varies by process)."""
+    raw = _serialize(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(filename, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(raw)[8 + n:])
+
+
+def _new_temp_file(folder: Path, suffix: str) -> Path:
+    """A new empty file under a temporary name, with the umask's mode (``mkstemp`` would give 0600)."""
+    path = folder / f".tmp-{uuid.uuid4().hex}{suffix}"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path
+
+
+def _new_temp_dir(folder: Path, prefix: str) -> Path:
+    """A new folder under a temporary name, with the umask's mode (``mkdtemp`` would give 0700)."""
+    path = folder / f"{prefix}{uuid.uuid4().hex}"
+    os.mkdir(path, 0o777)
+    return path
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write a safetensors file (temporary file, fsync, rename)."""
+    """Atomically write a safetensors file that records its tensors' checksum."""
+    tensors = _contiguous_state(state_dict)
+    meta = {"format_version": str(FORMAT_VERSION), **(metadata or {}), DIGEST_KEY: weights_digest(tensors)}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, rename: readers see the old or the whole new file."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        meta = {"format_version": str(FORMAT_VERSION), **(metadata or {})}
-        save_file(_contiguous_state(state_dict), tmp, metadata=meta)
-        _fsync_file(Path(tmp))
+        tmp = _new_temp_file(path.parent, path.suffix)
+        write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             old = "the previous file there is unchanged" if path.exists() else "nothing was written"
             raise CheckpointWriteError(f"could not write {path} ({_why(e)}); {old}") from None
@@ -137,14 +191,26 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+    """The tensors of a safetensors file; one that records a checksum (selfsup writes one) is checked against it."""
+    return _load_checked(Path(path))[0]
+
+
+def _load_checked(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``(tensors, checksum)``; the checksum is None for a file that records none (written elsewhere)."""
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     try:
-        return load_file(str(path))
+        tensors, recorded = load_file(str(path)), weights_metadata(path).get(DIGEST_KEY)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"weights file {path} is corrupt or not a safetensors file ({e}); "
                               "use an earlier checkpoint from the run's checkpoints/ folder") from None
+    if recorded is None:
+        return tensors, None
+    if weights_digest(tensors) != recorded:
+        raise CheckpointError(f"weights file {path} does not match the checksum recorded in it (a write that stopped "
+                              "part-way, or a damaged copy); copy it again or use an earlier checkpoint from the "
+                              "run's checkpoints/ folder")
+    return tensors, recorded
 
 
 def weights_metadata(path: str | Path) -> dict[str, str]:
@@ -162,10 +228,14 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-        save_file(_contiguous_state(weights), str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=1))
+        tmp = _new_temp_dir(root, ".tmp-step-")
+        tensors = _contiguous_state(weights)
+        digest = weights_digest(tensors)  # ties state.pt and meta.json to these weights
+        save_file(tensors, str(tmp / "model.safetensors"),
+                  metadata={"format_version": str(FORMAT_VERSION), DIGEST_KEY: digest})
+        torch.save({**state, DIGEST_KEY: digest}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta,
+                                                   DIGEST_KEY: digest}, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
@@ -225,7 +295,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')}, this selfsup "
                               f"reads version {FORMAT_VERSION}; resume it with the selfsup release that wrote it")
-    weights = load_weights(path / "model.safetensors")
+    weights, digest = _load_checked(path / "model.safetensors")
     try:
         # weights_only: tensors and plain containers only; any other pickled object is refused unrun.
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -241,7 +311,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                               "selfsup; use an earlier checkpoint") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: state.pt holds a {type(state).__name__}, not a selfsup state dict")
+    _check_same_write(path, digest, meta.get(DIGEST_KEY), state.get(DIGEST_KEY))
     return weights, state, meta
+
+
+def _check_same_write(path: Path, weights: str | None, meta: str | None, state: str | None) -> None:
+    """The three files of a checkpoint must come from one write: each records the weights' checksum."""
+    recorded = {"model.safetensors": weights, "meta.json": meta, "state.pt": state}
+    if all(v is None for v in recorded.values()):
+        return  # written before checksums were recorded
+    if len(set(recorded.values())) > 1:
+        which = ", ".join(f"{k} {'records none' if v is None else v[:12]}" for k, v in recorded.items())
+        raise CheckpointError(f"checkpoint {path} mixes files of different writes (weights checksums: {which}); "
+                              "its optimiser state does not belong to its weights. Use an earlier checkpoint (delete "
+                              "this folder and resume)")
 
 
 def cleanup_temporary(run_dir: str | Path) -> None:

@@ -36,8 +36,9 @@ def save_run_checkpoint(run_dir, model, optimizer, cfg, step, total_steps, bad_t
         done = ckpt.list_checkpoints(run_dir)
         raise TrainingError(f"the model holds non-finite values at step {step} ({', '.join(broken[:3])}); it was not "
                             f"saved. The last good checkpoint is {done[-1] if done else 'none (none was written yet)'}")
-    state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps, "bad_steps": bad_total,
-             "torch_rng": torch.get_rng_state()}
+    # No RNG state: the loop draws every random number from generators seeded by (seed, step)
+    # (selfsup.training.steps), never from torch's global one, so a resumed run needs none.
+    state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps, "bad_steps": bad_total}
     return ckpt.save_checkpoint(run_dir, step, weights, state, {"config": to_dict(cfg), "kind": "pretrain"},
                                 keep_last=cfg.keep_last)
 
