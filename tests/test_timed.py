@@ -214,3 +214,20 @@ def test_knn_cost_is_measured_by_embedding_a_sample(monkeypatch):
     assert cost == pytest.approx(0.001 * (10000 + 2000))  # the bank and the queries, not the warm-up
     assert model.training
     assert knn_monitor.knn_images(list(range(300))) == 600
+
+
+def test_a_reserve_in_steps_ends_the_run_that_many_steps_early_at_the_measured_pace(tmp_path, tiny_cfg, monkeypatch):
+    # The demo's budget holds its evaluations too: a reserve of R steps leaves R x pace seconds free,
+    # whatever the pace, also after a re-plan (here the pace changes at step 20).
+    clock = FakeClock(0.5)
+    monkeypatch.setattr(train, "_clock", clock)
+
+    def slow_down(step):
+        if step == 20:
+            clock.dt = 0.6
+
+    cfg = tiny_cfg(steps=None, minutes=1.0, minutes_reserve_steps=30, checkpoint_every=1000, log_every=50,
+                   knn_monitor=False)
+    pretrain(cfg, tmp_path / "r", progress=False, on_step=slow_down)
+    used = json.loads((tmp_path / "r" / "train_summary.json").read_text())["budget_seconds_used"]
+    assert abs(used - (60.0 - 30 * 0.6)) <= 0.03 * 60.0, used

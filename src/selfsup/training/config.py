@@ -84,6 +84,9 @@ class PretrainConfig:
     epochs: float | None = None
     steps: int | None = None
     minutes: float | None = None
+    # --minutes: time kept free at the end of the budget for work that follows in the same budget (the
+    # demo's evaluations), in training steps at the measured pace, so it scales with the machine's speed
+    minutes_reserve_steps: int = 0
     temperature: float = 0.2
     proj_hidden_dim: int | None = None  # None: the backbone's num_features
     proj_out_dim: int = 128
@@ -159,6 +162,7 @@ class PretrainConfig:
             v = getattr(self, k)
             check_field(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
         check_field("steps", self.steps is None or self.steps >= 1, "must be >= 1")
+        check_field("minutes_reserve_steps", self.minutes_reserve_steps >= 0, "must be >= 0")
         check_field("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
         check_field("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
                     "must be > 0")

@@ -240,10 +240,11 @@ def _replan(run: RunState, now: float) -> bool:
         new_total = None if (new_total, new_warmup) == (run.total_steps, run.warmup_steps) else new_total
     elif is_check_step(step, run.total_steps, run.replan_every) and run.step_times:
         pace = median(run.step_times)
-        extra = 0.0
+        reserve = cfg.minutes_reserve_steps * pace  # work after the run, inside the same budget
+        extra = reserve
         if cfg.knn_monitor and run.dataset.labels is not None:  # measured once one evaluation has run
             cost = sum(run.knn_seconds) / len(run.knn_seconds) if run.knn_seconds else run.knn_cost
-            extra = lambda total: cost * evaluations_after(step, total, run.steps_per_epoch)  # noqa: E731
+            extra = lambda total: cost * evaluations_after(step, total, run.steps_per_epoch) + reserve  # noqa: E731
         new_total = replan(plan, step, now - run.t_budget, pace, extra, total_steps=run.total_steps)
         if dist.is_distributed():  # every rank takes rank 0's decision
             new_total = broadcast_int(-1 if new_total is None else new_total, run.device)

@@ -168,7 +168,9 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     steps_per_epoch = n // cfg.batch_size
     # Per-epoch extras (the kNN monitor: one evaluation per epoch end and one at the end) cost time too.
     remaining = budget - (clock() - t_start)
-    total = fit_total(0, remaining, per_step, lambda t: knn_cost * evaluations_after(0, t, steps_per_epoch),
+    reserve = cfg.minutes_reserve_steps * per_step  # work after the run, inside the same budget
+    total = fit_total(0, remaining, per_step,
+                      lambda t: knn_cost * evaluations_after(0, t, steps_per_epoch) + reserve,
                       max(1, int(remaining / per_step)))
     if dist.is_distributed():
         t = torch.tensor([total], device=device if device.type == "cuda" else "cpu")
