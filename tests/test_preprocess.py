@@ -258,3 +258,37 @@ def test_eval_on_a_store_and_an_hf_folder_prepares_their_pixels_with_the_runs_st
         if name.startswith("hf"):
             assert stored.shape[1] == 3 and res["image_preprocessing"]["channel_conversion"].startswith("RGB to gray")
         torch.testing.assert_close(feats, reference(run_dir, match_channels(stored, 1)), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_above_32_px_every_path_keeps_the_same_centre_crop(data, tmp_path):
+    """A 40 px run: evaluation, ``selfsup embed`` and ``hub.embed`` all keep the central 87.5% (35 px) and
+    resize it to 40; the Hub card says so."""
+    from selfsup import hub
+    from selfsup.artifacts.embed import embed_run, read_embeddings
+    from selfsup.evaluation.frozen import extract_features
+    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.loop import pretrain
+    from selfsup.training.runs import load_encoder, load_run
+
+    cfg = build_config(PretrainConfig, {"recipe": "cpu", "precision": "fp32", "dataset": "embedded", "backbone": "resnet18",
+                                        "backbone_width": 0.0625, "batch_size": 16, "steps": 1, "checkpoint_every": 1,
+                                        "knn_monitor": False, "proj_out_dim": 16, "image_size": 40})
+    pretrain(cfg, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert run.preprocessing.crop == 0.875
+    folder = tmp_path / "photos" / "train"
+    for i, image in enumerate(data["pixels"]["test"][0][:12]):
+        (folder / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").resize((40, 40), Image.Resampling.BILINEAR).save(folder / "c" / f"{i:02d}.png")
+    pixels = decoded_pixels(tmp_path / "photos", "train")
+    encoder = load_encoder(run).eval()
+    with torch.no_grad():
+        want = encoder(prepare_images(pixels, run.mean, run.std, 40, 0.875))
+    ds = load_dataset(f"imagefolder:{folder}", "train", image_size=40, num_channels=1)
+    got, _ = extract_features(encoder, ds, "cpu", 40, preprocess=run.preprocessing)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    embed_run(tmp_path / "run", folder, tmp_path / "e.npy", num_workers=0, device="cpu")
+    torch.testing.assert_close(torch.from_numpy(read_embeddings(tmp_path / "e.npy")[1]), want, rtol=1e-5, atol=1e-5)
+    hub.export_hub(tmp_path / "run", tmp_path / "hub")
+    torch.testing.assert_close(hub.embed(hub.from_pretrained(tmp_path / "hub"), pixels), want, rtol=1e-5, atol=1e-5)
+    assert "central 87.5% of the side is kept" in (tmp_path / "hub" / "README.md").read_text()
