@@ -159,6 +159,21 @@ def test_idx_folders_and_the_kNN_monitor_extract_the_encoders_features_of_the_sa
         assert torch.equal(y, torch.from_numpy(labels).long())
 
 
+def test_a_streamed_folder_reads_as_the_same_folder_in_memory(run_dir, data):
+    """Past 20,000 images a folder is streamed: at 28 px its files are decoded at 28 px, as in memory (they
+    were decoded at 32 px and resized back by evaluation, cosine down to 0.91 on a 60-step run)."""
+    from selfsup.data.folders import ImageFolderDataset
+    from selfsup.evaluation.frozen import extract_features
+    from selfsup.training.runs import load_encoder, load_run
+
+    run = load_run(run_dir)
+    streamed = load_dataset(f"imagefolder:{data['gray_png']}", "train", image_size=28, in_memory=False)
+    assert isinstance(streamed, ImageFolderDataset) and streamed.load_size == 28
+    got, _ = extract_features(load_encoder(run), streamed, "cpu", 28, preprocess=run.preprocessing)
+    torch.testing.assert_close(got, reference(run_dir, torch.from_numpy(data["pixels"]["train"][0])[:, None]),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
 def test_selfsup_embed_and_hub_embed_give_the_reference_features(run_dir, data, kind, tmp_path):
     """``selfsup embed`` on a folder; ``hub.embed`` of the decoded pixels, as gray or as RGB; encoders
@@ -225,8 +240,8 @@ def test_eval_on_a_folder_copy_equals_eval_on_the_idx_files_and_records_its_prep
 
 def test_eval_on_a_store_and_an_hf_folder_prepares_their_pixels_with_the_runs_statistics(run_dir, data, tmp_path,
                                                                                          monkeypatch):
-    """A store holds its images at its load size, an hf folder of RGB files is read as RGB: evaluation
-    gives the features of those pixels, converted and normalised as the run was trained."""
+    """A store of the 28 px folder holds its pixels (stored at 28 px), an hf folder of RGB files is read as
+    RGB: evaluation gives the features of those pixels, converted and normalised as the run was trained."""
     pytest.importorskip("streaming")
     datasets = pytest.importorskip("datasets")
     import selfsup.protocols.eval_run as er
@@ -255,6 +270,7 @@ def test_eval_on_a_store_and_an_hf_folder_prepares_their_pixels_with_the_runs_st
         assert res["image_preprocessing"]["mean"] == [0.286]
         train, feats = seen[0]
         stored = torch.stack([train[i][0] for i in range(len(train))])
+        assert torch.equal(match_channels(stored, 1)[:, 0], torch.from_numpy(data["pixels"]["train"][0]))
         if name.startswith("hf"):
             assert stored.shape[1] == 3 and res["image_preprocessing"]["channel_conversion"].startswith("RGB to gray")
         torch.testing.assert_close(feats, reference(run_dir, match_channels(stored, 1)), rtol=1e-5, atol=1e-5, msg=name)
