@@ -238,6 +238,20 @@ def test_eval_on_a_folder_copy_equals_eval_on_the_idx_files_and_records_its_prep
             assert {k: recorded[k] for k in want_prep} == want_prep
 
 
+
+def test_the_sgd_protocol_on_a_folder_copy_equals_it_on_the_idx_files(run_dir, data, tmp_path):
+    """Its training views and test images are normalised with the run's statistics too."""
+    from selfsup.protocols.eval_run import evaluate
+    from selfsup.protocols.linear_sgd import LinearSGDConfig
+
+    sgd = LinearSGDConfig(epochs=1, batch_size=50)
+    base = evaluate("linear", run_dir, dataset="fashion-mnist", data_dir=str(data["idx"]), linear_protocol="sgd",
+                    sgd=sgd, out=tmp_path / "idx.json")
+    res = evaluate("linear", run_dir, dataset=f"imagefolder:{data['gray_png']}", linear_protocol="sgd", sgd=sgd,
+                   out=tmp_path / "png.json")
+    assert abs(res["top1"] - base["top1"]) <= 0.1 and res["image_preprocessing"]["mean"] == [0.286]
+
+
 def test_eval_on_a_store_and_an_hf_folder_prepares_their_pixels_with_the_runs_statistics(run_dir, data, tmp_path,
                                                                                          monkeypatch):
     """A store of the 28 px folder holds its pixels (stored at 28 px), an hf folder of RGB files is read as

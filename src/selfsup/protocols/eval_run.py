@@ -4,7 +4,8 @@ Protocols: ``knn`` (weighted kNN, k=200, t=0.1 by default), ``linear`` with ``lo
 logistic regression on standardised frozen features, ``selfsup.evaluation.linear_probe``) or ``sgd`` (the
 papers' protocol, ``selfsup.protocols.linear_sgd``). Baselines, evaluated with exactly the same protocol:
 
-- ``pixels``: the raw pixels (normalised by the data set's mean/std, flattened) as features.
+- ``pixels``: the raw pixels (prepared as the run's encoder input, without ``--run`` with the data set's
+  mean/std; flattened) as features.
 - ``random-init``: the run's encoder (``--run``: its backbone config) at random initialisation, drawn
   with the run's seed, so it is the very network the run started from; without ``--run``, the default
   config's backbone. Batch norm keeps its initial statistics (eval mode, as every probe uses it).

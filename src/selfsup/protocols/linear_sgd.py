@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,19 +72,27 @@ def _features(encoder: nn.Module, x: torch.Tensor, precision: str, device: torch
         return encoder(x).float()
 
 
+@torch.no_grad()
+def _test_scores(encoder: nn.Module, classifier: nn.Module, test, prep: Preprocessing, precision: str,
+                 device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, ys = [], []
+    for images, y in iterate_batches(test, 512, num_workers):
+        scores.append(classifier(_features(encoder, prep(images.to(device)), precision, device)).float().cpu())
+        ys.append(torch.as_tensor(y).long())
+    return torch.cat(scores), torch.cat(ys)
+
+
 def linear_eval_sgd(encoder: nn.Module, train, test, preprocess: Preprocessing | int, device: torch.device | str = "cpu",
                     cfg: LinearSGDConfig | None = None, precision: str = "fp32", num_workers: int = 0,
                     progress: bool = False) -> dict:
     """Train a linear layer on the frozen ``encoder`` (SimCLR App. B.6); top-1/top-5 on ``test`` and the protocol.
 
-    ``preprocess``: the encoder's input preparation (the run's statistics: ``RunInfo.preprocessing``); the
-    training views normalise with its statistics, the test images go through it with ``cfg.test_crop``.
-    An ``int`` is an image size, with the training set's own statistics.
+    ``preprocess``: the run's (``RunInfo.preprocessing``), whose statistics the views use and which prepares
+    the test images (centre crop ``cfg.test_crop``); an ``int``: that size, the training set's statistics.
     """
     cfg = cfg or LinearSGDConfig()
-    if not isinstance(preprocess, Preprocessing):
-        preprocess = Preprocessing.of_dataset(train, preprocess)
-    image_size = preprocess.image_size
+    prep = preprocess if isinstance(preprocess, Preprocessing) else Preprocessing.of_dataset(train, preprocess)
+    image_size = prep.image_size
     device = torch.device(device)
     if train.labels is None or bool((train.labels < 0).any()):
         raise ValueError("the SGD linear protocol needs a labelled training set")
@@ -99,7 +107,7 @@ def linear_eval_sgd(encoder: nn.Module, train, test, preprocess: Preprocessing |
     for p in encoder.parameters():
         p.requires_grad_(False)
     view = ViewConfig(crop_scale=cfg.crop_scale, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
-    augment = BatchAugment(view, image_size, preprocess.mean, preprocess.std)
+    augment = BatchAugment(view, image_size, prep.mean, prep.std)
     t0 = time.perf_counter()
     try:
         torch.manual_seed(mix_seed(cfg.seed, 5))
@@ -134,21 +142,15 @@ def linear_eval_sgd(encoder: nn.Module, train, test, preprocess: Preprocessing |
                 bar.update(1)
         if bar is not None:
             bar.close()
-        crop = cfg.test_crop if cfg.test_crop is not None else preprocess.crop
-        prep = Preprocessing(image_size, preprocess.channels, preprocess.mean, preprocess.std, crop)
-        scores, ys = [], []
-        with torch.no_grad():
-            for images, y in iterate_batches(test, 512, num_workers):
-                x = prep(images.to(device))
-                scores.append(classifier(_features(encoder, x, precision, device)).float().cpu())
-                ys.append(torch.as_tensor(y).long())
+        crop = cfg.test_crop if cfg.test_crop is not None else prep.crop
+        scores, ys = _test_scores(encoder, classifier, test, replace(prep, crop=crop), precision, device, num_workers)
     finally:
         for p, r in zip(encoder.parameters(), requires):
             p.requires_grad_(r)
         encoder.train(was_training)
     if state_fingerprint(encoder) != before:
         raise BackboneChangedError("the frozen backbone changed during SGD linear evaluation; this is a bug in selfsup")
-    return {**topk_accuracy(torch.cat(scores), torch.cat(ys)), "probe": "linear-sgd",
+    return {**topk_accuracy(scores, ys), "probe": "linear-sgd",
             "paper": "SimCLR App. B.6 / BYOL App. C.1", **asdict(cfg), "lr": cfg.base_lr,
             "lr_rule": "given" if cfg.lr is not None else "0.1 x batch_size / 256", "batch_size": batch,
             "schedule": "cosine, no warm-up", "steps": total, "steps_per_epoch": steps_per_epoch,
