@@ -275,7 +275,9 @@ def test_imagefolder_in_memory(tmp_path, image_size):
     make_class_folder(tmp_path / "pets")
     ds = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=image_size)
     assert isinstance(ds, InMemoryDataset)  # default: few images and a small size
-    assert_images(ds, 5, 3, image_size)
+    assert_images(ds, 5, 3, default_load_size(image_size))  # 32 -> 32, 48 -> 55: as streaming decodes them
+    streamed = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=image_size, in_memory=False)
+    assert all(torch.equal(ds.images[i], streamed[i][0]) for i in range(len(ds)))
     assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
     assert (ds.mean, ds.std) == (IMAGENET_MEAN, IMAGENET_STD)
     assert ds.images[0, :, 10, 10].tolist() == [200, 10, 10]

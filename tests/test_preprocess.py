@@ -292,8 +292,8 @@ def test_eval_on_a_store_and_an_hf_folder_prepares_their_pixels_with_the_runs_st
 
 
 def test_above_32_px_every_path_keeps_the_same_centre_crop(data, tmp_path):
-    """A 40 px run: evaluation, ``selfsup embed`` and ``hub.embed`` all keep the central 87.5% (35 px) and
-    resize it to 40; the Hub card says so."""
+    """A 40 px run on files at its load size (46 px, as a folder stores them): evaluation, ``selfsup embed``
+    and ``hub.embed`` all keep the central 87.5% (40 px); the Hub card says so."""
     from selfsup import hub
     from selfsup.artifacts.embed import embed_run, read_embeddings
     from selfsup.evaluation.frozen import extract_features
@@ -310,7 +310,7 @@ def test_above_32_px_every_path_keeps_the_same_centre_crop(data, tmp_path):
     folder = tmp_path / "photos" / "train"
     for i, image in enumerate(data["pixels"]["test"][0][:12]):
         (folder / "c").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, "L").resize((40, 40), Image.Resampling.BILINEAR).save(folder / "c" / f"{i:02d}.png")
+        Image.fromarray(image, "L").resize((46, 46), Image.Resampling.BILINEAR).save(folder / "c" / f"{i:02d}.png")
     pixels = decoded_pixels(tmp_path / "photos", "train")
     encoder = load_encoder(run).eval()
     with torch.no_grad():

@@ -252,7 +252,7 @@ def load_image_folder(
         in_memory = len(dataset) <= IN_MEMORY_MAX_IMAGES and size <= IN_MEMORY_MAX_SIZE
     if not in_memory:
         return dataset
-    return _decode_all(dataset, size)
+    return _decode_all(dataset, dataset.load_size)  # the streamed images, so both read the same
 
 
 def _decode_all(dataset: ImageFolderDataset, size: int) -> InMemoryDataset:

@@ -183,6 +183,5 @@ def load_hf_dataset(name: str, split: str = "train", image_size: int | None = No
         in_memory = len(ds) <= IN_MEMORY_MAX_IMAGES and ds.image_size <= IN_MEMORY_MAX_SIZE
     if not in_memory:
         return ds
-    ds.load_size = ds.image_size  # decoded once at the training size, as small image folders are
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return InMemoryDataset(images=images, labels=ds.labels, classes=ds.classes, name=name, mean=ds.mean, std=ds.std)
