@@ -32,7 +32,7 @@ from selfsup.errors import CheckpointError, ConfigError
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights, save_weights, weights_metadata
-from selfsup.training.runs import load_encoder as run_encoder, load_run
+from selfsup.training.runs import load_encoder as run_encoder, load_run, training_statistics
 
 __all__ = ["export_hub", "load_encoder", "from_pretrained", "embed", "DATA_LICENCES"]
 
@@ -135,7 +135,8 @@ def export_hub(run_dir: str | Path, out: str | Path) -> dict:
                                 **({} if width is None else {"width": float(width)})},
               "num_features": int(backbone.num_features), "image_size": run.image_size,
               "in_channels": run.in_channels, "mean": list(prep.mean), "std": list(prep.std),
-              "centre_crop": prep.crop, "preprocessing": prep.record(), "method": run.config.method, "dataset": run.config.dataset, "source_run": run.run_dir.name}
+              "centre_crop": prep.crop, "preprocessing": prep.record(), "method": run.config.method,
+              "dataset": run.config.dataset, "source_run": run.run_dir.name}
     info, summary = _read_json(run.run_dir / "run.json"), _read_json(run.run_dir / "train_summary.json")
     evals = [e for e in (_read_json(run.run_dir / f"eval_{k}.json") for k in ("knn", "linear")) if e]
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +160,17 @@ def _from_hub_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise CheckpointError(f"{folder}/model.safetensors does not fit backbone {config['backbone']!r}: "
                               f"{str(e).splitlines()[0]}") from None
-    _describe(backbone, Preprocessing(config["image_size"], config["in_channels"], config["mean"], config["std"],
-                                      config.get("centre_crop")))
+    _describe(backbone, _saved_preprocessing(config["image_size"], config["in_channels"], config["mean"],
+                                             config["std"], config.get("centre_crop"), config.get("dataset", "")))
     return backbone
+
+
+def _saved_preprocessing(image_size, channels, mean, std, crop, dataset: str) -> Preprocessing:
+    """The stored preprocessing; files written from run folders without statistics: the data set's."""
+    channels = int(channels)
+    if len(mean) != channels or len(std) != channels:
+        mean, std = training_statistics(dataset, channels)
+    return Preprocessing(int(image_size), channels, mean, std, None if crop in (None, "") else float(crop))
 
 
 def _describe(backbone: nn.Module, prep: Preprocessing) -> None:
@@ -190,9 +199,8 @@ def load_encoder(path: str | Path) -> nn.Module:
     if path.is_file() and path.suffix == ".safetensors":
         backbone = load_exported(path)
         meta = weights_metadata(path)
-        crop = float(meta["centre_crop"]) if meta.get("centre_crop") else None
-        _describe(backbone, Preprocessing(int(meta["image_size"]), int(meta["in_channels"]), json.loads(meta["mean"]),
-                                          json.loads(meta["std"]), crop))
+        _describe(backbone, _saved_preprocessing(meta["image_size"], meta["in_channels"], json.loads(meta["mean"]),
+                                                 json.loads(meta["std"]), meta.get("centre_crop"), ""))
         return backbone
     raise ConfigError(f"{path}: not a folder written by selfsup export --to hub, a run folder or an exported "
                       ".safetensors file")
