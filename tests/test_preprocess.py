@@ -190,6 +190,11 @@ def test_selfsup_embed_and_hub_embed_give_the_reference_features(run_dir, data, 
     assert summary["preprocessing"]["mean"] == [0.286] and summary["preprocessing"]["centre_crop"] == 1.0
     _, emb = read_embeddings(tmp_path / "emb.npy")
     torch.testing.assert_close(torch.from_numpy(emb), want, rtol=1e-5, atol=1e-5)
+    if kind == "gray_png":  # a .parquet file carries the preprocessing in its metadata
+        pq = pytest.importorskip("pyarrow.parquet")
+        embed_run(run_dir, data[kind] / "train", tmp_path / "emb.parquet", num_workers=0, device="cpu")
+        meta = pq.read_schema(tmp_path / "emb.parquet").metadata
+        assert json.loads(meta[b"preprocessing"]) == summary["preprocessing"]
     hub.export_hub(run_dir, tmp_path / "hub")
     export_run(run_dir, "safetensors", tmp_path / "enc.safetensors")
     for source in (run_dir, tmp_path / "hub", tmp_path / "enc.safetensors"):
