@@ -101,8 +101,9 @@ def features(args):
     from selfsup.training.steps import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))  # as selfsup eval extracts them
-    ftr, ytr = extract_features(enc, train, "cpu", size, precision=precision)
-    fte, yte = extract_features(enc, test, "cpu", size, precision=precision)
+    prep = run.preprocessing if run else None  # the run's statistics, as selfsup eval prepares images
+    ftr, ytr = extract_features(enc, train, "cpu", size, precision=precision, preprocess=prep)
+    fte, yte = extract_features(enc, test, "cpu", size, precision=precision, preprocess=prep)
     return ftr, ytr, fte, yte, train.num_classes, name
 
 

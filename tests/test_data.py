@@ -275,7 +275,9 @@ def test_imagefolder_in_memory(tmp_path, image_size):
     make_class_folder(tmp_path / "pets")
     ds = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=image_size)
     assert isinstance(ds, InMemoryDataset)  # default: few images and a small size
-    assert_images(ds, 5, 3, image_size)
+    assert_images(ds, 5, 3, default_load_size(image_size))  # 32 -> 32, 48 -> 55: as streaming decodes them
+    streamed = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=image_size, in_memory=False)
+    assert all(torch.equal(ds.images[i], streamed[i][0]) for i in range(len(ds)))
     assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
     assert (ds.mean, ds.std) == (IMAGENET_MEAN, IMAGENET_STD)
     assert ds.images[0, :, 10, 10].tolist() == [200, 10, 10]
@@ -285,17 +287,17 @@ def test_imagefolder_in_memory(tmp_path, image_size):
 
 def test_imagefolder_streamed(tmp_path):
     make_class_folder(tmp_path / "pets")
-    ds = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=32, in_memory=False)
+    ds = load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=40, in_memory=False)
     assert isinstance(ds, ImageFolderDataset)
     assert len(ds) == 5 and ds.num_classes == 2 and ds.num_channels == 3
-    assert ds.image_size == 32 and ds.load_size == default_load_size(32) == 37
+    assert ds.image_size == 40 and ds.load_size == default_load_size(40) == 46
     assert ds.labels.tolist() == [0, 0, 0, 1, 1]
     assert (ds.mean, ds.std) == (IMAGENET_MEAN, IMAGENET_STD)
     for i in range(len(ds)):
         image, label = ds[i]
-        assert image.shape == (3, 37, 37) and image.dtype == torch.uint8
+        assert image.shape == (3, 46, 46) and image.dtype == torch.uint8
         assert label == ds.labels[i]
-    assert default_load_size(224) == 256
+    assert default_load_size(224) == 256 and default_load_size(32) == 32  # small images: not upscaled
     copy = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
     assert copy.files == ds.files and torch.equal(copy[3][0], ds[3][0])
     assert not isinstance(load_dataset(f"imagefolder:{tmp_path / 'pets'}", image_size=96), InMemoryDataset)

@@ -243,11 +243,11 @@ def test_embed_shape_order_and_formats(workspace):
 
 
 def test_embed_rows_are_the_encoder_on_each_image(workspace, tmp_path):
-    """Any batch size and worker count give the same rows; each row is h of that image alone."""
+    """Any batch size and worker count give the same rows; each row is h of that image alone, decoded whole and
+    prepared by the run's preprocessing (as ``selfsup.hub.embed`` and evaluation prepare it)."""
     pytest.importorskip("pyarrow")
     from selfsup.data.folders import decode_image
     from selfsup.artifacts.embed import embed_run, read_embeddings
-    from selfsup.evaluation.frozen import prepare_images
     from selfsup.training.runs import load_encoder, load_run
 
     out = tmp_path / "pets.parquet"
@@ -260,9 +260,9 @@ def test_embed_rows_are_the_encoder_on_each_image(workspace, tmp_path):
     run = load_run(workspace / "runs" / "pets")
     encoder = load_encoder(run).eval()
     for i in (0, 7, 19):
-        image = decode_image(workspace / "pets" / paths[i], 96, 3)[None]
+        image = decode_image(workspace / "pets" / paths[i], None, 3)[None]
         with torch.no_grad():
-            h = encoder(prepare_images(image, run.mean, run.std, 96))[0].numpy()
+            h = encoder(run.preprocessing(image))[0].numpy()
         np.testing.assert_allclose(emb[i], h, rtol=1e-4, atol=1e-5)
 
 

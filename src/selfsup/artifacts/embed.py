@@ -3,10 +3,14 @@
 ``selfsup embed --run RUN_DIR --images PATH --out FILE``. ``PATH`` is a folder (searched recursively,
 hidden entries skipped; JPEG/PNG/WebP/BMP) or one image file. Images are taken in sorted order of
 their path relative to ``PATH`` (POSIX separators), so two runs over the same folder list the same
-images in the same order. Each image is decoded as for evaluation: EXIF rotation applied, converted
-to the run's channels, shorter side resized to the run's ``image_size``, centre square kept, then
-normalised with the run's mean/std. The embedding is the representation h (the encoder's pooled
-output, before any projection head), computed in float32 with the encoder in eval mode.
+images in the same order. Each image is decoded whole (EXIF rotation applied, converted to the run's
+channels as PIL converts them) and prepared by the one function every path uses,
+:func:`selfsup.evaluation.preprocess.prepare_images` with the run's ``RunInfo.preprocessing``: centre
+square, central 87.5% above 32 px, resized to the run's ``image_size``, normalised with the mean/std
+the run was trained with; so a row equals ``selfsup.hub.embed`` of the decoded image. The embedding
+is the representation h (the encoder's pooled output, before any projection head), computed in
+float32 with the encoder in eval mode. The preprocessing is returned in the summary and stored in a
+``.parquet`` file's metadata.
 
 Output by the suffix of ``FILE``:
 
@@ -20,6 +24,7 @@ Output by the suffix of ``FILE``:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -28,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfsup.data.containers import IMAGE_EXTENSIONS, MEAN_STD
+from selfsup.data.containers import IMAGE_EXTENSIONS
 from selfsup.data.folders import decode_image
 from selfsup.data.store import STORE_PREFIX, open_store
 from selfsup.errors import ConfigError
-from selfsup.evaluation.frozen import prepare_images, extract_features
+from selfsup.evaluation.frozen import extract_features
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.steps import resolve_device
 
@@ -70,39 +76,40 @@ def list_images(root: str | os.PathLike) -> tuple[Path, list[str]]:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """``(uint8 (C, size, size), index, ok)`` per file; a file that fails to decode gives ``ok=False`` and zeros."""
+    """``(encoder input (C, S, S) float, index, ok)`` per file: decoded whole, then ``preprocess``; a file
+    that fails to decode gives ``ok=False`` and zeros."""
 
-    def __init__(self, base: Path, relative: list[str], size: int, num_channels: int):
+    def __init__(self, base: Path, relative: list[str], preprocess: Preprocessing):
         self.base = Path(base)
         self._relative = np.array([os.fsencode(p) for p in relative])  # cheap to share with workers
-        self.size, self.num_channels = int(size), int(num_channels)
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self._relative)
 
     def __getitem__(self, index: int):
         path = self.base / os.fsdecode(self._relative[index])
+        prep = self.preprocess
         try:
-            image = decode_image(path, self.size, self.num_channels)
+            image = prep(decode_image(path, None, prep.channels)[None])[0]
             ok = True
         except OSError:
-            image = torch.zeros(self.num_channels, self.size, self.size, dtype=torch.uint8)
+            image = torch.zeros(prep.channels, prep.image_size, prep.image_size)
             ok = False
         return image, index, ok
 
 
 @torch.no_grad()
-def embed_images(encoder: torch.nn.Module, base: Path, relative: list[str], *, image_size: int, num_channels: int,
-                 mean, std, batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
+def embed_images(encoder: torch.nn.Module, base: Path, relative: list[str], *, preprocess: Preprocessing,
+                 batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
                  skip_broken: bool = False, progress: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
     """``(embeddings (N, D) float32, kept relative paths, skipped relative paths)``, in the order of ``relative``."""
     from torch.utils.data import DataLoader
 
-
     if batch_size < 1:
         raise EmbedError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    dataset = ImageListDataset(base, relative, image_size, num_channels)
+    dataset = ImageListDataset(base, relative, preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     bar = None
@@ -124,8 +131,7 @@ def embed_images(encoder: torch.nn.Module, base: Path, relative: list[str], *, i
                 skipped += bad
                 images, index = images[ok], index[ok]
             if len(index):
-                x = prepare_images(images.to(device, non_blocking=True), mean, std, image_size)
-                chunks.append(encoder(x).float().cpu().numpy())
+                chunks.append(encoder(images.to(device, non_blocking=True)).float().cpu().numpy())
                 kept += [relative[i] for i in index.tolist()]
             if bar is not None:
                 bar.update(len(ok))
@@ -226,19 +232,17 @@ def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch
     base, relative = list_images(images)
     dev = resolve_device(device)
     encoder = load_encoder(run).to(dev)
-    mean, std = run.mean, run.std
-    if len(mean) != run.in_channels or len(std) != run.in_channels:  # older run folders without statistics
-        mean, std = MEAN_STD["gray" if run.in_channels == 1 else "imagenet"]
+    prep = run.preprocessing
     workers = min(num_workers, math.ceil(len(relative) / max(1, batch_size)))
-    emb, kept, skipped = embed_images(encoder, base, relative, image_size=run.image_size, num_channels=run.in_channels,
-                                      mean=mean, std=std, batch_size=batch_size, device=dev, num_workers=workers,
-                                      skip_broken=skip_broken, progress=progress)
+    emb, kept, skipped = embed_images(encoder, base, relative, preprocess=prep, batch_size=batch_size, device=dev,
+                                      num_workers=workers, skip_broken=skip_broken, progress=progress)
     meta = {"run": str(run_dir), "weights": str(run.weights_path), "backbone": run.config.backbone,
-            "images": str(base), "image_size": run.image_size}
+            "images": str(base), "image_size": run.image_size, "preprocessing": json.dumps(prep.record())}
     written = write_embeddings(out, kept, emb, metadata=meta)
     seconds = time.perf_counter() - t0
     return {"out": [str(p) for p in written], "num_images": len(kept), "dim": int(emb.shape[1]),
-            "skipped": skipped, "seconds": round(seconds, 2), "images_per_sec": round(len(kept) / max(seconds, 1e-9), 1)}
+            "skipped": skipped, "seconds": round(seconds, 2), "images_per_sec": round(len(kept) / max(seconds, 1e-9), 1),
+            "preprocessing": prep.record()}
 
 
 @torch.no_grad()
@@ -247,14 +251,14 @@ def _embed_store(run, name: str, out: Path, batch_size: int, device: torch.devic
     """``embed_run`` over a store's train split: images as stored (the folder's centre square), names from the store."""
     store = open_store(name, "train")
     encoder = load_encoder(run).to(device)
-    if len(run.mean) == len(run.std) == run.in_channels:
-        store.mean, store.std = tuple(run.mean), tuple(run.std)  # normalise as the encoder was trained
+    prep = run.preprocessing
     emb, _ = extract_features(encoder, store, device, run.image_size, batch_size=batch_size, num_workers=num_workers,
-                              progress=progress)
+                              progress=progress, preprocess=prep)
     names = [store.name_of(i) for i in range(len(store))]
     meta = {"run": str(run.run_dir), "weights": str(run.weights_path), "backbone": run.config.backbone,
-            "images": name, "image_size": run.image_size}
+            "images": name, "image_size": run.image_size, "preprocessing": json.dumps(prep.record(store.num_channels))}
     written = write_embeddings(out, names, emb.numpy(), metadata=meta)
     seconds = time.perf_counter() - t0
     return {"out": [str(p) for p in written], "num_images": len(names), "dim": int(emb.shape[1]), "skipped": [],
-            "seconds": round(seconds, 2), "images_per_sec": round(len(names) / max(seconds, 1e-9), 1)}
+            "seconds": round(seconds, 2), "images_per_sec": round(len(names) / max(seconds, 1e-9), 1),
+            "preprocessing": prep.record(store.num_channels)}

@@ -12,8 +12,10 @@ Targets (``selfsup export --to ...``):
 - ``safetensors``: the backbone alone, loadable by :func:`load_exported` (which rebuilds it from the
   metadata stored in the file) or ``build_backbone(...).load_state_dict``.
 - ``onnx``: ``torch.onnx.export`` of the backbone in eval mode, input ``images`` (B, C, S, S) with a
-  dynamic batch axis, output ``features`` (B, num_features). The input is normalised as in
-  training (``mean``/``std`` are in the file's metadata). When onnxruntime is installed the file is
+  dynamic batch axis, output ``features`` (B, num_features). The input is prepared as evaluation
+  prepares it (:func:`selfsup.evaluation.preprocess.prepare_images`: channels, centre square, central
+  ``centre_crop`` share, resize to S, ``/ 255``, ``mean``/``std`` normalisation); ``mean``, ``std``,
+  ``centre_crop`` and the whole ``preprocessing`` record are in the file's metadata. When onnxruntime is installed the file is
   run once and compared with PyTorch (max |difference| must be <= 1e-4 x max(1, max |output|)).
 
 State dicts are written as safetensors (``.pt``/``.pth`` names get ``torch.save`` instead).
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from selfsup.errors import ConfigError, CheckpointError
+from selfsup.evaluation.preprocess import Preprocessing, eval_crop
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.models.resnet import BasicBlock, Bottleneck, ResNet
 from selfsup.training.checkpoint import save_weights, load_weights, weights_metadata, write_atomically
@@ -226,8 +229,12 @@ def _write_onnx(backbone: nn.Module, out: Path, in_channels: int, image_size: in
 
 def export_backbone(backbone: nn.Module, to: str, out: str | Path, *, backbone_name: str, in_channels: int,
                     image_size: int, mean=(), std=(), width: float | None = None, opset: int | None = None,
-                    dynamo: bool = False, verify: bool = True) -> dict:
-    """Write ``backbone`` to ``out`` in format ``to`` (one of :data:`EXPORT_TARGETS`); returns a summary dict."""
+                    dynamo: bool = False, verify: bool = True, crop: float | None = None) -> dict:
+    """Write ``backbone`` to ``out`` in format ``to`` (one of :data:`EXPORT_TARGETS`); returns a summary dict.
+
+    ``mean``/``std``/``crop`` (None: :func:`eval_crop`) describe the input preparation, stored in the metadata.
+    """
+    crop = eval_crop(image_size) if crop is None else float(crop)
     if to not in EXPORT_TARGETS:
         raise ExportError(f"--to {to!r}: choose one of {', '.join(EXPORT_TARGETS)}")
     out = Path(out)
@@ -235,8 +242,10 @@ def export_backbone(backbone: nn.Module, to: str, out: str | Path, *, backbone_n
         raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / ('encoder.' + _default_suffix(to))}")
     meta = {"selfsup_backbone": backbone_name, "in_channels": str(in_channels), "image_size": str(image_size),
             "num_features": str(backbone.num_features), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
-            "backbone_width": "" if width is None else repr(float(width)),
+            "backbone_width": "" if width is None else repr(float(width)), "centre_crop": repr(crop),
             "small_stem": str(getattr(backbone, "small_stem", ""))}
+    if len(mean) == len(std) == in_channels:
+        meta["preprocessing"] = json.dumps(Preprocessing(image_size, in_channels, mean, std, crop).record())
     summary = {"to": to, "out": str(out), "num_features": int(backbone.num_features), "backbone": backbone_name}
     if to == "torchvision":
         arch, state = torchvision_state_dict(backbone)
@@ -258,7 +267,8 @@ def export_backbone(backbone: nn.Module, to: str, out: str | Path, *, backbone_n
     else:
         meta.update(format="onnx")
         _write_onnx(backbone, out, in_channels, image_size, meta, opset, dynamo)
-        summary["input"] = f"images: float32 (batch, {in_channels}, {image_size}, {image_size}), normalised with mean/std"
+        summary["input"] = (f"images: float32 (batch, {in_channels}, {image_size}, {image_size}), prepared as the "
+                            "metadata's preprocessing says (selfsup.evaluation.preprocess.prepare_images)")
         if verify:
             try:
                 import onnxruntime  # noqa: F401
@@ -285,10 +295,11 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, *, opset: int | No
     """Export the encoder of the run in ``run_dir`` (its final weights, else the newest checkpoint)."""
     run = load_run(run_dir)
     backbone = load_encoder(run).cpu().float().eval()
+    prep = run.preprocessing
     summary = export_backbone(backbone, to, out, backbone_name=run.config.backbone, in_channels=run.in_channels,
-                              image_size=run.image_size, mean=run.mean, std=run.std,
+                              image_size=run.image_size, mean=prep.mean, std=prep.std,
                               width=getattr(run.config, "backbone_width", None), opset=opset, dynamo=dynamo,
-                              verify=verify)
+                              verify=verify, crop=prep.crop)
     summary["run"] = str(run_dir)
     summary["weights"] = str(run.weights_path)
     return summary

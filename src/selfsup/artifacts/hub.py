@@ -6,7 +6,8 @@ to rebuild the encoder:
 - ``model.safetensors``: the encoder f's weights (no projection head);
 - ``config.json``: ``backbone`` (registry name) and ``backbone_args`` (``in_channels``, ``image_size``,
   ``width``) for ``selfsup.models.backbones.build_backbone``, ``num_features``, the input size and channels,
-  the normalisation (``mean``, ``std`` on [0, 1]) and where the weights came from;
+  the normalisation (``mean``, ``std`` on [0, 1]), the evaluation centre crop (``centre_crop``), the
+  whole preprocessing as evaluation records it (``preprocessing``) and where the weights came from;
 - ``README.md``: a model card: method, recipe, data (with its licence line), steps, and the
   evaluation results of the run folder (``eval_knn.json``, ``eval_linear.json``) with their protocol.
 
@@ -27,12 +28,11 @@ from torch import nn
 
 from selfsup import __version__
 from selfsup.artifacts.export import load_exported
-from selfsup.data.containers import MEAN_STD
 from selfsup.errors import CheckpointError, ConfigError
-from selfsup.evaluation.frozen import prepare_images
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights, save_weights, weights_metadata
-from selfsup.training.runs import load_encoder as run_encoder, load_run
+from selfsup.training.runs import load_encoder as run_encoder, load_run, training_statistics
 
 __all__ = ["export_hub", "load_encoder", "from_pretrained", "embed", "DATA_LICENCES"]
 
@@ -105,12 +105,19 @@ def _model_card(run, config: dict, info: dict, summary: dict, evals: list[dict])
                          f"{e.get('top5', float('nan')):.2f} | {e.get('num_train')} / {e.get('num_test')} |")
     else:
         lines.append("Not evaluated (run `selfsup eval knn|linear --run RUN_DIR` before exporting to include results).")
+    crop = config["centre_crop"]
     lines += ["", "## Use", "", "```python", "import selfsup",
               "encoder = selfsup.load_encoder(\"THIS_FOLDER\")   # or selfsup.from_pretrained(...)",
               "features = selfsup.hub.embed(encoder, images)     # uint8 (B, C, H, W) -> (B, "
               f"{config['num_features']})", "```", "",
-              f"Inputs are normalised with mean {config['mean']} and std {config['std']} (on [0, 1]) at "
-              f"{config['image_size']} px; `embed` does this.", ""]
+              "## Preprocessing", "",
+              "The encoder was trained, and is evaluated, on inputs prepared like this; `embed` does it (as do "
+              "`selfsup eval` and `selfsup embed`):", "",
+              f"1. {config['in_channels']} channel(s): gray repeated to RGB, or RGB to gray as PIL's `convert(\"L\")`;",
+              "2. the centre square of the image" + (f", of which the central {crop:.1%} of the side is kept;"
+                                                    if crop < 1 else ";"),
+              f"3. resized to {config['image_size']} x {config['image_size']} px (bilinear, antialiased when shrinking);",
+              f"4. scaled to [0, 1], then normalised with mean {config['mean']} and std {config['std']}.", ""]
     return "\n".join(lines)
 
 
@@ -121,13 +128,15 @@ def export_hub(run_dir: str | Path, out: str | Path) -> dict:
     if out.is_file():
         raise ConfigError(f"--out {out} is a file; --to hub writes a folder (model.safetensors, config.json, README.md)")
     backbone = run_encoder(run).cpu().float().eval()
+    prep = run.preprocessing
     width = run.config.backbone_width
     config = {"format": FORMAT, "selfsup_version": __version__, "backbone": run.config.backbone,
               "backbone_args": {"in_channels": run.in_channels, "image_size": run.image_size,
                                 **({} if width is None else {"width": float(width)})},
               "num_features": int(backbone.num_features), "image_size": run.image_size,
-              "in_channels": run.in_channels, "mean": list(run.mean), "std": list(run.std),
-              "method": run.config.method, "dataset": run.config.dataset, "source_run": run.run_dir.name}
+              "in_channels": run.in_channels, "mean": list(prep.mean), "std": list(prep.std),
+              "centre_crop": prep.crop, "preprocessing": prep.record(), "method": run.config.method,
+              "dataset": run.config.dataset, "source_run": run.run_dir.name}
     info, summary = _read_json(run.run_dir / "run.json"), _read_json(run.run_dir / "train_summary.json")
     evals = [e for e in (_read_json(run.run_dir / f"eval_{k}.json") for k in ("knn", "linear")) if e]
     out.mkdir(parents=True, exist_ok=True)
@@ -151,22 +160,33 @@ def _from_hub_folder(folder: Path) -> nn.Module:
     except RuntimeError as e:
         raise CheckpointError(f"{folder}/model.safetensors does not fit backbone {config['backbone']!r}: "
                               f"{str(e).splitlines()[0]}") from None
-    _describe(backbone, config["image_size"], config["in_channels"], config["mean"], config["std"])
+    _describe(backbone, _saved_preprocessing(config["image_size"], config["in_channels"], config["mean"],
+                                             config["std"], config.get("centre_crop"), config.get("dataset", "")))
     return backbone
 
 
-def _describe(backbone: nn.Module, image_size: int, in_channels: int, mean, std) -> None:
+def _saved_preprocessing(image_size, channels, mean, std, crop, dataset: str) -> Preprocessing:
+    """The stored preprocessing; files written from run folders without statistics: the data set's."""
+    channels = int(channels)
+    if len(mean) != channels or len(std) != channels:
+        mean, std = training_statistics(dataset, channels)
+    return Preprocessing(int(image_size), channels, mean, std, None if crop in (None, "") else float(crop))
+
+
+def _describe(backbone: nn.Module, prep: Preprocessing) -> None:
     # Plain attributes so callers (and ``embed``) know how to prepare images; not part of the state dict.
-    backbone.image_size, backbone.in_channels = int(image_size), int(in_channels)
-    backbone.mean, backbone.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    backbone.preprocessing = prep
+    backbone.image_size, backbone.in_channels = prep.image_size, prep.channels
+    backbone.mean, backbone.std = prep.mean, prep.std
 
 
 def load_encoder(path: str | Path) -> nn.Module:
     """The encoder f, in eval mode, from a Hub-style folder, a run folder (or a ``selfsup.lightning`` ``.ckpt``),
     or a ``--to safetensors`` file.
 
-    The module carries ``image_size``, ``in_channels``, ``mean`` and ``std`` (how to prepare its input;
-    :func:`embed` uses them) and ``num_features``.
+    The module carries ``preprocessing`` (a :class:`selfsup.evaluation.preprocess.Preprocessing`: how to
+    prepare its input, the run's own; :func:`embed` applies it), its parts ``image_size``, ``in_channels``,
+    ``mean`` and ``std``, and ``num_features``.
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -174,15 +194,13 @@ def load_encoder(path: str | Path) -> nn.Module:
     if path.is_dir() or path.suffix == ".ckpt":  # a run folder or a selfsup.lightning checkpoint
         run = load_run(path)
         backbone = run_encoder(run)
-        mean, std = run.mean, run.std
-        if not mean:  # run folders of older releases: the data set's statistics
-            mean, std = MEAN_STD.get(run.config.dataset, ((0.5,) * run.in_channels, (0.25,) * run.in_channels))
-        _describe(backbone, run.image_size, run.in_channels, mean, std)
+        _describe(backbone, run.preprocessing)
         return backbone.eval()
     if path.is_file() and path.suffix == ".safetensors":
         backbone = load_exported(path)
         meta = weights_metadata(path)
-        _describe(backbone, meta["image_size"], meta["in_channels"], json.loads(meta["mean"]), json.loads(meta["std"]))
+        _describe(backbone, _saved_preprocessing(meta["image_size"], meta["in_channels"], json.loads(meta["mean"]),
+                                                 json.loads(meta["std"]), meta.get("centre_crop"), ""))
         return backbone
     raise ConfigError(f"{path}: not a folder written by selfsup export --to hub, a run folder or an exported "
                       ".safetensors file")
@@ -193,21 +211,25 @@ from_pretrained = load_encoder  # the Hugging Face name for the same thing
 
 @torch.no_grad()
 def embed(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Features ``(B, num_features)`` of ``images``: uint8 ``(B, C, H, W)`` in [0, 255] or float in [0, 1].
+    """Features ``(B, num_features)`` of ``images``: uint8 ``(B, C, H, W)`` in [0, 255] or float in [0, 1],
+    with 1 or 3 channels.
 
-    Centre-cropped to a square, resized to the encoder's ``image_size`` and normalised with its
-    ``mean``/``std`` (as in evaluation), on the encoder's device, in eval mode.
+    Prepared by ``encoder.preprocessing`` (:func:`selfsup.evaluation.preprocess.prepare_images` with the
+    statistics the encoder was trained with: channels converted, centre crop, resize, normalisation),
+    the same function ``selfsup eval`` and ``selfsup embed`` use; on the encoder's device, in eval mode.
     """
-    if images.ndim != 4 or images.shape[1] != encoder.in_channels:
-        raise ValueError(f"images must be (B, {encoder.in_channels}, H, W), got {tuple(images.shape)}")
+    prep = getattr(encoder, "preprocessing", None)
+    if prep is None:  # a module described by hand with the four attributes
+        prep = Preprocessing(encoder.image_size, encoder.in_channels, encoder.mean, encoder.std)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, 1 or 3, H, W), got {tuple(images.shape)}")
     if images.is_floating_point():
         images = images.clamp(0, 1) * 255  # prepare_images divides by 255 (no rounding to uint8)
     device = next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     try:
-        out = [encoder(prepare_images(chunk.to(device), encoder.mean, encoder.std, encoder.image_size)).float()
-               for chunk in images.split(batch_size)]
+        out = [encoder(prep(chunk.to(device))).float() for chunk in images.split(batch_size)]
     finally:
         encoder.train(was_training)
     return torch.cat(out)

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="imagefolder:PATH (flat, class sub-folders, or train/ and val/ splits)")
     p.add_argument("--out", required=True, help="store folder to create (or to resume)")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                   help=f"training image size (default {DEFAULT_SIZE}); images are stored at size*256/224")
+                   help=f"training image size (default {DEFAULT_SIZE}); images are stored at size*256/224 (at size itself up to 32)")
     p.add_argument("--format", choices=STORE_FORMATS, default="jpeg",
                    help="jpeg (default: small, fast to decode) or raw (uint8 pixels, identical to the folder's)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")

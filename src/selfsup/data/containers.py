@@ -33,6 +33,7 @@ MEAN_STD["stl10"] = MEAN_STD["imagenet"]
 
 IN_MEMORY_MAX_IMAGES = 20_000
 IN_MEMORY_MAX_SIZE = 64
+SMALL_IMAGE_MAX = 32  # evaluation keeps the whole image up to this side (selfsup.evaluation.preprocess.eval_crop)
 DEFAULT_IMAGEFOLDER_SIZE = 224
 
 
@@ -108,7 +109,15 @@ class InMemoryDataset:
 
 
 def default_load_size(image_size: int) -> int:
-    """Side at which streamed images are stored: ``image_size * 256 / 224`` (~1.15x), rounded; 256 for 224."""
+    """Side at which streamed images are stored: ``image_size * 256 / 224`` (~1.15x), rounded; 256 for 224.
+
+    Evaluation keeps the central 224/256 = 87.5% of such an image, which is then ``image_size`` with no
+    second resize. At 32 px and below evaluation keeps the whole image, so images are stored at
+    ``image_size`` itself: a larger side would only upscale them and make evaluation resize them back
+    (a streamed 28 px folder then read differently from the same folder held in memory).
+    """
+    if image_size <= SMALL_IMAGE_MAX:
+        return int(image_size)
     return int(round(image_size * 256 / 224))
 
 

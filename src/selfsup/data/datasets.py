@@ -57,8 +57,9 @@ def load_dataset(
     and ``"test"`` reads ``PATH/val`` (or ``PATH/test``) with the training folder's class indices;
     any other ``PATH`` is the training split and has no ``"test"``. ``image_size`` defaults to 224.
     With ``in_memory=True`` (the default when the split holds <= 20000 images and ``image_size``
-    <= 64) every image is decoded once, shorter side resized to ``image_size`` and centre-cropped,
-    into an :class:`InMemoryDataset`; otherwise an :class:`ImageFolderDataset` streams them.
+    <= 64) every image is decoded once, exactly as streaming decodes it (shorter side resized to the
+    load size, :func:`selfsup.data.containers.default_load_size`, centre square), into an
+    :class:`InMemoryDataset`; otherwise an :class:`ImageFolderDataset` streams them.
     ``num_channels`` (image folders only) forces 1 or 3 channels instead of detecting them.
 
     ``"store:PATH"`` is a folder written by ``selfsup prepare`` (:mod:`selfsup.data.store`): streamed by

@@ -188,17 +188,21 @@ def detect_channels(files: Sequence[Path], max_probe: int = 16) -> int:
     return 1
 
 
-def decode_image(path: Path, size: int, num_channels: int) -> torch.Tensor:
-    """(C, size, size) uint8: shorter side resized to ``size``, centre square kept (one resize call)."""
+def decode_image(path: Path, size: int | None, num_channels: int) -> torch.Tensor:
+    """(C, size, size) uint8: shorter side resized to ``size``, centre square kept (one resize call).
+
+    ``size=None``: the whole image as stored, (C, H, W), only EXIF-rotated and converted to the channels.
+    """
     mode = "L" if num_channels == 1 else "RGB"
     try:
         with Image.open(path) as img:
-            img.draft(mode, (size, size))  # JPEG only: DCT-scaled decode, both sides stay >= size
+            if size is not None:
+                img.draft(mode, (size, size))  # JPEG only: DCT-scaled decode, both sides stay >= size
             img = ImageOps.exif_transpose(img)
             img = convert_image(img, mode)  # transparency over white, 16-bit scaled, palette/CMYK converted
             w, h = img.size
             side = min(w, h)
-            if (w, h) != (size, size):
+            if size is not None and (w, h) != (size, size):
                 box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
                 img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
             array = np.array(img, dtype=np.uint8)
@@ -248,7 +252,7 @@ def load_image_folder(
         in_memory = len(dataset) <= IN_MEMORY_MAX_IMAGES and size <= IN_MEMORY_MAX_SIZE
     if not in_memory:
         return dataset
-    return _decode_all(dataset, size)
+    return _decode_all(dataset, dataset.load_size)  # the streamed images, so both read the same
 
 
 def _decode_all(dataset: ImageFolderDataset, size: int) -> InMemoryDataset:

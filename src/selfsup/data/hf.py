@@ -112,7 +112,7 @@ class HFImageDataset(torch.utils.data.Dataset):
     """One split of a saved ``datasets`` data set; ``ds[i]`` is ``(uint8 (C, load_size, load_size), label or -1)``.
 
     ``image_size`` None: the images' own side when the first ones are squares of one size, else 224;
-    ``load_size`` defaults to ``image_size`` for native-size images and to ``image_size * 256 / 224``
+    ``load_size`` defaults to ``image_size`` for native-size images and to ``default_load_size(image_size)``
     otherwise (as image folders). ``mean``/``std``: ImageNet's for RGB, 0.5 / 0.25 for gray.
     """
 
@@ -183,6 +183,5 @@ def load_hf_dataset(name: str, split: str = "train", image_size: int | None = No
         in_memory = len(ds) <= IN_MEMORY_MAX_IMAGES and ds.image_size <= IN_MEMORY_MAX_SIZE
     if not in_memory:
         return ds
-    ds.load_size = ds.image_size  # decoded once at the training size, as small image folders are
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return InMemoryDataset(images=images, labels=ds.labels, classes=ds.classes, name=name, mean=ds.mean, std=ds.std)

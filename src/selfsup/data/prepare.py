@@ -9,7 +9,7 @@ default: ~10x smaller, decoded with libjpeg-turbo at training time). For ``--for
 source takes a faster path to the same image within resampling tolerance
 (:func:`_jpeg_at_load_size`: the folder's DCT-scaled decode, done by libjpeg-turbo, and torch's
 antialiased bicubic resize). The load size is the one the training size needs, ``size * 256 / 224``
-(256 for 224).
+(256 for 224; ``size`` itself at 32 px and below, :func:`selfsup.data.containers.default_load_size`).
 
 Resumable: the images are written in parts of ``part_size`` (default 4096), each a folder of the
 engine's shards finished by a ``done.json``; an interrupted run, started again with the same

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfsup.data.containers import default_load_size
 from selfsup.errors import DataError
 
 __all__ = ["STORE_PREFIX", "MANIFEST", "StoreDataset", "open_store", "read_manifest", "decode_jpeg_batch",
@@ -228,14 +229,14 @@ def open_store(name: str, split: str = "train", image_size: int | None = None) -
     """``store:PATH`` as a :class:`StoreDataset`; refuses a training size the stored pixels cannot give.
 
     ``image_size=None`` uses the size the store was prepared for. A smaller size is fine (the
-    device-side random-resized-crop scales down); a size whose load size (``size * 256 / 224``)
-    exceeds the stored side would upscale every image, so it is refused with the prepare command.
+    device-side random-resized-crop scales down); a size whose load size
+    (:func:`selfsup.data.containers.default_load_size`) exceeds the stored side would upscale every image, so it is refused with the prepare command.
     """
     raw = name[len(STORE_PREFIX):] if name.startswith(STORE_PREFIX) else name
     if not raw:
         raise DataError("store needs a path: store:PATH (made by selfsup prepare imagefolder:PATH --out PATH)")
     dataset = StoreDataset(raw, split, name=name)
-    if image_size is not None and int(round(int(image_size) * 256 / 224)) > dataset.load_size:
+    if image_size is not None and default_load_size(int(image_size)) > dataset.load_size:
         raise DataError(f"store {raw} was prepared for {dataset.image_size} px (stored at {dataset.load_size} px) "
                         f"and cannot train at {image_size} px without upscaling; prepare it again with "
                         f"selfsup prepare {dataset.manifest['source']} --out NEW_STORE --size {image_size}")

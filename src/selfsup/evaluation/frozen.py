@@ -18,32 +18,9 @@ from torch import nn
 
 from selfsup.errors import BackboneChangedError  # noqa: F401 (re-exported: defined here before)
 from selfsup.evaluation.linear_probe import DEFAULT_C_GRID, select_and_fit
-
-
-EVAL_CENTER_CROP = 0.875  # official SimCLR code: evaluation crops the central 87.5%, for images above 32 px
-
-
-def eval_crop(image_size: int) -> float:
-    """Share of the image side kept by evaluation's centre crop: 0.875 above 32 px (official code), else 1."""
-    return EVAL_CENTER_CROP if image_size > 32 else 1.0
-
-
-def prepare_images(images: torch.Tensor, mean, std, size: int, crop: float = 1.0) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float at ``size`` px: centre crop to a square (``crop`` of its
-    side, e.g. the official code's 0.875), then resize."""
-    x = images.float().div_(255.0)
-    h, w = x.shape[-2:]
-    s = min(h, w)
-    if crop < 1.0:
-        s = max(1, int(round(s * crop)))
-    if (h, w) != (s, s):
-        top, left = (h - s) // 2, (w - s) // 2
-        x = x[..., top:top + s, left:left + s]
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+from selfsup.evaluation.preprocess import (  # noqa: F401 (prepare_images, eval_crop: re-exported, defined here before)
+    EVAL_CENTER_CROP, Preprocessing, eval_crop, prepare_images,
+)
 
 
 def iterate_batches(dataset, batch_size: int, num_workers: int = 0, indices: torch.Tensor | None = None) -> Iterable:
@@ -68,12 +45,15 @@ def iterate_batches(dataset, batch_size: int, num_workers: int = 0, indices: tor
 def extract_features(model: nn.Module, dataset, device: torch.device | str, image_size: int, batch_size: int = 512,
                      num_workers: int = 0, indices: torch.Tensor | None = None, precision: str = "fp32",
                      channels_last: bool = False, progress: bool = False,
-                     crop: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     crop: float | None = None, preprocess: Preprocessing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image (eval mode, no augmentation): (N, D) float32 on CPU, labels (N,).
 
-    ``crop``: centre-crop share; None: :func:`eval_crop` (0.875 above 32 px, as the official code).
+    Each batch goes through ``preprocess`` (:func:`selfsup.evaluation.preprocess.prepare_images` with the
+    encoder's statistics; pass the run's, ``RunInfo.preprocessing``, when the data set is not the one it
+    was trained on). None: the data set's own statistics at ``image_size``, centre crop ``crop`` (None:
+    :func:`eval_crop`, 0.875 above 32 px as the official code), which is right for the training set.
     """
-    crop = eval_crop(image_size) if crop is None else crop
+    preprocess = Preprocessing.of_dataset(dataset, image_size, crop) if preprocess is None else preprocess
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -87,7 +67,7 @@ def extract_features(model: nn.Module, dataset, device: torch.device | str, imag
         batches = tqdm(batches, total=total, desc="features", leave=False)
     try:
         for images, y in batches:
-            x = prepare_images(images.to(device, non_blocking=True), dataset.mean, dataset.std, image_size, crop)
+            x = preprocess(images.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:

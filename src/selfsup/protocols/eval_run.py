@@ -4,7 +4,8 @@ Protocols: ``knn`` (weighted kNN, k=200, t=0.1 by default), ``linear`` with ``lo
 logistic regression on standardised frozen features, ``selfsup.evaluation.linear_probe``) or ``sgd`` (the
 papers' protocol, ``selfsup.protocols.linear_sgd``). Baselines, evaluated with exactly the same protocol:
 
-- ``pixels``: the raw pixels (normalised by the data set's mean/std, flattened) as features.
+- ``pixels``: the raw pixels (prepared as the run's encoder input, without ``--run`` with the data set's
+  mean/std; flattened) as features.
 - ``random-init``: the run's encoder (``--run``: its backbone config) at random initialisation, drawn
   with the run's seed, so it is the very network the run started from; without ``--run``, the default
   config's backbone. Batch norm keeps its initial statistics (eval mode, as every probe uses it).
@@ -24,6 +25,7 @@ from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError, BackboneChangedError
 from selfsup.evaluation.frozen import knn_eval, linear_eval, state_fingerprint
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.models.backbones import build_backbone
 from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
@@ -89,7 +91,7 @@ def _encoder_to_evaluate(baseline: str | None, run, run_dir, cfg: PretrainConfig
     return load_encoder(run), f"{run.config.method} run {run_dir}"
 
 
-def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, image_size: int, dev: torch.device,
+def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, prep: Preprocessing, dev: torch.device,
                              device_arg: str, precision: str, batch_size: int, progress: bool, *, k: int,
                              temperature: float, seed: int, solver: str) -> tuple[dict, int, bool]:
     """kNN or logistic regression on features embedded once (under torchrun each rank embeds a shard).
@@ -97,10 +99,10 @@ def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, image_s
     Returns ``(result, feature_dim, main)``; ``main``: this process writes the result.
     """
     owns_group = dist.init_from_env(device_arg)  # under torchrun each rank embeds a shard (docs/distributed.md)
-    ftr, ytr = extract_features_sharded(encoder, train, dev, image_size, batch_size=batch_size, precision=precision,
-                                        progress=progress and dist.is_main_process())
-    fte, yte = extract_features_sharded(encoder, test, dev, image_size, batch_size=batch_size, precision=precision,
-                                        progress=progress and dist.is_main_process())
+    ftr, ytr = extract_features_sharded(encoder, train, dev, prep.image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process(), preprocess=prep)
+    fte, yte = extract_features_sharded(encoder, test, dev, prep.image_size, batch_size=batch_size, precision=precision,
+                                        progress=progress and dist.is_main_process(), preprocess=prep)
     main = dist.is_main_process()
     if owns_group:
         dist.destroy()  # every rank now holds all features and scores them alike; rank 0 writes
@@ -134,15 +136,16 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
         name = "stl10"
     image_size = run.image_size if run is not None else None
     cols = {"image_column": cfg.hf.image_column, "label_column": cfg.hf.label_column}  # hf:PATH
+    # Image folders are decoded to the encoder's channels (an RGB file of a gray image reads as that gray image).
+    cols["num_channels"] = run.in_channels if run is not None else None
     train = load_dataset(name, "train", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
     test = load_dataset(name, "test", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
-    image_size = image_size or train.image_size
     if train.labels is None or test.labels is None:
         raise ConfigError(f"--dataset {name}: evaluation needs labels, and this data set has none")
-    if run is not None and train.num_channels != run.in_channels:
-        raise ConfigError(f"--dataset {name} has {train.num_channels}-channel images but the encoder of {run_dir} was "
-                          f"trained on {run.in_channels}-channel images; evaluate on a data set like the one it was trained on")
-    encoder, encoder_name = _encoder_to_evaluate(baseline, run, run_dir, cfg, train.num_channels, image_size)
+    # The encoder's input is prepared as it was trained (the run's statistics), whatever data set is read.
+    prep = run.preprocessing if run is not None else Preprocessing.of_dataset(train, image_size or train.image_size)
+    image_size = prep.image_size
+    encoder, encoder_name = _encoder_to_evaluate(baseline, run, run_dir, cfg, prep.channels, image_size)
     dev = resolve_device(device)
     precision = resolve_precision("auto", dev)
     encoder = encoder.to(dev)
@@ -151,12 +154,15 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
     if kind == "linear" and linear_protocol == "sgd":
         if dist.world_size() > 1:
             raise ConfigError("--protocol sgd runs in one process; start it without torchrun")
+        if train.num_channels != prep.channels:
+            raise ConfigError(f"--protocol sgd: --dataset {name} has {train.num_channels}-channel images and the "
+                              f"encoder takes {prep.channels}; use the logreg protocol, which converts them")
         sgd = sgd or LinearSGDConfig(seed=seed, **({"batch_size": batch_size} if batch_size else {}))
-        result = linear_eval_sgd(encoder, train, test, image_size, dev, sgd, precision, progress=progress)
+        result = linear_eval_sgd(encoder, train, test, prep, dev, sgd, precision, progress=progress)
         feature_dim = encoder.num_features
     else:
         result, feature_dim, main = _frozen_feature_protocol(
-            kind, encoder, train, test, image_size, dev, device, precision, batch_size or 512, progress,
+            kind, encoder, train, test, prep, dev, device, precision, batch_size or 512, progress,
             k=k, temperature=temperature, seed=seed, solver=solver)
     if state_fingerprint(encoder) != before:
         raise BackboneChangedError("the frozen backbone changed during evaluation; this is a bug in selfsup")
@@ -164,6 +170,7 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
               "encoder": encoder_name, "baseline": baseline, "run": None if run_dir is None else str(run_dir),
               "image_size": image_size, "num_train": len(train), "num_test": len(test), "feature_dim": feature_dim,
               "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
+              "image_preprocessing": prep.record(train.num_channels),
               **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
     path = Path(out) if out is not None else _result_path(kind, run_dir, baseline, linear_protocol)
     if main and path is not None:

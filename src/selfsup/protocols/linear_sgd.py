@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.errors import BackboneChangedError
-from selfsup.evaluation.frozen import iterate_batches, prepare_images, state_fingerprint, topk_accuracy
+from selfsup.evaluation.frozen import iterate_batches, state_fingerprint, topk_accuracy
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.steps import mix_seed, autocast_context, batch_stream
 from selfsup.views.augment import BatchAugment
@@ -65,25 +66,33 @@ class LinearSGDConfig:
         return self.lr if self.lr is not None else 0.1 * self.batch_size / 256
 
 
-def centre_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The central ``fraction`` of the shorter side, as a square (uint8 or float, ``(B, C, H, W)``)."""
-    h, w = images.shape[-2:]
-    s = max(1, round(min(h, w) * fraction))
-    top, left = (h - s) // 2, (w - s) // 2
-    return images[..., top:top + s, left:left + s]
-
-
 @torch.no_grad()
 def _features(encoder: nn.Module, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
     with autocast_context(device, precision):
         return encoder(x).float()
 
 
-def linear_eval_sgd(encoder: nn.Module, train, test, image_size: int, device: torch.device | str = "cpu",
+@torch.no_grad()
+def _test_scores(encoder: nn.Module, classifier: nn.Module, test, prep: Preprocessing, precision: str,
+                 device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, ys = [], []
+    for images, y in iterate_batches(test, 512, num_workers):
+        scores.append(classifier(_features(encoder, prep(images.to(device)), precision, device)).float().cpu())
+        ys.append(torch.as_tensor(y).long())
+    return torch.cat(scores), torch.cat(ys)
+
+
+def linear_eval_sgd(encoder: nn.Module, train, test, preprocess: Preprocessing | int, device: torch.device | str = "cpu",
                     cfg: LinearSGDConfig | None = None, precision: str = "fp32", num_workers: int = 0,
                     progress: bool = False) -> dict:
-    """Train a linear layer on the frozen ``encoder`` (SimCLR App. B.6); top-1/top-5 on ``test`` and the protocol."""
+    """Train a linear layer on the frozen ``encoder`` (SimCLR App. B.6); top-1/top-5 on ``test`` and the protocol.
+
+    ``preprocess``: the run's (``RunInfo.preprocessing``), whose statistics the views use and which prepares
+    the test images (centre crop ``cfg.test_crop``); an ``int``: that size, the training set's statistics.
+    """
     cfg = cfg or LinearSGDConfig()
+    prep = preprocess if isinstance(preprocess, Preprocessing) else Preprocessing.of_dataset(train, preprocess)
+    image_size = prep.image_size
     device = torch.device(device)
     if train.labels is None or bool((train.labels < 0).any()):
         raise ValueError("the SGD linear protocol needs a labelled training set")
@@ -98,7 +107,7 @@ def linear_eval_sgd(encoder: nn.Module, train, test, image_size: int, device: to
     for p in encoder.parameters():
         p.requires_grad_(False)
     view = ViewConfig(crop_scale=cfg.crop_scale, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
-    augment = BatchAugment(view, image_size, train.mean, train.std)
+    augment = BatchAugment(view, image_size, prep.mean, prep.std)
     t0 = time.perf_counter()
     try:
         torch.manual_seed(mix_seed(cfg.seed, 5))
@@ -133,20 +142,15 @@ def linear_eval_sgd(encoder: nn.Module, train, test, image_size: int, device: to
                 bar.update(1)
         if bar is not None:
             bar.close()
-        crop = cfg.test_crop if cfg.test_crop is not None else (0.875 if image_size > 32 else 1.0)
-        scores, ys = [], []
-        with torch.no_grad():
-            for images, y in iterate_batches(test, 512, num_workers):
-                x = prepare_images(centre_crop(images.to(device), crop), test.mean, test.std, image_size)
-                scores.append(classifier(_features(encoder, x, precision, device)).float().cpu())
-                ys.append(torch.as_tensor(y).long())
+        crop = cfg.test_crop if cfg.test_crop is not None else prep.crop
+        scores, ys = _test_scores(encoder, classifier, test, replace(prep, crop=crop), precision, device, num_workers)
     finally:
         for p, r in zip(encoder.parameters(), requires):
             p.requires_grad_(r)
         encoder.train(was_training)
     if state_fingerprint(encoder) != before:
         raise BackboneChangedError("the frozen backbone changed during SGD linear evaluation; this is a bug in selfsup")
-    return {**topk_accuracy(torch.cat(scores), torch.cat(ys)), "probe": "linear-sgd",
+    return {**topk_accuracy(scores, ys), "probe": "linear-sgd",
             "paper": "SimCLR App. B.6 / BYOL App. C.1", **asdict(cfg), "lr": cfg.base_lr,
             "lr_rule": "given" if cfg.lr is not None else "0.1 x batch_size / 256", "batch_size": batch,
             "schedule": "cosine, no warm-up", "steps": total, "steps_per_epoch": steps_per_epoch,

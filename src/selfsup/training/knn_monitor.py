@@ -7,6 +7,7 @@ import torch
 from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
 from selfsup.evaluation.frozen import knn_eval
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.training.build import unwrap
 from selfsup.training.steps import mix_seed
@@ -52,15 +53,18 @@ def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, lo
         try:
             test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,
                                 on_bad_image=cfg.on_bad_image, image_column=cfg.hf.image_column,
-                                label_column=cfg.hf.label_column)
+                                label_column=cfg.hf.label_column, num_channels=dataset.num_channels)
             tperm = torch.randperm(len(test), generator=g)[:KNN_QUERIES]
             cache = (perm[:KNN_BANK], test, tperm)
         except Exception:
             cache = (perm[KNN_QUERIES:KNN_QUERIES + KNN_BANK], dataset, perm[:KNN_QUERIES])
     bank_idx, qset, q_idx = cache
     enc = unwrap(model).backbone
-    bf, bl = extract_features_sharded(enc, dataset, device, image_size, indices=bank_idx, precision=precision)
-    qf, ql = extract_features_sharded(enc, qset, device, image_size, indices=q_idx, precision=precision)
+    prep = Preprocessing.of_dataset(dataset, image_size)  # the training set's statistics, for the queries too
+    bf, bl = extract_features_sharded(enc, dataset, device, image_size, indices=bank_idx, precision=precision,
+                                      preprocess=prep)
+    qf, ql = extract_features_sharded(enc, qset, device, image_size, indices=q_idx, precision=precision,
+                                      preprocess=prep)
     if dist.is_main_process():
         res = knn_eval(bf, bl, qf, ql, dataset.num_classes, cfg.knn_k, cfg.knn_temperature)
         logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"]})

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from selfsup.data.containers import MEAN_STD, canonical_dataset_name
 from selfsup.errors import ConfigError
+from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.config import PretrainConfig
@@ -26,6 +28,25 @@ class RunInfo:
     std: tuple[float, ...]
     weights_path: Path
     weights: dict[str, torch.Tensor]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How to turn a stored image into this encoder's input: its channels, size and the statistics it
+        was trained with (run folders of older releases, which did not record them: those the training
+        data set's reader gives, as ``pretrain`` used them)."""
+        mean, std = self.mean, self.std
+        if len(mean) != self.in_channels or len(std) != self.in_channels:
+            mean, std = training_statistics(self.config.dataset, self.in_channels)
+        return Preprocessing(self.image_size, self.in_channels, mean, std)
+
+
+def training_statistics(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the reader of ``dataset`` carries: a built-in's own, else the folders' gray or ImageNet values."""
+    key = canonical_dataset_name(dataset.split("+")[0])
+    key = "stl10" if key.startswith("stl10") else key
+    if key in MEAN_STD and len(MEAN_STD[key][0]) == channels:
+        return MEAN_STD[key]
+    return MEAN_STD["gray" if channels == 1 else "imagenet"]
 
 
 def run_weights(run_dir: Path, where: str) -> tuple[Path, dict[str, torch.Tensor]]:
