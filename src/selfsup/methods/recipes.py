@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.methods import METHOD_DEFAULTS, VIEW_PRESETS
+from selfsup.methods import METHOD_DEFAULTS, METHODS, VIEW_PRESETS
 from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE
 from selfsup.views.config import ViewConfig
 
@@ -194,6 +194,10 @@ def resolve(data: dict, defaults: dict) -> dict:
         return data  # validation names the bad key
     if data.get("recipe") is not None and not isinstance(data.get("recipe"), str):
         return data  # validation names the bad key
+    if method not in METHODS:  # named before any recipe, which is defined per method
+        close = difflib.get_close_matches(method, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"method: {method!r} is not a registered method; use one of {', '.join(METHODS)}{hint}")
     name = data.get("recipe") or auto_recipe(method, backbone)
     if name not in RECIPES:
         close = difflib.get_close_matches(str(name), list(RECIPES), n=1)
