@@ -26,6 +26,7 @@ from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import build_config, load_yaml, parse_overrides
 from selfsup.training.dryrun import render
 from selfsup.training.loop import pretrain
+from selfsup.training.setup import check_run_folder
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -63,6 +64,8 @@ def _pretrain_config(args, **defaults):
 
 
 def cmd_pretrain(args) -> int:
+    if args.resume is not None:
+        check_run_folder(Path(args.resume), resume=True)  # before reading its config or any data
     if getattr(args, "dry_run", False) and args.resume is None:
         print(render(_pretrain_config(args)), end="")  # resolved and checked; no pixels read, nothing built
         return 0
@@ -75,6 +78,9 @@ def cmd_pretrain(args) -> int:
         layer = load_yaml(saved)
         if "recipe" not in layer:  # written before recipes: made with today's CPU default values, all recorded
             layer.update(recipe="cpu", small_stem=layer.get("small_stem"))
+        if any(getattr(args, k) is not None for k in ("epochs", "steps", "minutes")):
+            for k in ("epochs", "steps", "minutes"):  # a length given on resume replaces the run's (extends it)
+                layer.pop(k, None)
         cfg = _pretrain_config(args, **layer)  # a bare --resume RUN_DIR continues with the run's settings
     else:
         cfg = _pretrain_config(args)
