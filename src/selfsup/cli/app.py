@@ -127,7 +127,8 @@ def cmd_eval(args) -> int:
         raise _config_error("--epochs and --lr belong to the SGD linear protocol; add --protocol sgd")
     result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
                       args.k, args.temperature, progress=not args.no_progress, baseline=args.baseline,
-                      linear_protocol=args.linear_protocol, solver=args.solver, sgd=sgd, seed=args.seed, out=args.out)
+                      linear_protocol=args.linear_protocol, solver=args.solver, sgd=sgd, seed=args.seed, out=args.out,
+                      on_bad_image=args.on_bad_image)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0
@@ -215,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="--protocol sgd: learning rate (default 0.1 x batch size / 256)")
     p.add_argument("--batch-size", type=int, help="feature-extraction batch (default 512); --protocol sgd: the "
                                                   "training batch (default 1024, BYOL C.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split / SGD run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split / SGD run (and of the held-out "
+                   "part of the training images when the data set has no test split)")
+    p.add_argument("--on-bad-image", choices=("error", "skip"),
+                   help="image folders: error or skip bad files (default: the run's own policy)")
     p.add_argument("--out", help="write the result JSON here (default: into the run folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
