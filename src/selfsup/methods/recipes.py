@@ -49,6 +49,11 @@ WARN_LR_FACTOR = 3.0  # warn when the effective lr is more than this times the p
 # Native image side of the built-in data sets, so a recipe can be resolved without reading pixels.
 NATIVE_SIZES = {"fashion-mnist": 28, "mnist": 28, "embedded": 28, "cifar10": 32, "cifar100": 32, "stl10": 96}
 
+# Image folders trained with a narrow CPU encoder default to this side (224, the ImageNet size, for other
+# encoders): the CPU recipe was tuned on small images, and folders of up to 20,000 images at <= 64 px are
+# decoded once into memory rather than streamed (selfsup.data.containers.IN_MEMORY_MAX_SIZE).
+CPU_IMAGEFOLDER_SIZE = 64
+
 # The narrow encoders the CPU default was tuned for.
 CPU_BACKBONES = tuple(name for name in BACKBONES if "narrow" in name)
 assert CPU_DEFAULT_BACKBONE in CPU_BACKBONES
@@ -208,6 +213,9 @@ def resolve(data: dict, defaults: dict) -> dict:
         raise RecipeError(f"recipe: {name!r} is defined for {', '.join(recipe.methods)}, not {method!r}; "
                           f"use --recipe {PAPER_RECIPE.get(method, 'cpu')} or --recipe cpu")
     dataset = get("dataset")
+    if "image_size" not in data and isinstance(dataset, str) and dataset.startswith(IMAGEFOLDER_PREFIX) \
+            and backbone in CPU_BACKBONES:
+        data = {**data, "image_size": CPU_IMAGEFOLDER_SIZE}  # written into config.yaml, so a resume reads the same
     given = data.get("image_size")
     if isinstance(given, bool) or not isinstance(given, (int, float)) or not 8 <= given <= 4096 or given != int(given):
         given = None  # absent or invalid: validation names an invalid one
