@@ -250,6 +250,19 @@ def test_a_failed_run_removes_only_what_it_created(tmp_path, capsys):
     assert empty.is_dir() and not any(empty.iterdir())
 
 
+def test_a_run_that_fails_once_started_keeps_its_folder_for_resume(tmp_path, tiny_cfg):
+    from selfsup.training.loop import pretrain
+
+    def fail(step):
+        raise RuntimeError("the machine broke")
+
+    with pytest.raises(RuntimeError):
+        pretrain(tiny_cfg(checkpoint_every=1000), tmp_path / "r", progress=False, on_step=fail)
+    assert (tmp_path / "r" / "config.yaml").is_file() and (tmp_path / "r" / "metrics.jsonl").is_file()
+    pretrain(tiny_cfg(checkpoint_every=1000), tmp_path / "r", resume=True, progress=False)  # from step 0
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
 def test_a_folder_holding_files_is_reused_only_through_resume(tmp_path, capsys):
     crashed = tmp_path / "crashed"  # what a run killed before its first checkpoint leaves
     crashed.mkdir()

@@ -26,7 +26,7 @@ from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import build_config, load_yaml, parse_overrides
 from selfsup.training.dryrun import render
 from selfsup.training.loop import pretrain
-from selfsup.training.setup import check_run_folder
+from selfsup.training.setup import check_run_folder, run_started
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
         layer["data_dir"] = str(args.data_dir)
     cfg = build_config(PretrainConfig, layer, parse_overrides(args.overrides))
     run_dir = Path(args.out)
-    resume = (run_dir / "checkpoints").is_dir() and args.resume
+    resume = args.resume and run_dir.is_dir() and run_started(run_dir)
     pretrain(cfg, run_dir, resume=resume, progress=not args.no_progress)
     lin = run_eval("linear", run_dir, progress=not args.no_progress)
     knn = run_eval("knn", run_dir, progress=not args.no_progress)

@@ -57,7 +57,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     created = CreatedFolder(Path(run_dir), resume)
     try:
         return _pretrain(cfg, Path(run_dir), resume, progress, on_step, t_begin)
-    except Exception:  # an interrupt (Ctrl-C) keeps the folder: --resume continues it
+    except Exception:  # an interrupt (Ctrl-C), or a failure once the run started, keeps the folder for --resume
         created.remove_if_unfinished()
         raise
 

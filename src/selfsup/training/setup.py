@@ -6,6 +6,7 @@ in one :class:`RunState`, which the loop then updates step by step.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import warnings
@@ -121,6 +122,13 @@ def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> RunState:
                 precision=precision, weights=weights, state=state)
 
 
+def run_started(run_dir: Path) -> bool:
+    """True if ``run_dir`` holds a run that ``--resume`` can continue (finished, or stopped at any point after its
+    config or time plan was written)."""
+    return ((run_dir / "config.yaml").is_file() or (run_dir / PLAN_FILE).is_file()
+            or bool(ckpt.list_checkpoints(run_dir)))
+
+
 def check_run_folder(run_dir: Path, resume: bool) -> None:
     """Before any work: ``--resume`` names a run folder; a new run goes into a missing or empty folder.
 
@@ -131,8 +139,7 @@ def check_run_folder(run_dir: Path, resume: bool) -> None:
         if not run_dir.is_dir():
             raise ConfigError(f"--resume {run_dir}: no such folder; give the folder of the run to continue, or "
                               f"start a new run with --out {run_dir}")
-        started = (run_dir / "config.yaml").is_file() or (run_dir / PLAN_FILE).is_file() or ckpt.list_checkpoints(run_dir)
-        if not started:
+        if not run_started(run_dir):
             raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml and no checkpoint); give the "
                               f"folder of the run to continue, or start a new run with --out {run_dir}")
         return
@@ -146,7 +153,8 @@ def check_run_folder(run_dir: Path, resume: bool) -> None:
 
 
 class CreatedFolder:
-    """What a fresh run is about to create, so a run that fails before its first checkpoint leaves nothing.
+    """What a fresh run is about to create, so a run that fails before it starts (a config or data error) leaves
+    nothing; once its config is written the folder stays, for ``--resume`` and for its logs.
 
     ``run_dir`` and the missing folders above it are removed; a folder that existed (empty, as
     ``check_run_folder`` asks) keeps existing and is emptied. Nothing that was there before is touched.
@@ -155,15 +163,16 @@ class CreatedFolder:
     def __init__(self, run_dir: Path, resume: bool):
         self.run_dir = run_dir
         self.root: Path | None = None  # the outermost folder this run creates; None: run_dir already exists
-        self.active = not resume and dist.is_main_process() and not (run_dir.is_dir() and any(run_dir.iterdir()))
+        main = dist.is_main_process() and os.environ.get("RANK", "0") == "0"  # before torchrun's group is joined too
+        self.active = not resume and main and not (run_dir.is_dir() and any(run_dir.iterdir()))
         if self.active and not run_dir.exists():
             self.root = run_dir
             while not self.root.parent.exists():
                 self.root = self.root.parent
 
     def remove_if_unfinished(self) -> None:
-        """Remove what the run created, unless it wrote a checkpoint (then ``--resume`` can continue it)."""
-        if not self.active or not self.run_dir.is_dir() or ckpt.list_checkpoints(self.run_dir):
+        """Remove what the run created, unless it started (then ``--resume`` can continue it)."""
+        if not self.active or not self.run_dir.is_dir() or run_started(self.run_dir):
             return
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
