@@ -319,3 +319,14 @@ def test_lightning_takes_float_images_and_refuses_what_it_cannot_use(tmp_path):
         check_image_batch(x * 255)
     with pytest.raises(DataError, match=r"\(B, C, H, W\)"):
         check_image_batch(torch.rand(8, 20, 20))
+
+
+def test_a_run_stopped_in_its_final_save_still_finishes_on_resume(tmp_path, tiny_cfg):
+    from selfsup.training.loop import pretrain
+
+    run = tmp_path / "r"
+    pretrain(tiny_cfg(steps=3), run, progress=False)
+    (run / "train_summary.json").unlink()  # killed after the last checkpoint, before the summary
+    (run / "model.safetensors").unlink()
+    pretrain(tiny_cfg(steps=3), run, resume=True, progress=False)
+    assert (run / "model.safetensors").is_file() and json.loads((run / "train_summary.json").read_text())["steps"] == 3

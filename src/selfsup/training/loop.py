@@ -139,7 +139,7 @@ def _check_resumed_length(run: RunState, wanted: int | None) -> None:
     """
     recorded, step = run.total_steps, run.start_step
     if wanted is None or wanted == recorded:
-        if step >= recorded:
+        if step >= recorded and _finished(run.run_dir, step):  # else stopped in its final save: finish it
             raise ConfigError(f"--resume {run.run_dir}: the run already finished ({step} of {recorded} steps); to "
                               f"train it longer give a new length, e.g. --steps {2 * recorded}")
         return
@@ -151,6 +151,16 @@ def _check_resumed_length(run: RunState, wanted: int | None) -> None:
     if run.main:
         print(f"[selfsup] --resume {run.run_dir}: length {recorded} -> {wanted} steps; the schedules are re-planned "
               f"to {wanted} steps from step {step}", file=sys.stderr)
+
+
+def _finished(run_dir: Path, step: int) -> bool:
+    """True if the run wrote its final weights and summary at ``step`` (not stopped part-way through its final save)."""
+    summary = run_dir / "train_summary.json"
+    try:
+        done = json.loads(summary.read_text()).get("steps") == step if summary.is_file() else False
+    except ValueError:
+        done = False
+    return done and (run_dir / "model.safetensors").is_file()
 
 
 def _write_run_folder(run: RunState) -> None:
