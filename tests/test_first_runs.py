@@ -330,3 +330,18 @@ def test_a_run_stopped_in_its_final_save_still_finishes_on_resume(tmp_path, tiny
     (run / "model.safetensors").unlink()
     pretrain(tiny_cfg(steps=3), run, resume=True, progress=False)
     assert (run / "model.safetensors").is_file() and json.loads((run / "train_summary.json").read_text())["steps"] == 3
+
+
+def test_knn_monitor_and_eval_on_a_store_without_a_test_split(mini, tmp_path, capsys):
+    folder, _ = mini
+    store = tmp_path / "store"
+    code, _, err = run_cli(["prepare", f"imagefolder:{folder}", "--out", store, "--size", "16", "--format", "raw",
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    run = tmp_path / "r"
+    code, _, err = run_cli(["pretrain", "--dataset", f"store:{store}", "--out", run, "--steps", "3", *TINY], capsys)
+    assert code == 0, err
+    assert any(r.get("knn_queries") == "held out of the training images" for r in metrics(run))
+    code, out, err = run_cli(["eval", "linear", "--run", run, "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["test_split"] == "held out from the training images" and json.loads(out)["num_test"] == 4
