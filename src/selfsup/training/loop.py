@@ -51,7 +51,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     """Pre-train ``cfg.method`` and write the run folder; returns the path of ``model.safetensors``.
 
     ``resume=True`` continues from the newest checkpoint in ``run_dir`` with the config saved there
-    (the given one must agree on everything that shapes the run).
+    (the given one must agree on everything that shapes the run; a new ``steps`` or ``epochs`` re-plans the
+    run to that length from the resume point). A fresh run that fails before it starts removes the folders
+    it created.
     """
     t_begin = _clock()  # a timed run's budget starts here: loading the data and building the model count
     created = CreatedFolder(Path(run_dir), resume)
