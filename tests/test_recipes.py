@@ -123,7 +123,7 @@ def test_warning_is_printed_before_any_work(tmp_path, capsys):
 
     # A data set that does not exist: the warning is printed before the data is looked for.
     rc = main(["pretrain", "--backbone", "resnet50", "--batch-size", "4096", "--recipe", "cpu", "--dataset",
-               "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--no-progress"])
+               "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"])
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert rc == 2 and lines[0].startswith("[selfsup] recipe cpu")

@@ -292,7 +292,7 @@ def test_embed_broken_image(workspace, tmp_path, capsys):
     assert cli.main(["embed", "--run", run, "--images", str(folder), "--out", str(tmp_path / "e.npy"),
                      "--no-progress", "--num-workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "broken.jpg" in err and "--skip-broken" in err
+    assert len(err.splitlines()) == 1 and "broken.jpg" in err and "--on-bad-image skip" in err
     assert cli.main(["embed", "--run", run, "--images", str(folder), "--out", str(tmp_path / "e.csv"),
                      "--no-progress", "--skip-broken", "--batch-size", "4"]) == 0
     summary = json.loads(capsys.readouterr().out)

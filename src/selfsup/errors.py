@@ -21,6 +21,11 @@ class DataNotFoundError(FileNotFoundError):
     """A data set is not on this machine; the message lists the places searched and how to get it."""
 
 
+class NoTestSplitError(DataNotFoundError, DataError):
+    """A data set has no held-out (``test``) split: a flat or val-less image folder, a single ``hf:`` Dataset, a store
+    prepared without one. Evaluation and the kNN monitor then hold out part of the training split instead."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible; the message says which and what to do."""
 

@@ -10,7 +10,7 @@ the same code; only the loop is Lightning's.
   ``build_config`` (the method's defaults apply, bad keys are refused naming the key). The data's
   ``in_channels``, ``image_size`` and ``mean``/``std`` come from :meth:`SelfSupModule.for_dataset` or
   are given. The weights are a function of ``cfg.seed`` (the global RNG is left alone), as in the loop.
-- Data: batches of ``uint8`` images (or ``(images, labels)``). ``on_after_batch_transfer`` runs our
+- Data: batches of ``uint8`` images, or float images in [0, 1] (or ``(images, labels)``). ``on_after_batch_transfer`` runs our
   batched augmentation on the device after Lightning moved the batch there, with the loop's per-step
   seed, so :func:`step_dataloader` + this module give the plain loop's exact first step.
 - Schedules: the learning rate (warm-up + cosine over ``trainer.max_steps``, or the estimated
@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, DataError
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training.build import build_model, resolve_views
 from selfsup.training.config import PretrainConfig
@@ -114,10 +114,16 @@ class SelfSupModule(L.LightningModule):
         self.collapse.after_step = int(round(self.cfg.optim.warmup_fraction * self.total_steps()))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Two augmented views of the uint8 batch, on the device, seeded as the loop's step (and micro-batch)."""
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if images.dtype != torch.uint8:
-            return batch  # already views (or not images): leave them alone
+        """Two augmented views of the image batch, on the device, seeded as the loop's step (and micro-batch).
+
+        The batch: images (a tensor) or ``(images, labels)``; images ``(B, C, H, W)``, uint8 in [0, 255] or
+        float in [0, 1]. A pair of two same-shaped image tensors is taken as views made already.
+        """
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
+                isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in batch) \
+                and batch[0].shape == batch[1].shape:
+            return tuple(batch)  # already views: leave them alone
+        images = check_image_batch(batch[0] if isinstance(batch, (tuple, list)) and batch else batch)
         step = self.global_step
         if step != self._last_step:
             self._last_step, self._micro = step, 0
@@ -161,6 +167,20 @@ class SelfSupModule(L.LightningModule):
     def encoder(self) -> torch.nn.Module:
         """The backbone f whose features are the representation."""
         return self.model.backbone
+
+
+def check_image_batch(images) -> torch.Tensor:
+    """``images`` if it is a ``(B, C, H, W)`` uint8 or [0, 1] float tensor, else a one-line ``DataError``."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3) \
+            or not (images.dtype == torch.uint8 or images.is_floating_point()):
+        what = (f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                else f"a {type(images).__name__}")
+        raise DataError(f"the DataLoader gave {what}; give images (B, C, H, W) with C = 1 or 3, uint8 in [0, 255] "
+                        "or float in [0, 1], or (images, labels) pairs")
+    if images.is_floating_point() and images.numel() and float(images.max()) > 1.0 + 1e-3:
+        raise DataError(f"the DataLoader gave float images with values up to {float(images.max()):.4g}; float "
+                        "images must be in [0, 1] (divide by 255, or give uint8)")
+    return images
 
 
 class SimCLRModule(SelfSupModule):

@@ -32,11 +32,11 @@ from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
 from selfsup.evaluation.frozen import extract_features
 from selfsup.methods import METHODS
-from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import build_model
 from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import build_config, parse_overrides, to_dict
 from selfsup.training.loop import pretrain
+from selfsup.training.setup import run_started
 from selfsup.training.steps import resolve_device
 
 STUDY_CHECKPOINT_EVERY = 10**9  # cells are short: only the final checkpoint is written
@@ -165,7 +165,7 @@ class StudyContext:
         if (run_dir / "model.safetensors").is_file():
             return run_dir
         cfg = self.config(layer)
-        resume = run_dir.is_dir() and bool(ckpt.list_checkpoints(run_dir))
+        resume = run_dir.is_dir() and run_started(run_dir)  # an interrupted cell continues (from step 0 if need be)
         pretrain(cfg, run_dir, resume=resume, progress=not self.args.no_progress)
         return run_dir
 

@@ -127,7 +127,7 @@ def embed_images(encoder: torch.nn.Module, base: Path, relative: list[str], *, p
                 if not skip_broken:
                     raise EmbedError(f"could not decode {base / bad[0]}" + (f" (and {len(bad) - 1} more in this batch)"
                                                                             if len(bad) > 1 else "")
-                                     + "; remove or fix it, or pass --skip-broken to leave such files out")
+                                     + "; remove or fix it, or pass --on-bad-image skip to leave such files out")
                 skipped += bad
                 images, index = images[ok], index[ok]
             if len(index):
@@ -218,15 +218,23 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
 
 
 def embed_run(run_dir: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 256,
-              device: str = "auto", num_workers: int = 2, skip_broken: bool = False, progress: bool = False) -> dict:
-    """Embed every image under ``images`` with the encoder of ``run_dir`` and write ``out``; returns a summary."""
+              device: str = "auto", num_workers: int = 2, skip_broken: bool = False, progress: bool = False,
+              on_bad_image: str | None = None) -> dict:
+    """Embed every image under ``images`` with the encoder of ``run_dir`` and write ``out``; returns a summary.
+
+    Images that cannot be decoded follow ``on_bad_image`` (``"error"`` or ``"skip"``; None: the run's own
+    policy, as it was trained); ``skip_broken=True`` is ``"skip"``.
+    """
     out = Path(out)
     if out.suffix.lower() not in EMBED_FORMATS:  # before any work
         raise EmbedError(f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; name it .npy, .csv or .parquet")
     if num_workers < 0:
         raise EmbedError(f"--num-workers must be >= 0, got {num_workers}")
+    if on_bad_image not in (None, "error", "skip"):
+        raise EmbedError(f"--on-bad-image: {on_bad_image!r} is not one of error, skip")
     t0 = time.perf_counter()
     run = load_run(run_dir)
+    skip_broken = skip_broken or (on_bad_image or run.config.on_bad_image) == "skip"
     if str(images).startswith(STORE_PREFIX):  # a prepared store (selfsup prepare): its train split, by file name
         return _embed_store(run, str(images), out, batch_size, resolve_device(device), num_workers, progress, t0)
     base, relative = list_images(images)

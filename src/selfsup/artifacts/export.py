@@ -79,36 +79,39 @@ def _block_type(backbone: ResNet) -> type | None:
 def torchvision_arch(backbone: nn.Module, target: str = "torchvision") -> str:
     """The torchvision model (``"resnet50"``, ...) whose state dict equals ``backbone``'s, or ExportError why none does.
 
-    ``target`` only names the export target in the error messages.
+    ``target`` (``torchvision`` or ``timm``, whose ``resnetNN`` shares torchvision's layout) names the export
+    target and the library the error messages speak of.
     """
+    lib = "timm" if target == "timm" else "torchvision"
+    alt = " (or pre-train a timm backbone, e.g. --backbone timm:resnet18)" if target == "timm" else ""
     if not isinstance(backbone, ResNet):
         raise ExportError(f"--to {target}: the encoder is a {type(backbone).__name__}, not a selfsup ResNet; "
-                          "torchvision state dicts exist for resnet18/34/50/101/152 only (use --to safetensors or onnx"
+                          f"{lib} state dicts exist for resnet18/34/50/101/152 only (use --to safetensors or onnx"
                           + (", or --to timm for a timm backbone)" if hasattr(backbone, "model_name") else ")"))
     conv1 = backbone.conv1
     if not isinstance(conv1, nn.Conv2d):
-        raise ExportError(f"--to {target}: the encoder's stem is not torchvision's single 7x7 convolution "
-                          "(e.g. the ResNet-D deep stem of the SK ResNets); use --to safetensors or onnx")
+        raise ExportError(f"--to {target}: the encoder's stem is not {lib}'s single 7x7 convolution "
+                          f"(e.g. the ResNet-D deep stem of the SK ResNets); use --to safetensors or onnx{alt}")
     if backbone.small_stem or conv1.kernel_size != (7, 7):
         raise ExportError(f"--to {target}: the encoder uses the small-image stem (3x3 stride-1 conv, no max-pool; "
-                          "chosen for images of at most 64 px), which torchvision's ResNets do not have. Pre-train with "
-                          "image_size > 64 (or --set image_size=...) for a torchvision-compatible encoder, or use "
-                          "--to safetensors or onnx")
+                          f"chosen for images of at most 64 px), which {lib}'s ResNets do not have. Pre-train with "
+                          f"image_size > 64 (or --set image_size=...) for a {lib}-compatible encoder, or use "
+                          f"--to safetensors or onnx{alt}")
     if conv1.in_channels != 3:
-        raise ExportError(f"--to {target}: the encoder takes {conv1.in_channels}-channel images and torchvision's "
-                          "ResNets take 3 (RGB); use --to safetensors or onnx")
+        raise ExportError(f"--to {target}: the encoder takes {conv1.in_channels}-channel images and {lib}'s "
+                          f"resnetNN take 3 (RGB); use --to safetensors or onnx{alt}")
     block = _block_type(backbone)
     layers = tuple(len(getattr(backbone, f"layer{i}")) for i in range(1, 5))
     arch = _TORCHVISION_RESNETS.get((block, layers))
     if arch is None:
         kind = type(backbone.layer1[0]).__name__
-        raise ExportError(f"--to {target}: a ResNet with {kind} blocks and stages {list(layers)} has no torchvision "
-                          "twin (selective-kernel blocks and custom depths do not); use --to safetensors or onnx")
+        raise ExportError(f"--to {target}: a ResNet with {kind} blocks and stages {list(layers)} has no {lib} "
+                          f"twin (selective-kernel blocks and custom depths do not); use --to safetensors or onnx{alt}")
     if conv1.out_channels != 64:
         raise ExportError(f"--to {target}: the encoder is {conv1.out_channels / 64:g}x wide (stem has "
-                          f"{conv1.out_channels} channels, torchvision 64). selfsup's width multiplier widens every "
-                          "layer, torchvision's wide_resnet only the bottleneck, so no torchvision model matches; "
-                          "use --to safetensors or onnx")
+                          f"{conv1.out_channels} channels, {lib}'s resnetNN 64). selfsup's width multiplier widens "
+                          f"every layer, {lib}'s wide_resnet only the bottleneck, so no {lib} model matches; "
+                          f"use --to safetensors or onnx{alt}")
     _check_same_shapes(backbone.state_dict(), _torchvision_model(arch).state_dict(), f"torchvision {arch}")
     return arch
 

@@ -26,6 +26,7 @@ from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import build_config, load_yaml, parse_overrides
 from selfsup.training.dryrun import render
 from selfsup.training.loop import pretrain
+from selfsup.training.setup import check_run_folder, run_started
 
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -63,6 +64,8 @@ def _pretrain_config(args, **defaults):
 
 
 def cmd_pretrain(args) -> int:
+    if args.resume is not None:
+        check_run_folder(Path(args.resume), resume=True)  # before reading its config or any data
     if getattr(args, "dry_run", False) and args.resume is None:
         print(render(_pretrain_config(args)), end="")  # resolved and checked; no pixels read, nothing built
         return 0
@@ -75,6 +78,9 @@ def cmd_pretrain(args) -> int:
         layer = load_yaml(saved)
         if "recipe" not in layer:  # written before recipes: made with today's CPU default values, all recorded
             layer.update(recipe="cpu", small_stem=layer.get("small_stem"))
+        if any(getattr(args, k) is not None for k in ("epochs", "steps", "minutes")):
+            for k in ("epochs", "steps", "minutes"):  # a length given on resume replaces the run's (extends it)
+                layer.pop(k, None)
         cfg = _pretrain_config(args, **layer)  # a bare --resume RUN_DIR continues with the run's settings
     else:
         cfg = _pretrain_config(args)
@@ -121,7 +127,8 @@ def cmd_eval(args) -> int:
         raise _config_error("--epochs and --lr belong to the SGD linear protocol; add --protocol sgd")
     result = run_eval(args.protocol, args.run, args.dataset, args.data_dir, args.batch_size, args.device,
                       args.k, args.temperature, progress=not args.no_progress, baseline=args.baseline,
-                      linear_protocol=args.linear_protocol, solver=args.solver, sgd=sgd, seed=args.seed, out=args.out)
+                      linear_protocol=args.linear_protocol, solver=args.solver, sgd=sgd, seed=args.seed, out=args.out,
+                      on_bad_image=args.on_bad_image)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
     return 0
@@ -149,7 +156,7 @@ def cmd_demo(args) -> int:
         layer["data_dir"] = str(args.data_dir)
     cfg = build_config(PretrainConfig, layer, parse_overrides(args.overrides))
     run_dir = Path(args.out)
-    resume = (run_dir / "checkpoints").is_dir() and args.resume
+    resume = args.resume and run_dir.is_dir() and run_started(run_dir)
     pretrain(cfg, run_dir, resume=resume, progress=not args.no_progress)
     lin = run_eval("linear", run_dir, progress=not args.no_progress)
     knn = run_eval("knn", run_dir, progress=not args.no_progress)
@@ -218,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="--protocol sgd: learning rate (default 0.1 x batch size / 256)")
     p.add_argument("--batch-size", type=int, help="feature-extraction batch (default 512); --protocol sgd: the "
                                                   "training batch (default 1024, BYOL C.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split / SGD run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split / SGD run (and of the held-out "
+                   "part of the training images when the data set has no test split)")
+    p.add_argument("--on-bad-image", choices=("error", "skip"),
+                   help="image folders: error or skip bad files (default: the run's own policy)")
     p.add_argument("--out", help="write the result JSON here (default: into the run folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")

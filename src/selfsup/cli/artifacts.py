@@ -19,7 +19,8 @@ from selfsup.artifacts.hub import export_hub
 
 def cmd_embed(args) -> int:
     summary = embed_run(args.run, args.images, args.out, batch_size=args.batch_size, device=args.device,
-                        num_workers=args.num_workers, skip_broken=args.skip_broken, progress=not args.no_progress)
+                        num_workers=args.num_workers, skip_broken=args.skip_broken, progress=not args.no_progress,
+                        on_bad_image=args.on_bad_image)
     if summary["skipped"]:
         print(f"[selfsup] skipped {len(summary['skipped'])} image(s) that could not be decoded, e.g. "
               f"{summary['skipped'][0]}", file=sys.stderr)
@@ -53,7 +54,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
-    p.add_argument("--skip-broken", action="store_true", help="leave out images that cannot be decoded")
+    p.add_argument("--on-bad-image", choices=("error", "skip"),
+                   help="images that cannot be decoded: error (name the file) or skip (leave them out); default: the "
+                        "run's own policy")
+    p.add_argument("--skip-broken", action="store_true", help="the same as --on-bad-image skip")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 

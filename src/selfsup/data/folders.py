@@ -18,7 +18,7 @@ from selfsup.data.containers import (
 from selfsup.data.image_checks import (
     DECODE_ERRORS, ImageReport, check_policy, convert_image, decode_with_policy, describe_bad, scan_images,
 )
-from selfsup.errors import BadImageError, DataError, DataNotFoundError
+from selfsup.errors import BadImageError, DataError, DataNotFoundError, NoTestSplitError
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -222,10 +222,10 @@ def resolve_split_folder(path: Path, split: str) -> tuple[Path, Path | None]:
         for held_out in ("val", "test"):
             if (path / held_out).is_dir():
                 return path / held_out, path / "train"
-        raise DataNotFoundError(f"{path} has train/ but neither val/ nor test/, so there is no 'test' split")
+        raise NoTestSplitError(f"{path} has train/ but neither val/ nor test/, so there is no 'test' split")
     if split == "train":
         return path, None
-    raise ValueError(
+    raise NoTestSplitError(
         f"{path} has no train/ sub-folder, so all of it is the training split and there is no 'test' split; "
         "arrange it as PATH/train/<class>/... and PATH/val/<class>/... for a held-out split"
     )

@@ -27,7 +27,7 @@ from selfsup.data.containers import (
     MEAN_STD, DEFAULT_IMAGEFOLDER_SIZE, IN_MEMORY_MAX_IMAGES, IN_MEMORY_MAX_SIZE, InMemoryDataset, default_load_size,
 )
 from selfsup.data.image_checks import convert_image
-from selfsup.errors import DataNotFoundError, DataError
+from selfsup.errors import DataNotFoundError, DataError, NoTestSplitError
 
 __all__ = ["HF_PREFIX", "HFImageDataset"]
 
@@ -49,10 +49,11 @@ def _open(path: Path, split: str) -> tuple:
         names = {"train": ("train",), "test": ("test", "validation", "valid", "val")}.get(split, (split,))
         found = [n for n in names if n in splits]
         if not found:
-            raise ValueError(f"hf:{path} has splits {', '.join(splits)}, none of them {' or '.join(names)}")
+            error = NoTestSplitError if split == "test" else ValueError
+            raise error(f"hf:{path} has splits {', '.join(splits)}, none of them {' or '.join(names)}")
         folder = path / found[0]
     elif split != "train":
-        raise ValueError(f"hf:{path} is a single Dataset, the training split; save a DatasetDict with 'train' and "
+        raise (NoTestSplitError if split == "test" else ValueError)(f"hf:{path} is a single Dataset, the training split; save a DatasetDict with 'train' and "
                          "'test' splits for a held-out split")
     try:
         state = json.loads((folder / "state.json").read_text())

@@ -195,11 +195,14 @@ def describe_bad(bad: Sequence[tuple[str, str]]) -> str:
 
 
 def scan_images(files: Sequence[Path], on_bad_image: str = "error", min_size: int = 0, root: str | os.PathLike = "",
-                workers: int | None = None) -> tuple[list[bool], ImageReport]:
+                workers: int | None = None, *,
+                skip_hint: str = "--on-bad-image skip (config key on_bad_image: skip) to leave them out"
+                ) -> tuple[list[bool], ImageReport]:
     """Check every file before training: ``(usable flags, report)``.
 
     ``on_bad_image="error"`` raises :class:`BadImageError` naming the bad files; ``"skip"`` only
-    reports them. ``min_size`` counts the usable images smaller than it (they get upscaled).
+    reports them. ``min_size`` counts the usable images smaller than it (they get upscaled). ``skip_hint``
+    ends the error: how to skip them in the command that scans.
     """
     check_policy(on_bad_image)
     t0 = time.perf_counter()
@@ -221,7 +224,7 @@ def scan_images(files: Sequence[Path], on_bad_image: str = "error", min_size: in
     if report.bad and on_bad_image == "error":
         raise BadImageError(
             f"{len(report.bad)} of {len(files)} files in {root} are not usable images: {describe_bad(report.bad)}. "
-            "Fix or remove them, or pass --on-bad-image skip (config key on_bad_image: skip) to train without them"
+            f"Fix or remove them, or pass {skip_hint}"
         )
     if not any(keep):
         raise DataError(f"no usable images in {root}: all {len(files)} files are bad ({describe_bad(report.bad)})")

@@ -246,7 +246,8 @@ def prepare_store(source: str, out: str | os.PathLike, size: int = DEFAULT_SIZE,
     splits = []
     for split, folder, classes in _splits(path):
         files, labels, found_classes = scan_image_folder(folder, classes)
-        keep, report = scan_images(files, policy, int(size), folder)
+        keep, report = scan_images(files, policy, int(size), folder,
+                                   skip_hint="--on-bad-image skip to prepare the store without them")
         splits.append((split, folder, [f for f, k in zip(files, keep) if k],
                        None if labels is None else [lab for lab, k in zip(labels, keep) if k], found_classes, report))
     channels = detect_channels(splits[0][2]) if num_channels is None else int(num_channels)

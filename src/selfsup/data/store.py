@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from selfsup.data.containers import default_load_size
-from selfsup.errors import DataError
+from selfsup.errors import DataError, NoTestSplitError
 
 __all__ = ["STORE_PREFIX", "MANIFEST", "StoreDataset", "open_store", "read_manifest", "decode_jpeg_batch",
            "collate_channels_last", "STORE_FORMATS", "SAFE_ENCODINGS"]
@@ -148,7 +148,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.root = Path(root).expanduser()
         manifest = read_manifest(self.root)
         if split not in manifest["splits"]:
-            raise DataError(f"store {self.root} has no {split!r} split (it has {', '.join(manifest['splits'])}); "
+            raise (NoTestSplitError if split == "test" else DataError)(f"store {self.root} has no {split!r} split (it has {', '.join(manifest['splits'])}); "
                             "a held-out split is prepared from a folder with train/ and val/ (or test/) sub-folders")
         self.manifest, self.split = manifest, split
         self.format = manifest["format"]

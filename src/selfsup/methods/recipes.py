@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.methods import METHOD_DEFAULTS, VIEW_PRESETS
+from selfsup.methods import METHOD_DEFAULTS, METHODS, VIEW_PRESETS
 from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE
 from selfsup.views.config import ViewConfig
 
@@ -48,6 +48,11 @@ WARN_LR_FACTOR = 3.0  # warn when the effective lr is more than this times the p
 
 # Native image side of the built-in data sets, so a recipe can be resolved without reading pixels.
 NATIVE_SIZES = {"fashion-mnist": 28, "mnist": 28, "embedded": 28, "cifar10": 32, "cifar100": 32, "stl10": 96}
+
+# Image folders trained with a narrow CPU encoder default to this side (224, the ImageNet size, for other
+# encoders): the CPU recipe was tuned on small images, and folders of up to 20,000 images at <= 64 px are
+# decoded once into memory rather than streamed (selfsup.data.containers.IN_MEMORY_MAX_SIZE).
+CPU_IMAGEFOLDER_SIZE = 64
 
 # The narrow encoders the CPU default was tuned for.
 CPU_BACKBONES = tuple(name for name in BACKBONES if "narrow" in name)
@@ -194,6 +199,10 @@ def resolve(data: dict, defaults: dict) -> dict:
         return data  # validation names the bad key
     if data.get("recipe") is not None and not isinstance(data.get("recipe"), str):
         return data  # validation names the bad key
+    if method not in METHODS:  # named before any recipe, which is defined per method
+        close = difflib.get_close_matches(method, list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"method: {method!r} is not a registered method; use one of {', '.join(METHODS)}{hint}")
     name = data.get("recipe") or auto_recipe(method, backbone)
     if name not in RECIPES:
         close = difflib.get_close_matches(str(name), list(RECIPES), n=1)
@@ -204,6 +213,9 @@ def resolve(data: dict, defaults: dict) -> dict:
         raise RecipeError(f"recipe: {name!r} is defined for {', '.join(recipe.methods)}, not {method!r}; "
                           f"use --recipe {PAPER_RECIPE.get(method, 'cpu')} or --recipe cpu")
     dataset = get("dataset")
+    if "image_size" not in data and isinstance(dataset, str) and dataset.startswith(IMAGEFOLDER_PREFIX) \
+            and backbone in CPU_BACKBONES:
+        data = {**data, "image_size": CPU_IMAGEFOLDER_SIZE}  # written into config.yaml, so a resume reads the same
     given = data.get("image_size")
     if isinstance(given, bool) or not isinstance(given, (int, float)) or not 8 <= given <= 4096 or given != int(given):
         given = None  # absent or invalid: validation names an invalid one

@@ -23,13 +23,16 @@ from torch import nn
 
 from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
-from selfsup.errors import ConfigError, BackboneChangedError
+from selfsup.data.holdout import split_off_test
+from selfsup.data.image_checks import BAD_IMAGE_POLICIES
+from selfsup.errors import ConfigError, BackboneChangedError, NoTestSplitError
 from selfsup.evaluation.frozen import knn_eval, linear_eval, state_fingerprint
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.models.backbones import build_backbone
 from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
 from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import check_choice
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.steps import resolve_device, resolve_precision
 
@@ -118,12 +121,38 @@ def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, prep: P
     return result, feature_dim, main
 
 
+def _splits(name: str, data_dir, image_size, cols: dict, seed: int, on_bad_image: str) -> tuple:
+    """``(train, test, about)``: the data set's own splits, or (no test split) a held-out part of the training images.
+
+    ``about`` says which, for the result JSON.
+    """
+    train = load_dataset(name, "train", data_dir=data_dir, image_size=image_size, on_bad_image=on_bad_image, **cols)
+    if train.labels is None or bool((train.labels < 0).all()):
+        raise ConfigError(f"--dataset {name}: evaluation needs labels, and this data set has none (for an image "
+                          "folder: class sub-folders)")
+    try:
+        test = load_dataset(name, "test", data_dir=data_dir, image_size=image_size, on_bad_image=on_bad_image, **cols)
+    except NoTestSplitError:
+        train, test, about = split_off_test(train, seed=seed)
+        if len(test) == 0:
+            raise ConfigError(f"--dataset {name} has no test split and no class with two images to hold one out; "
+                              "add images, or a val/ split") from None
+        return train, test, about
+    if test.labels is None:
+        raise ConfigError(f"--dataset {name}: evaluation needs labels, and its test split has none")
+    return train, test, {"test_split": "test"}
+
+
 def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
              batch_size: int | None = None, device: str = "auto", k: int = 200, temperature: float = 0.1,
              progress: bool = False, *, baseline: str | None = None, linear_protocol: str = "logreg",
              solver: str = "auto", sgd: LinearSGDConfig | None = None, seed: int = 0,
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, on_bad_image: str | None = None) -> dict:
     """Evaluate a run's frozen encoder (or a baseline beside it); returns the result and writes it as JSON.
+
+    A data set without a test split is evaluated on a held-out part of its training images
+    (``selfsup.data.holdout``; seeded by ``seed``), and the result says so (``test_split``).
+    ``on_bad_image``: ``"error"`` or ``"skip"`` for image folders; None: the run's own policy.
 
     Written to ``out`` if given, else into the run folder: ``eval_{kind}[_sgd][_{baseline}].json``.
     """
@@ -138,10 +167,9 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
     cols = {"image_column": cfg.hf.image_column, "label_column": cfg.hf.label_column}  # hf:PATH
     # Image folders are decoded to the encoder's channels (an RGB file of a gray image reads as that gray image).
     cols["num_channels"] = run.in_channels if run is not None else None
-    train = load_dataset(name, "train", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
-    test = load_dataset(name, "test", data_dir=data_dir or cfg.data_dir, image_size=image_size, **cols)
-    if train.labels is None or test.labels is None:
-        raise ConfigError(f"--dataset {name}: evaluation needs labels, and this data set has none")
+    policy = on_bad_image or cfg.on_bad_image  # the run's policy unless one is given
+    check_choice("--on-bad-image", policy, BAD_IMAGE_POLICIES)
+    train, test, about_test = _splits(name, data_dir or cfg.data_dir, image_size, cols, seed, policy)
     # The encoder's input is prepared as it was trained (the run's statistics), whatever data set is read.
     prep = run.preprocessing if run is not None else Preprocessing.of_dataset(train, image_size or train.image_size)
     image_size = prep.image_size
@@ -169,7 +197,7 @@ def evaluate(kind: str, run_dir: str | Path | None = None, dataset: str | None =
     result = {"top1": result["top1"], "top5": result["top5"], "dataset": name, "protocol": kind,
               "encoder": encoder_name, "baseline": baseline, "run": None if run_dir is None else str(run_dir),
               "image_size": image_size, "num_train": len(train), "num_test": len(test), "feature_dim": feature_dim,
-              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1),
+              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 1), **about_test,
               "image_preprocessing": prep.record(train.num_channels),
               **{k_: v for k_, v in result.items() if k_ not in ("top1", "top5")}}
     path = Path(out) if out is not None else _result_path(kind, run_dir, baseline, linear_protocol)

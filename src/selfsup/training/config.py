@@ -61,7 +61,8 @@ TRACKERS = ("tensorboard", "csv", "wandb", "mlflow")  # --logger; metrics.jsonl 
 
 @dataclass
 class PretrainConfig:
-    """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST, 10 minutes).
+    """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST); the length
+    (``epochs``, ``steps`` or ``minutes``) has no default: a run without one is refused (``check_length``).
 
     ``build_config`` puts a named recipe (``selfsup.methods.recipes``: ``cpu`` for the narrow CPU encoders, the
     method's paper recipe for others) under the keys given, and records its name in ``recipe``.
@@ -202,6 +203,13 @@ class PretrainConfig:
                     v.validate()
                 except ValueError as e:
                     raise ConfigError(f"{key}: {e}") from None
+
+
+def check_length(cfg: PretrainConfig) -> None:
+    """``ConfigError`` unless the run's length is given: one of epochs, steps, minutes (no length is guessed)."""
+    if cfg.epochs is None and cfg.steps is None and cfg.minutes is None:
+        raise ConfigError("the run's length is not set: give one of --steps N, --epochs N or --minutes M "
+                          "(config keys steps, epochs, minutes)")
 
 
 MAX_IMAGE_SIZE = 4096  # larger values cannot be trained (memory), so they are refused before any work

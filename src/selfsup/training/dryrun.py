@@ -15,7 +15,7 @@ from selfsup.data.containers import IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.data.folders import images_under, resolve_split_folder
 from selfsup.errors import ConfigError
 from selfsup.methods import recipes
-from selfsup.training.config import PretrainConfig
+from selfsup.training.config import PretrainConfig, check_length
 from selfsup.training.config_io import to_dict
 
 # Training images of the built-in data sets (pre-training split; STL-10 uses train+unlabeled).
@@ -37,6 +37,7 @@ def count_train_images(dataset: str) -> int | None:
 
 def derived(cfg: PretrainConfig) -> dict:
     """Values the run will compute from the config: image size, steps, warm-up, effective lr."""
+    check_length(cfg)
     size = recipes.native_image_size(cfg.dataset, cfg.image_size)
     n = count_train_images(cfg.dataset)
     out = {"image_size": size, "num_images": n, "effective_lr": round(recipes.effective_lr(cfg), 6),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
+from selfsup.data.holdout import HOLDOUT_FRACTION, holdout_split
+from selfsup.errors import DataNotFoundError, NoTestSplitError
 from selfsup.evaluation.frozen import knn_eval
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.evaluation.sharded import extract_features_sharded
@@ -41,24 +45,44 @@ def measure_knn_cost(model, dataset, device, image_size, precision, clock, sampl
     return seconds * knn_images(dataset) / n
 
 
+def knn_monitor_sets(cfg, dataset) -> tuple:
+    """``(bank indices, query data set, query indices, where the queries come from)``: the test split's, else held out from the training images.
+
+    Without a test split (an image folder without ``val/``, a single ``hf:`` Dataset, a store prepared
+    without one), ``HOLDOUT_FRACTION`` of each class's training images are the queries and the bank is
+    drawn from the rest (``selfsup.data.holdout``); rank 0 says so once. With no class of two images
+    both are empty and the monitor steps aside.
+    """
+    g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
+    perm = torch.randperm(len(dataset), generator=g)
+    try:
+        test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,
+                            on_bad_image=cfg.on_bad_image, image_column=cfg.hf.image_column,
+                            label_column=cfg.hf.label_column, num_channels=dataset.num_channels)
+    except (NoTestSplitError, DataNotFoundError):
+        kept, held = holdout_split(dataset.labels, HOLDOUT_FRACTION, mix_seed(cfg.seed, 3))
+        bank = kept[torch.randperm(len(kept), generator=g)[:KNN_BANK]]
+        queries = held[torch.randperm(len(held), generator=g)[:KNN_QUERIES]]
+        if dist.is_main_process():
+            note = (f"the kNN monitor uses {len(queries)} images held out of the training split as queries (no test "
+                    f"split in {cfg.dataset})") if len(queries) else \
+                f"the kNN monitor is off: {cfg.dataset} has no test split and no class with two images to hold one out"
+            print(f"[selfsup] {note}", file=sys.stderr, flush=True)
+        return (bank if len(queries) else bank[:0]), dataset, queries, "held out of the training images"
+    return perm[:KNN_BANK], test, torch.randperm(len(test), generator=g)[:KNN_QUERIES], "test"
+
+
 def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, logger, cache):
-    """kNN accuracy on a fixed subset (10k bank from the training set, 2k held-out queries).
+    """kNN accuracy on a fixed subset (10k bank from the training set, 2k queries: ``knn_monitor_sets``).
 
     Under torchrun every rank embeds a shard of the bank and queries (``dist_eval``); rank 0 scores
     and logs. All ranks take part, so none waits in a collective while another evaluates.
     """
     if cache is None:
-        g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3))
-        perm = torch.randperm(len(dataset), generator=g)
-        try:
-            test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, image_size=cfg.image_size,
-                                on_bad_image=cfg.on_bad_image, image_column=cfg.hf.image_column,
-                                label_column=cfg.hf.label_column, num_channels=dataset.num_channels)
-            tperm = torch.randperm(len(test), generator=g)[:KNN_QUERIES]
-            cache = (perm[:KNN_BANK], test, tperm)
-        except Exception:
-            cache = (perm[KNN_QUERIES:KNN_QUERIES + KNN_BANK], dataset, perm[:KNN_QUERIES])
-    bank_idx, qset, q_idx = cache
+        cache = knn_monitor_sets(cfg, dataset)
+    bank_idx, qset, q_idx, source = cache
+    if len(bank_idx) == 0 or len(q_idx) == 0:
+        return cache  # too few labelled images to hold any out: the monitor steps aside (said once, at the start)
     enc = unwrap(model).backbone
     prep = Preprocessing.of_dataset(dataset, image_size)  # the training set's statistics, for the queries too
     bf, bl = extract_features_sharded(enc, dataset, device, image_size, indices=bank_idx, precision=precision,
@@ -67,5 +91,5 @@ def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, lo
                                       preprocess=prep)
     if dist.is_main_process():
         res = knn_eval(bf, bl, qf, ql, dataset.num_classes, cfg.knn_k, cfg.knn_temperature)
-        logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"]})
+        logger.log({"step": step, "knn_top1": res["top1"], "knn_top5": res["top5"], "knn_queries": source})
     model.train()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from selfsup import distributed as dist
 from selfsup.data.image_checks import clean_error_message, final_report
-from selfsup.errors import BadImageError, TrainingError
+from selfsup.errors import BadImageError, ConfigError, TrainingError
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import total_steps_for, warmup_steps_for
@@ -35,7 +35,7 @@ from selfsup.training.metrics import MetricsLogger, truncate_metrics
 from selfsup.training.ranks import broadcast_int, mean_over_ranks, rank_failure
 from selfsup.training.resume import save_run_checkpoint, update_run_json, weights_meta, export_weights
 from selfsup.training.schedules import warmup_cosine
-from selfsup.training.setup import RunState, begin_run, build_run, load_training_data
+from selfsup.training.setup import CreatedFolder, RunState, begin_run, build_run, load_training_data
 from selfsup.training.steps import TrainStep, batch_stream
 from selfsup.training.timed import TimePlan, boundaries, is_check_step, calibrate_steps, evaluations_after, median, replan
 from selfsup.training.trackers import open_trackers
@@ -51,10 +51,21 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
     """Pre-train ``cfg.method`` and write the run folder; returns the path of ``model.safetensors``.
 
     ``resume=True`` continues from the newest checkpoint in ``run_dir`` with the config saved there
-    (the given one must agree on everything that shapes the run).
+    (the given one must agree on everything that shapes the run; a new ``steps`` or ``epochs`` re-plans the
+    run to that length from the resume point). A fresh run that fails before it starts removes the folders
+    it created.
     """
     t_begin = _clock()  # a timed run's budget starts here: loading the data and building the model count
-    run = begin_run(cfg, Path(run_dir), resume)
+    created = CreatedFolder(Path(run_dir), resume)
+    try:
+        return _pretrain(cfg, Path(run_dir), resume, progress, on_step, t_begin)
+    except Exception:  # an interrupt (Ctrl-C), or a failure once the run started, keeps the folder for --resume
+        created.remove_if_unfinished()
+        raise
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, progress: bool, on_step, t_begin: float) -> Path:
+    run = begin_run(cfg, run_dir, resume)
     run.t_budget = t_begin
     load_training_data(run)
     build_run(run)
@@ -97,6 +108,8 @@ def _plan_length(run: RunState, train_step: TrainStep) -> None:
     run.start_step = run.step = 0 if state is None else int(state["step"])
     run.total_steps = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
     run.steps_per_epoch = n // cfg.batch_size
+    if state is not None:
+        _check_resumed_length(run, total_steps_for(cfg, n) if state.get("length_changed") else None)
     plan = None
     if cfg.minutes is not None and run.resume:
         plan = TimePlan.load(run.run_dir)  # a resumed timed run follows the recorded plan, never re-plans
@@ -120,6 +133,38 @@ def _plan_length(run: RunState, train_step: TrainStep) -> None:
     run.replan_every = boundaries(run.total_steps, cfg.checkpoint_every)
 
 
+def _check_resumed_length(run: RunState, wanted: int | None) -> None:
+    """A resumed run with a new length is re-planned to it from the resume point; a finished one needs one.
+
+    The learning-rate and EMA schedules then follow the new length from the resume point on (the steps
+    already taken stay as they were); run.json records the step and the length it was extended from.
+    """
+    recorded, step = run.total_steps, run.start_step
+    if wanted is None or wanted == recorded:
+        if step >= recorded and _finished(run.run_dir, step):  # else stopped in its final save: finish it
+            raise ConfigError(f"--resume {run.run_dir}: the run already finished ({step} of {recorded} steps); to "
+                              f"train it longer give a new length, e.g. --steps {2 * recorded}")
+        return
+    if wanted <= step:
+        raise ConfigError(f"--resume {run.run_dir}: the run is at step {step}, so a length of {wanted} steps ends "
+                          f"before it; give a length beyond step {step}")
+    run.total_steps = wanted
+    run.length_change = {"from_step": step, "total_steps_before": recorded}
+    if run.main:
+        print(f"[selfsup] --resume {run.run_dir}: length {recorded} -> {wanted} steps; the schedules are re-planned "
+              f"to {wanted} steps from step {step}", file=sys.stderr)
+
+
+def _finished(run_dir: Path, step: int) -> bool:
+    """True if the run wrote its final weights and summary at ``step`` (not stopped part-way through its final save)."""
+    summary = run_dir / "train_summary.json"
+    try:
+        done = json.loads(summary.read_text()).get("steps") == step if summary.is_file() else False
+    except ValueError:
+        done = False
+    return done and (run_dir / "model.safetensors").is_file()
+
+
 def _write_run_folder(run: RunState) -> None:
     """Rank 0 writes config.yaml, run.json, init.json and views.png before the first step."""
     if not run.main:
@@ -138,6 +183,7 @@ def _write_run_folder(run: RunState) -> None:
         "base_lr": run.base_lr, "precision": run.precision, "device": str(run.device), "world_size": world,
         "sync_bn": bool(cfg.sync_bn and world > 1), "image_size": run.image_size, "num_images": len(dataset),
         "in_channels": dataset.num_channels, "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std),
+        **_length_changes(run),
     }, indent=1))
     if getattr(model, "init_record", None) is not None:  # what --init loaded (file, sha256, prefix removed, classifier dropped)
         (run_dir / "init.json").write_text(json.dumps(model.init_record, indent=1))
@@ -146,6 +192,14 @@ def _write_run_folder(run: RunState) -> None:
         save_view_grid(sample, list(run.augs), run_dir / "views.png", n_images=8, n_views=6, seed=cfg.seed)
     except Exception as e:  # a picture must never cost a run
         warnings.warn(f"could not write views.png: {e}")
+
+
+def _length_changes(run: RunState) -> dict:
+    """``length_changes``: each resume that changed the run's length (kept from run.json across resumes)."""
+    path = run.run_dir / "run.json"
+    before = json.loads(path.read_text()).get("length_changes", []) if run.resume and path.is_file() else []
+    now = [run.length_change] if run.length_change is not None else []
+    return {"length_changes": before + now} if before or now else {}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,6 +76,15 @@ def load_resume(cfg: PretrainConfig, run_dir: Path):
     if diff:
         raise ConfigError(f"--resume {run_dir}: the command line differs from the interrupted run in "
                           f"{', '.join(diff)}; resume with the run's own settings (saved in {run_dir / 'config.yaml'})")
+    lengths = ("epochs", "steps", "minutes")
+    if any(getattr(cfg, k) != getattr(saved, k) for k in lengths):
+        if cfg.minutes is not None or saved.minutes is not None:
+            raise ConfigError(f"--resume {run_dir}: a timed run (--minutes) keeps its length on resume; continue it "
+                              "without a new length, or start a new run")
+        if any(getattr(cfg, k) is not None for k in lengths):  # a new length: the run is extended (or shortened)
+            for k in lengths:
+                setattr(saved, k, getattr(cfg, k))
+            state = {**state, "length_changed": True}
     for k in ("device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "on_bad_image", "logger"):
         setattr(saved, k, getattr(cfg, k))
     return saved, weights, state

@@ -6,6 +6,8 @@ in one :class:`RunState`, which the loop then updates step by step.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -24,14 +26,14 @@ from selfsup.models.resnet import SMALL_IMAGE_MAX
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 from selfsup.training import checkpoint as ckpt
 from selfsup.training.build import build_model, resolve_views
-from selfsup.training.config import PretrainConfig
+from selfsup.training.config import PretrainConfig, check_length
 from selfsup.training.guards import channels_last_hazard
 from selfsup.training.metrics import truncate_metrics
 from selfsup.training.optim import build_optimizer
 from selfsup.training.resume import load_model_weights, load_resume
 from selfsup.training.schedules import scaled_lr
 from selfsup.training.steps import resolve_device, resolve_precision
-from selfsup.training.timed import TimePlan
+from selfsup.training.timed import PLAN_FILE, TimePlan
 from selfsup.training.trackers import check_trackers
 from selfsup.views.augment import BatchAugment
 
@@ -68,6 +70,7 @@ class RunState:
     replaying: bool = False  # a resumed timed run follows its recorded plan
     t_budget: float = 0.0
     replan_every: int = 1
+    length_change: dict | None = None  # a resume that gave a new length: the step and the length before
     # Bookkeeping of the loop.
     step: int = 0
     bad_in_a_row: int = 0
@@ -91,10 +94,13 @@ class RunState:
 def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> RunState:
     """Check the config, join the process group, pick device and precision, find the resume point."""
     cfg.validate()
+    if not resume:
+        check_length(cfg)
     check_trackers(cfg.logger)  # a --logger whose package is missing fails here, before any work
     owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/distributed.md)
     main = dist.is_main_process()
     if main:
+        check_run_folder(run_dir, resume)
         ckpt.check_writable(run_dir)  # a read-only, missing or full output folder fails here, before any work
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -116,6 +122,65 @@ def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> RunState:
                 precision=precision, weights=weights, state=state)
 
 
+def run_started(run_dir: Path) -> bool:
+    """True if ``run_dir`` holds a run that ``--resume`` can continue (finished, or stopped at any point after its
+    config or time plan was written)."""
+    return ((run_dir / "config.yaml").is_file() or (run_dir / PLAN_FILE).is_file()
+            or bool(ckpt.list_checkpoints(run_dir)))
+
+
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """Before any work: ``--resume`` names a run folder; a new run goes into a missing or empty folder.
+
+    A folder holding files (an earlier run, finished or not) is reused only through ``--resume``, so no
+    run mixes its files with another's.
+    """
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {run_dir}: no such folder; give the folder of the run to continue, or "
+                              f"start a new run with --out {run_dir}")
+        if not run_started(run_dir):
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml and no checkpoint); give the "
+                              f"folder of the run to continue, or start a new run with --out {run_dir}")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; choose a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        what = "a run with checkpoints" if ckpt.list_checkpoints(run_dir) else "files (" + ", ".join(
+            sorted(p.name for p in run_dir.iterdir())[:3]) + ")"
+        raise ConfigError(f"{run_dir} already holds {what}; add --resume {run_dir} to continue it, or choose a new "
+                          "--out folder (or delete this one)")
+
+
+class CreatedFolder:
+    """What a fresh run is about to create, so a run that fails before it starts (a config or data error) leaves
+    nothing; once its config is written the folder stays, for ``--resume`` and for its logs.
+
+    ``run_dir`` and the missing folders above it are removed; a folder that existed (empty, as
+    ``check_run_folder`` asks) keeps existing and is emptied. Nothing that was there before is touched.
+    """
+
+    def __init__(self, run_dir: Path, resume: bool):
+        self.run_dir = run_dir
+        self.root: Path | None = None  # the outermost folder this run creates; None: run_dir already exists
+        main = dist.is_main_process() and os.environ.get("RANK", "0") == "0"  # before torchrun's group is joined too
+        self.active = not resume and main and not (run_dir.is_dir() and any(run_dir.iterdir()))
+        if self.active and not run_dir.exists():
+            self.root = run_dir
+            while not self.root.parent.exists():
+                self.root = self.root.parent
+
+    def remove_if_unfinished(self) -> None:
+        """Remove what the run created, unless it started (then ``--resume`` can continue it)."""
+        if not self.active or not self.run_dir.is_dir() or run_started(self.run_dir):
+            return
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for child in self.run_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
 def resume_point(cfg: PretrainConfig, run_dir: Path, resume: bool, main: bool):
     """``(cfg, weights, state)``: the saved config and checkpoint when resuming, else ``(cfg, None, None)``."""
     if resume and not ckpt.list_checkpoints(run_dir):
@@ -126,9 +191,6 @@ def resume_point(cfg: PretrainConfig, run_dir: Path, resume: bool, main: bool):
         truncate_metrics(run_dir / "metrics.jsonl", 0)
     elif resume:
         return load_resume(cfg, run_dir)
-    elif (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; add --resume {run_dir} to continue it, "
-                          "or choose a new --out folder")
     return cfg, None, None
 
 
