@@ -336,3 +336,15 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys, monkeypatch):
     for png in ("loss.png", "views.png"):
         assert (out / png).is_file() and (out / png).stat().st_size > 1000, png
         assert png in report
+
+
+def test_the_probe_does_not_depend_on_the_order_of_the_training_samples():
+    # An image folder lists its images class by class, a data set in its own order: the same images
+    # must give the same probe (split, C, fits and score).
+    xtr, ytr, xte, yte = _pixels(1500, 400)
+    perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))
+    by_class = torch.argsort(ytr, stable=True)
+    a = linear_eval(xtr, ytr, xte, yte, 10)
+    for order in (perm, by_class):
+        b = linear_eval(xtr[order], ytr[order], xte, yte, 10)
+        assert (b["top1"], b["C"], b["val_top1"]) == (a["top1"], a["C"], a["val_top1"])

@@ -120,6 +120,17 @@ def standardise(train_features: torch.Tensor, *others: torch.Tensor) -> tuple[to
     return tuple(((x - mean) / std).float() for x in (train_features, *others))
 
 
+def canonical_order(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """An order of the samples that depends on their values alone: by label, then by a fixed random
+    projection of the features. The probe's validation split and its float32 sums follow the order
+    of the samples, so an image folder (listed class by class) and the same images in a data set's
+    own order would otherwise get slightly different probes."""
+    g = torch.Generator().manual_seed(0)
+    key = features.float() @ torch.randn(features.shape[1], generator=g)
+    by_key = torch.argsort(key, stable=True)
+    return by_key[torch.argsort(labels.long()[by_key], stable=True)]
+
+
 def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 test_labels: torch.Tensor, num_classes: int, c_grid=DEFAULT_C_GRID, max_iter: int = 10000,
                 seed: int = 0, *, val_fraction: float = 0.1, solver: str = "auto", tol: float = 1e-4,
@@ -140,8 +151,9 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
                          f"test {len(test_features)} vs {len(test_labels)}")
     if solver == "auto":
         solver = "torch"
-    xtr, xte = standardise(train_features.float(), test_features.float())
-    ytr, yte = train_labels.long(), test_labels.long()
+    order = canonical_order(train_features, train_labels)  # the same images in any order: the same probe
+    xtr, xte = standardise(train_features.float()[order], test_features.float())
+    ytr, yte = train_labels.long()[order], test_labels.long()
     probe = select_and_fit(xtr, ytr, num_classes, c_grid, val_fraction, seed, max_iter, tol, solver, device,
                            widen, refine)
     with torch.no_grad():
