@@ -116,7 +116,7 @@ def sklearn_fit_score(xfit, yfit, xs, ys, C):
 
 def compare(args, solver: str) -> dict:
     """Our probe and the scikit-learn reference on the features ``args`` names; the result as a dict."""
-    from selfsup.evaluation.frozen import linear_eval, standardise
+    from selfsup.evaluation.frozen import canonical_order, linear_eval, standardise
     from selfsup.evaluation.linear_probe import choose_c, stratified_split
 
     t0 = time.perf_counter()
@@ -124,6 +124,8 @@ def compare(args, solver: str) -> dict:
     t1 = time.perf_counter()
     ours = linear_eval(ftr, ytr, fte, yte, k, solver=solver)
     t2 = time.perf_counter()
+    order = canonical_order(ftr, ytr)  # the probe's own order of the samples: the same held-out split
+    ftr, ytr = ftr[order], ytr[order]
     s_tr, s_te = (x.numpy() for x in standardise(ftr, fte))
     fit, val = stratified_split(ytr, 0.1, 0)
     grid = [10 ** (e / 2) for e in range(-8, 3)]
