@@ -13,13 +13,13 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no
 
 $(VENV)/.selfsup-demo: pyproject.toml requirements/demo.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-deps -r requirements/demo.txt
+	$(PY) -m pip install -q --no-deps --no-compile -r requirements/demo.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.selfsup-test: pyproject.toml requirements/test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-deps -r requirements/test.txt
+	$(PY) -m pip install -q --no-deps --no-compile -r requirements/test.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@ $(VENV)/.selfsup-demo
 
