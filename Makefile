@@ -1,5 +1,7 @@
 # make demo: set up .venv and run the demo (SimCLR on Fashion-MNIST: 8 minutes of pre-training, then the evaluations)
-# make test: set up .venv and run the test suite
+# make test: set up .venv with the test extras (requirements/test.txt) and run the test suite
+# make install / make install-test: only set up .venv with the demo set / the test set (exact versions, nothing resolved)
+# make lock: regenerate requirements/demo.txt and requirements/test.txt from pyproject.toml (uv pip compile; needs PyPI)
 # make docs: API reference from the docstrings into docs/api (pdoc)
 VENV ?= .venv
 PY := $(VENV)/bin/python
