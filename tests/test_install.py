@@ -1,4 +1,4 @@
-"""Installing selfsup keeps an environment's own torch: pyproject declares ranges, constraints.txt the pins."""
+"""Installing selfsup keeps an environment's own torch: pyproject declares ranges, requirements/*.txt lock\nthe exact versions make and CI install, and must agree with those ranges."""
 import json
 import shutil
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,17 +21,47 @@ def _requirements() -> list[Requirement]:
     return [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
 
 
-def test_torch_is_a_range_and_the_pins_live_in_constraints():
+def _lock(name: str) -> dict[str, Version]:
+    """requirements/<name>.txt as {package: exact version}; every line must be an exact pin."""
+    pins = {}
+    for line in (ROOT / "requirements" / f"{name}.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{name}.txt: {line} is not an exact pin"
+        pins[canonicalize_name(req.name)] = Version(spec.version)
+    return pins
+
+
+def _declared(extras: list[str]) -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return _requirements() + [Requirement(r) for e in extras for r in project["optional-dependencies"][e]]
+
+
+@pytest.mark.parametrize("lock, extras", [("demo", ["demo"]), ("test", ["demo", "test"])])
+def test_the_lock_satisfies_pyproject(lock, extras):
+    # A range in pyproject.toml that excludes a locked version, or a declared dependency the lock lacks,
+    # means the lock is stale: `make lock` regenerates it.
+    pins = _lock(lock)
+    for req in _declared(extras):
+        name = canonicalize_name(req.name)
+        assert name in pins, f"pyproject.toml declares {req} but requirements/{lock}.txt has no {name}; run make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"requirements/{lock}.txt pins {name}=={pins[name]}, outside pyproject.toml's {req}; run make lock"
+
+
+def test_the_demo_lock_is_the_test_locks_subset_and_torch_is_a_range():
+    demo, test = _lock("demo"), _lock("test")
+    assert {n: v for n, v in demo.items() if test.get(n) != v} == {}
     reqs = {r.name: r for r in _requirements()}
     for name, version in USER_TORCH.items():
         assert not any(s.operator in ("==", "===") for s in reqs[name].specifier), reqs[name]
         assert reqs[name].specifier.contains(Version(version), prereleases=True), (name, version)
-    pins = [l.split("==") for l in (ROOT / "constraints.txt").read_text().splitlines() if "==" in l and not l.startswith("#")]
-    assert {n for n, _ in pins} == {"torch", "torchvision"}
-    for name, version in pins:
-        assert reqs[name].specifier.contains(Version(version)), (name, version)
+    # make installs the locks without resolving anything
     makefile = (ROOT / "Makefile").read_text()
-    assert "-c constraints.txt" in makefile and "torch==" not in makefile
+    assert "requirements/demo.txt" in makefile and "requirements/test.txt" in makefile and "--no-deps" in makefile
 
 
 def _fake_dist(site: Path, name: str, version: str) -> None:
