@@ -57,6 +57,17 @@ def one_line_error(code: int, err: str) -> str:
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
+def pretrain_and_evaluate_held_out(dataset: str, steps: int, kind: str, run: Path, capsys) -> dict:
+    """Pre-train on a data set without a test split (the kNN monitor must say it held images out),
+    then ``selfsup eval KIND`` on the run; returns the result JSON."""
+    code, _, err = run_cli(["pretrain", "--dataset", dataset, "--out", run, "--steps", str(steps), *TINY], capsys)
+    assert code == 0, err
+    assert any(r.get("knn_queries") == "held out of the training images" for r in metrics(run))
+    code, out, err = run_cli(["eval", kind, "--run", run, "--no-progress"], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
@@ -132,13 +143,8 @@ def test_knn_monitor_and_eval_on_a_single_hf_dataset(tmp_path, capsys):
     (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (path / "dataset_info.json").write_text(json.dumps({"features": {
         "image": {"_type": "Image"}, "label": {"names": train.classes, "_type": "ClassLabel"}}}))
-    run = tmp_path / "r"
-    code, _, err = run_cli(["pretrain", "--dataset", f"hf:{path}", "--out", run, "--steps", "4", *TINY], capsys)
-    assert code == 0, err
-    assert any(r.get("knn_queries") == "held out of the training images" for r in metrics(run))
-    code, out, err = run_cli(["eval", "knn", "--run", run, "--no-progress"], capsys)
-    assert code == 0, err
-    assert json.loads(out)["test_split"] == "held out from the training images"
+    result = pretrain_and_evaluate_held_out(f"hf:{path}", 4, "knn", tmp_path / "r", capsys)
+    assert result["test_split"] == "held out from the training images"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,10 +344,5 @@ def test_knn_monitor_and_eval_on_a_store_without_a_test_split(mini, tmp_path, ca
     code, _, err = run_cli(["prepare", f"imagefolder:{folder}", "--out", store, "--size", "16", "--format", "raw",
                             "--no-progress"], capsys)
     assert code == 0, err
-    run = tmp_path / "r"
-    code, _, err = run_cli(["pretrain", "--dataset", f"store:{store}", "--out", run, "--steps", "3", *TINY], capsys)
-    assert code == 0, err
-    assert any(r.get("knn_queries") == "held out of the training images" for r in metrics(run))
-    code, out, err = run_cli(["eval", "linear", "--run", run, "--no-progress"], capsys)
-    assert code == 0, err
-    assert json.loads(out)["test_split"] == "held out from the training images" and json.loads(out)["num_test"] == 4
+    result = pretrain_and_evaluate_held_out(f"store:{store}", 3, "linear", tmp_path / "r", capsys)
+    assert result["test_split"] == "held out from the training images" and result["num_test"] == 4
