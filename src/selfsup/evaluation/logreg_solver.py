@@ -120,9 +120,9 @@ class _Problems:
         return (gw @ self.basis) / self.d[rows, None, :], gb / self.bias_scale
 
 
-def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per-problem inner product of (u, c)-shaped pairs, in float64: (P,)."""
-    return (a[0].double() * b[0].double()).sum((1, 2)) + (a[1].double() * b[1].double()).sum(1)
+def _inner(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Inner product of two (weights, biases) pairs of one problem."""
+    return float((a[0] * b[0]).sum()) + float((a[1] * b[1]).sum())
 
 
 def _direction(g, history: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,18 +130,18 @@ def _direction(g, history: list) -> tuple[torch.Tensor, torch.Tensor]:
     q = [g[0].clone(), g[1].clone()]
     alphas = []
     for s, yv, rho in reversed(history):
-        a = rho * (float((s[0] * q[0]).sum()) + float((s[1] * q[1]).sum()))
+        a = rho * _inner(s, q)
         alphas.append(a)
         q[0] -= a * yv[0]
         q[1] -= a * yv[1]
     if history:
         s, yv, _ = history[-1]
-        yy = float((yv[0] * yv[0]).sum()) + float((yv[1] * yv[1]).sum())
-        gamma = (float((s[0] * yv[0]).sum()) + float((s[1] * yv[1]).sum())) / max(yy, 1e-300)
+        yy = _inner(yv, yv)
+        gamma = _inner(s, yv) / max(yy, 1e-300)
         q[0] *= gamma
         q[1] *= gamma
     for (s, yv, rho), a in zip(history, reversed(alphas)):
-        beta = rho * (float((yv[0] * q[0]).sum()) + float((yv[1] * q[1]).sum()))
+        beta = rho * _inner(yv, q)
         q[0] += (a - beta) * s[0]
         q[1] += (a - beta) * s[1]
     return -q[0], -q[1]
@@ -231,11 +231,11 @@ def _iterate(x, y, probs, u, c, l2, active, state, tol, chunk, dtype) -> None:
     dirs = {}
     for p in active:
         d = _direction(state.grad[p], state.history[p])
-        slope = float((d[0] * state.grad[p][0]).sum()) + float((d[1] * state.grad[p][1]).sum())
+        slope = _inner(d, state.grad[p])
         if slope >= 0:  # not a descent direction (rounding): restart from steepest descent
             state.history[p] = []
             d = (-state.grad[p][0], -state.grad[p][1])
-            slope = -(float(d[0].pow(2).sum()) + float(d[1].pow(2).sum()))
+            slope = -_inner(d, d)
         step = 1.0 if state.history[p] else min(1.0, 1.0 / math.sqrt(-slope))
         dirs[p] = (d, slope, step)
     pending = list(active)
@@ -267,7 +267,7 @@ def _iterate(x, y, probs, u, c, l2, active, state, tol, chunk, dtype) -> None:
 def _accept(state: _State, p: int, step: float, d, g, loss: float, gmax: float, tol: float) -> None:
     s = (step * d[0], step * d[1])
     yv = (g[0] - state.grad[p][0], g[1] - state.grad[p][1])
-    sy = float((s[0] * yv[0]).sum()) + float((s[1] * yv[1]).sum())
+    sy = _inner(s, yv)
     if sy > 1e-12:
         state.history[p].append((s, yv, 1.0 / sy))
         if len(state.history[p]) > HISTORY:
