@@ -2,12 +2,12 @@
 
 Runs the full method and its ablations for the same number of steps and linear-probes each:
 
-    full            predictor, base_tau 0.996 (cosine-annealed to 1)
-    no_predictor    --set predictor=false                  (Table 5b)
-    no_ema          --set base_tau=0: target = online      (Table 5a, "stop gradient of online")
-    fixed_target    --set base_tau=1: random, fixed target (Table 5a, "constant random network")
+    full            predictor, byol.base_tau 0.996 (cosine-annealed to 1)
+    no_predictor    --set byol.predictor=false             (Table 5b)
+    no_ema          --set byol.base_tau=0: target = online (Table 5a, "stop gradient of online")
+    fixed_target    --set byol.base_tau=1: fixed target    (Table 5a, "constant random network")
 
-Expected: without the predictor or with base_tau=0 the monitor reports collapse (collapse_std
+Expected: without the predictor or with byol.base_tau=0 the monitor reports collapse (collapse_std
 falls towards 0 and the CollapseWarning fires) and the linear probe falls well below the full
 method; the fixed random target does not collapse but learns less.
 
@@ -27,9 +27,9 @@ from byol_common import add_common_args, machine_note, markdown_table, pretrain_
 
 VARIANTS = {
     "full": {},
-    "no_predictor": {"predictor": False},
-    "no_ema": {"base_tau": 0.0},
-    "fixed_target": {"base_tau": 1.0},
+    "no_predictor": {"byol": {"predictor": False}},
+    "no_ema": {"byol": {"base_tau": 0.0}},
+    "fixed_target": {"byol": {"base_tau": 1.0}},
 }
 SHORT = {"dataset": "embedded", "epochs": 1.0, "backbone_width": 0.0625, "batch_size": 64}
 FULL = {"dataset": "fashion-mnist", "epochs": 5.0, "backbone_width": None, "batch_size": 256}

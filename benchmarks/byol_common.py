@@ -77,7 +77,7 @@ def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = False) -> dict:
         "images_seen": summary["steps"] * cfg.batch_size, "linear_top1": lin["top1"], "final_loss": last.get("loss"),
         "final_collapse_std": last.get("collapse_std"), "collapse_warning": collapse_warned,
         "collapse_warning_step": summary.get("collapse_warning_step"),
-        "collapse_threshold_abs": cfg.collapse_threshold / cfg.proj_out_dim ** 0.5,
+        "collapse_threshold_abs": cfg.collapse_threshold / cfg.section.proj_out_dim ** 0.5,
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "images_per_sec": round(summary["steps"] * cfg.batch_size / max(summary["train_seconds_this_session"], 1e-9), 1),
         "feature_dim": lin.get("feature_dim"), "backbone": cfg.backbone,

@@ -25,8 +25,8 @@ from pathlib import Path
 CONFIGS = {
     # round 1 (temperature 0.2, LARS base lr 1.0)
     "A_t0.2_lars1.0": (1100, {}),
-    "A_t0.1": (1100, {"temperature": 0.1}),
-    "A_t0.5": (1100, {"temperature": 0.5}),
+    "A_t0.1": (1100, {"simclr.temperature": 0.1}),
+    "A_t0.5": (1100, {"simclr.temperature": 0.5}),
     "A_crop0.2": (1100, {"view.crop_scale": "[0.2,1.0]", "view2.crop_scale": "[0.2,1.0]"}),
     "A_lars2.0": (1100, {"optim.lr": 2.0}),
     "A_lars0.5": (1100, {"optim.lr": 0.5}),
@@ -37,21 +37,21 @@ CONFIGS = {
     "A_batch512": (550, {"batch_size": 512}),
     "A_batch128": (2200, {"batch_size": 128}),
     # round 2 (temperature 0.1, LARS base lr 2.0; wide h through a final 1x1 expansion)
-    "R2_A_t0.1_lr2": (1100, {"temperature": 0.1, "optim.lr": 2.0}),
-    "R2_Ax1024": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0}),
-    "R2_Ax1024_lr1": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 1.0}),
-    "R2_Ax1024_t0.2": (1000, {"backbone": "resnet18_narrow", "temperature": 0.2, "optim.lr": 2.0}),
-    "R2_Ax1024_crop0.2": (1000, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0,
+    "R2_A_t0.1_lr2": (1100, {"simclr.temperature": 0.1, "optim.lr": 2.0}),
+    "R2_Ax1024": (1000, {"backbone": "resnet18_narrow", "simclr.temperature": 0.1, "optim.lr": 2.0}),
+    "R2_Ax1024_lr1": (1000, {"backbone": "resnet18_narrow", "simclr.temperature": 0.1, "optim.lr": 1.0}),
+    "R2_Ax1024_t0.2": (1000, {"backbone": "resnet18_narrow", "simclr.temperature": 0.2, "optim.lr": 2.0}),
+    "R2_Ax1024_crop0.2": (1000, {"backbone": "resnet18_narrow", "simclr.temperature": 0.1, "optim.lr": 2.0,
                                  "view.crop_scale": "[0.2,1.0]", "view2.crop_scale": "[0.2,1.0]"}),
-    "R2_Ax1024_b512": (500, {"backbone": "resnet18_narrow", "temperature": 0.1, "optim.lr": 2.0, "batch_size": 512}),
-    "R2_Ax2048": (950, {"backbone": "resnet18_narrow_x2048", "temperature": 0.1, "optim.lr": 2.0}),
-    "R2_B_t0.1_lr2": (650, {"backbone": "resnet10_narrow", "temperature": 0.1, "optim.lr": 2.0}),
+    "R2_Ax1024_b512": (500, {"backbone": "resnet18_narrow", "simclr.temperature": 0.1, "optim.lr": 2.0, "batch_size": 512}),
+    "R2_Ax2048": (950, {"backbone": "resnet18_narrow_x2048", "simclr.temperature": 0.1, "optim.lr": 2.0}),
+    "R2_B_t0.1_lr2": (650, {"backbone": "resnet10_narrow", "simclr.temperature": 0.1, "optim.lr": 2.0}),
     # random-init baselines: one step at a negligible learning rate
     "R2_random_Ax1024": (1, {"backbone": "resnet18_narrow", "optim.lr": 1e-12}),
     "R2_random_B": (1, {"backbone": "resnet10_narrow", "optim.lr": 1e-12}),
     "R2_random_A": (1, {"optim.lr": 1e-12}),
 }
-BASE = {"recipe": "cpu", "backbone": "resnet18_narrow_plain", "temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
+BASE = {"recipe": "cpu", "backbone": "resnet18_narrow_plain", "simclr.temperature": 0.2, "optim.lr": 1.0, "knn_monitor": "false", "precision": "fp32"}
 
 
 def run_one(name: str, steps: int, sets: dict, args) -> dict:

@@ -71,7 +71,7 @@ def measure_loader(folder: Path, image_size: int, batch_size: int, workers: int,
     import torch
 
     from selfsup.data.datasets import load_dataset
-    from selfsup.training.steps import batch_stream
+    from selfsup.training.batches import batch_stream
 
     dataset = load_dataset(f"imagefolder:{folder}", "train", image_size=image_size, in_memory=False)
     stream = batch_stream(dataset, batch_size, 0, 0, steps + 1, workers, torch.device("cpu"))

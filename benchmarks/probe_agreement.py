@@ -98,7 +98,7 @@ def features(args):
         enc = random_init_encoder(cfg, train.num_channels, size)
     else:
         enc = load_encoder(run)
-    from selfsup.training.steps import resolve_precision
+    from selfsup.training.devices import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))  # as selfsup eval extracts them
     prep = run.preprocessing if run else None  # the run's statistics, as selfsup eval prepares images

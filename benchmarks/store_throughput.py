@@ -50,7 +50,7 @@ def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: in
     import torch
 
     from selfsup.data.datasets import load_dataset
-    from selfsup.training.steps import batch_stream
+    from selfsup.training.batches import batch_stream
 
     warm = max(1, workers)
     folder = {"num_channels": channels} if name.startswith("imagefolder:") else {}  # a store has its own

@@ -25,7 +25,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.config import PretrainConfig, build_config
 from selfsup.methods import METHODS
 from selfsup.training.optim import build_optimizer
-from selfsup.training.steps import autocast_context, resolve_precision
+from selfsup.training.devices import autocast_context, resolve_precision
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -50,9 +50,9 @@ def _sync(device):
 
 def make_model(args, device):
     cfg = build_config(PretrainConfig, {"backbone": args.backbone, "batch_size": args.batch_size,
-                                        "temperature": 0.2, "method": "simclr"})
+                                        "simclr": {"temperature": 0.2}, "method": "simclr"})
     backbone = build_backbone(args.backbone, in_channels=args.channels, image_size=args.image_size)
-    model = METHODS["simclr"](cfg, backbone).to(device)
+    model = METHODS["simclr"].build(cfg.section, backbone).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer("lars", model, 0.3, 1e-6)

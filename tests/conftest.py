@@ -20,7 +20,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if TEST_PRECISION != "bf16":
         return
-    from selfsup.training.steps import bf16_supported
+    from selfsup.training.devices import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         skip = pytest.mark.skip(reason="SELFSUP_TEST_PRECISION=bf16 but this CPU has no native bf16 (AVX512-BF16/AMX); "
@@ -33,12 +33,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_cfg():
     """A pre-training config that runs a few steps in about a second on a CPU."""
+    from selfsup.methods import METHODS
     from selfsup.training.config import PretrainConfig, build_config
 
     def make(**kw):
+        """Keys of the method's section may be given flat here (``base_tau=0.5``): they go under the method's name."""
         base = {"recipe": "cpu", "precision": TEST_PRECISION, "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16,
-                "steps": 6, "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16}
+                "steps": 6, "checkpoint_every": 3, "knn_monitor": False, "log_every": 1}
         base.update(kw)
+        method = base.get("method", "simclr")
+        own = METHODS[method].keys() if method in METHODS else ()
+        section = {"proj_out_dim": 16} if "proj_out_dim" in own else {}
+        section.update({k: base.pop(k) for k in list(base) if k in own})
+        section.update(base.pop(method, {}))
+        if section:
+            base[method] = section
         return build_config(PretrainConfig, base)
 
     return make

@@ -117,7 +117,7 @@ def test_augment_pairs_end_to_end_resumes_cell_by_cell(tmp_path):
         run_study("augment-pairs", args + ["--steps", "3"])  # another budget into the same --out
     # A finished cell whose config is not what selfsup builds today (e.g. a default changed) is not reused.
     saved = json.loads((out / "cells" / "crop" / "result.json").read_text())
-    saved["config"]["temperature"] = 0.123
+    saved["config"]["simclr"]["temperature"] = 0.123
     (out / "cells" / "crop" / "result.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match=r"cells/crop was trained with another config .*temperature"):
         run_study("augment-pairs", args)
@@ -238,14 +238,14 @@ def test_no_projection_head_config():
     from selfsup.training.config import PretrainConfig, build_config
     from selfsup.methods import METHODS
 
-    cfg = build_config(PretrainConfig, {"proj_layers": 0})
-    model = METHODS["simclr"](cfg, build_backbone("resnet18", in_channels=1, image_size=8, width=0.0625))
+    cfg = build_config(PretrainConfig, {"simclr": {"proj_layers": 0}})
+    model = METHODS["simclr"].build(cfg.section, build_backbone("resnet18", in_channels=1, image_size=8, width=0.0625))
     assert isinstance(model.head, torch.nn.Identity)
     loss, _ = model(torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8))
     assert torch.isfinite(loss)
     if "byol" in METHODS:
-        with pytest.raises(ConfigError, match="proj_layers"):
-            build_config(PretrainConfig, {"method": "byol", "proj_layers": 0})
+        with pytest.raises(ConfigError, match="byol.proj_layers"):
+            build_config(PretrainConfig, {"method": "byol", "byol": {"proj_layers": 0}})
 
 
 def test_batch_size_and_temperature_compare_methods_on_one_plot(tmp_path):
@@ -265,7 +265,7 @@ def test_batch_size_and_temperature_compare_methods_on_one_plot(tmp_path):
     assert [(r["method"], r["temperature"]) for r in rows] == [("simclr", 0.5)] + (
         [("byol", None)] if "byol" in both else [])
     cfg = (out / "cells" / "simclr-t0.5" / "config.yaml").read_text()
-    assert "temperature: 0.5" in cfg and "seed: 0" in cfg
+    assert "  temperature: 0.5" in cfg and "seed: 0" in cfg
     assert "seed: 1" in (out / "cells" / "simclr-t0.5@seed1" / "config.yaml").read_text()
     per_seed = [json.loads((out / "cells" / c / "result.json").read_text())["linear_h"]
                 for c in ("simclr-t0.5", "simclr-t0.5@seed1")]

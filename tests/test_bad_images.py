@@ -19,8 +19,9 @@ from PIL import Image
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import DataError
 from selfsup.data.folders import ImageFolderDataset, decode_image
-from selfsup.data.image_checks import BadImageError, check_image, convert_image
-from selfsup.training.steps import batch_stream
+from selfsup.data.image_checks import check_image, convert_image
+from selfsup.errors import BadImageError
+from selfsup.training.batches import batch_stream
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

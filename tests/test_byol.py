@@ -16,8 +16,8 @@ from selfsup.models.heads import ProjectionHead
 from selfsup.losses import byol_loss
 from selfsup.methods import BYOL
 from selfsup.training.optim import build_optimizer
-from selfsup.training.schedules import ema_tau
-from selfsup.training.build import build_model
+from selfsup.methods.ema import ema_tau
+from selfsup.training.setup import build_model
 from selfsup.training.loop import pretrain
 
 
@@ -183,9 +183,11 @@ def test_without_predictor_and_config_switches(tiny_cfg):
     assert (byol.optim.lr, byol.optim.weight_decay) == (3.0, 1.5e-6)
     assert build_config(PretrainConfig, {"method": "byol", "optim": {"lr": 0.7}}).optim.lr == 0.7
     assert build_config(PretrainConfig, {"method": "simclr"}).optim.weight_decay == PretrainConfig().optim.weight_decay
-    for bad in ({"base_tau": 1.5}, {"base_tau": -0.1}, {"collapse_threshold": -1}, {"pred_hidden_dim": 0},
-                {"predictor": "maybe"}):
-        with pytest.raises(ConfigError, match=next(iter(bad))):
+    for bad in ({"byol": {"base_tau": 1.5}}, {"byol": {"base_tau": -0.1}}, {"collapse_threshold": -1},
+                {"byol": {"pred_hidden_dim": 0}}, {"byol": {"predictor": "maybe"}}):
+        key, value = next(iter(bad.items()))
+        name = f"byol.{next(iter(value))}" if isinstance(value, dict) else key
+        with pytest.raises(ConfigError, match=name):
             build_config(PretrainConfig, {"method": "byol", **bad})
 
 

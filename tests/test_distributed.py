@@ -59,8 +59,8 @@ def _tiny_method(name: str) -> torch.nn.Module:
         return SimCLR(backbone, ProjectionHead(backbone.num_features, 32, 16), temperature=0.2).double()
     from selfsup.training.config import PretrainConfig
 
-    cfg = PretrainConfig(method=name, proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32)
-    return METHODS[name](cfg, backbone).double()
+    cfg = PretrainConfig(method=name, section=METHODS[name].config(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32))
+    return METHODS[name].build(cfg.section, backbone).double()
 
 
 def _global_views():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.data.datasets import load_dataset
-from selfsup.evaluation.frozen import BackboneChangedError, canonical_order, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
+from selfsup.errors import BackboneChangedError
+from selfsup.evaluation.frozen import canonical_order, knn_scores, linear_eval, standardise, state_fingerprint, topk_accuracy
 from selfsup.evaluation.linear_probe import choose_c, fit_logreg, select_and_fit, start_gradient, stratified_split, warm_start
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_eval_records_protocol_and_writes_baselines_beside_the_run(tiny_run):
 
 def test_random_init_baseline_is_the_network_the_run_started_from(tiny_cfg):
     from selfsup.protocols.eval_run import random_init_encoder
-    from selfsup.training.build import build_model
+    from selfsup.training.setup import build_model
 
     cfg = tiny_cfg(seed=3)
     torch.manual_seed(cfg.seed)  # what pretrain does before building the model

@@ -14,7 +14,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import save_weights
 from selfsup.training.init_weights import InitError, load_init
 from selfsup.training.runs import load_encoder, load_run
-from selfsup.training.build import build_model
+from selfsup.training.setup import build_model
 from selfsup.training.loop import pretrain
 
 TINY = ["--dataset", "embedded", "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16",

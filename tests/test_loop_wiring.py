@@ -13,7 +13,7 @@ import torch
 from selfsup.training import setup
 from selfsup.training.loop import pretrain
 from selfsup.training.schedules import scaled_lr
-from selfsup.training.steps import StepBatchSampler, batch_stream, step_indices
+from selfsup.training.batches import StepBatchSampler, batch_stream, step_indices
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.config import ConfigError, PretrainConfig, build_config, to_dict
 from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS
-from selfsup.methods.recipes import RECIPES, auto_recipe, effective_lr, lr_warning, paper_lr
+from selfsup.methods.recipes import RECIPES, auto_recipe, paper_lr
+from selfsup.training.config import effective_lr, lr_warning
 
 CPU = {"dataset": "fashion-mnist"}  # the CPU default run: narrow encoder, 28 px
 CIFAR = {"dataset": "cifar10", "backbone": "resnet18", "batch_size": 512}
@@ -22,43 +23,43 @@ def resolved(method, setting, **kw):
 
 
 def summary(cfg):
-    o = cfg.optim
+    o, sec = cfg.optim, cfg.section
     return {"recipe": cfg.recipe, "optim": (o.name, o.lr, o.lr_scaling, o.weight_decay, o.warmup_fraction, o.warmup_epochs),
-            "effective_lr": round(effective_lr(cfg), 4), "temperature": cfg.temperature,
-            "heads": (cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.proj_layers, cfg.pred_hidden_dim),
-            "official": (cfg.proj_last_bn, cfg.proj_last_bias, cfg.zero_init_residual, cfg.small_stem),
-            "base_tau": cfg.base_tau}
+            "effective_lr": round(effective_lr(cfg), 4), "temperature": getattr(sec, "temperature", None),
+            "heads": (sec.proj_hidden_dim, sec.proj_out_dim, sec.proj_layers, getattr(sec, "pred_hidden_dim", None)),
+            "official": (sec.proj_last_bn, sec.proj_last_bias, cfg.zero_init_residual, cfg.small_stem),
+            "base_tau": getattr(sec, "base_tau", None)}
 
 
 # What each method resolves to in each setting (CPU: today's defaults, unchanged).
 EXPECTED = {
     ("simclr", "cpu"): {"recipe": "cpu", "optim": ("lars", 2.0, "linear", 1e-6, 0.05, None), "effective_lr": 2.0,
                         "temperature": 0.2, "heads": (None, 128, 2, None), "official": (False, True, False, True),
-                        "base_tau": 0.996},
+                        "base_tau": None},
     ("simclr", "cifar"): {"recipe": "simclr", "optim": ("lars", 0.075, "sqrt", 1e-6, 0.05, 10.0),
                           "effective_lr": round(0.075 * math.sqrt(512), 4), "temperature": 0.5,
-                          "heads": (None, 128, 2, None), "official": (True, True, True, True), "base_tau": 0.996},
+                          "heads": (None, 128, 2, None), "official": (True, True, True, True), "base_tau": None},
     ("simclr", "imagenet"): {"recipe": "simclr", "optim": ("lars", 0.3, "linear", 1e-6, 0.05, 10.0), "effective_lr": 4.8,
                              "temperature": 0.1, "heads": (None, 128, 2, None), "official": (True, True, True, False),
-                             "base_tau": 0.996},
+                             "base_tau": None},
     ("byol", "cpu"): {"recipe": "cpu", "optim": ("lars", 3.0, "linear", 1.5e-6, 0.05, None), "effective_lr": 3.0,
-                      "temperature": 0.2, "heads": (None, 128, 2, None), "official": (False, True, False, True),
+                      "temperature": None, "heads": (None, 128, 2, None), "official": (False, True, False, True),
                       "base_tau": 0.996},
     ("byol", "cifar"): {"recipe": "byol", "optim": ("lars", 0.2, "linear", 1.5e-6, 0.05, 10.0), "effective_lr": 0.4,
-                        "temperature": 0.2, "heads": (4096, 256, 2, 4096), "official": (False, False, True, True),
+                        "temperature": None, "heads": (4096, 256, 2, 4096), "official": (False, False, True, True),
                         "base_tau": 0.996},
     ("byol", "imagenet"): {"recipe": "byol", "optim": ("lars", 0.2, "linear", 1.5e-6, 0.05, 10.0), "effective_lr": 3.2,
-                           "temperature": 0.2, "heads": (4096, 256, 2, 4096), "official": (False, False, True, False),
+                           "temperature": None, "heads": (4096, 256, 2, 4096), "official": (False, False, True, False),
                            "base_tau": 0.996},
     ("simclrv2", "cpu"): {"recipe": "cpu", "optim": ("lars", 2.0, "linear", 1e-6, 0.05, None), "effective_lr": 2.0,
                           "temperature": 0.2, "heads": (None, 128, 3, None), "official": (False, True, False, True),
-                          "base_tau": 0.996},
+                          "base_tau": None},
     ("simclrv2", "cifar"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, 10.0),
                             "effective_lr": round(0.1 * math.sqrt(512), 4), "temperature": 0.5,
-                            "heads": (None, 128, 3, None), "official": (True, True, True, True), "base_tau": 0.996},
+                            "heads": (None, 128, 3, None), "official": (True, True, True, True), "base_tau": None},
     ("simclrv2", "imagenet"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, 10.0), "effective_lr": 6.4,
                                "temperature": 0.1, "heads": (None, 128, 3, None), "official": (True, True, True, False),
-                               "base_tau": 0.996},
+                               "base_tau": None},
 }
 
 
@@ -75,7 +76,7 @@ def test_cpu_default_is_todays_defaults_exactly():
         plain = to_dict(PretrainConfig(method=method))
         got = to_dict(cfg)
         changed = {k for k in plain if plain[k] != got[k]}
-        assert changed <= {"recipe", "optim", "proj_layers", "view", "view2", "small_stem"}, changed
+        assert changed <= {"recipe", "optim", "view", "view2", "small_stem"}, changed
         assert got["view"] == to_dict(ViewConfig.byol(28, 1) if method == "byol" else ViewConfig.simclr(28))
 
 
@@ -87,15 +88,15 @@ def test_simclr_uses_the_linear_rule_from_batch_4096():
 
 
 def test_explicit_keys_win_and_recipe_can_be_named():
-    cfg = resolved("simclr", IMAGENET, temperature=0.2, optim={"lr": 0.5})
-    assert (cfg.recipe, cfg.temperature, cfg.optim.lr, cfg.optim.weight_decay) == ("simclr", 0.2, 0.5, 1e-6)
+    cfg = resolved("simclr", IMAGENET, simclr={"temperature": 0.2}, optim={"lr": 0.5})
+    assert (cfg.recipe, cfg.simclr.temperature, cfg.optim.lr, cfg.optim.weight_decay) == ("simclr", 0.2, 0.5, 1e-6)
     cfg = resolved("simclr", IMAGENET, recipe="cpu")
-    assert (cfg.recipe, cfg.optim.lr, cfg.temperature) == ("cpu", 2.0, 0.2)
+    assert (cfg.recipe, cfg.optim.lr, cfg.simclr.temperature) == ("cpu", 2.0, 0.2)
     cfg = resolved("simclr", CPU, recipe="simclr")
-    assert (cfg.recipe, cfg.optim.lr, cfg.temperature) == ("simclr", 0.075, 0.5)
+    assert (cfg.recipe, cfg.optim.lr, cfg.simclr.temperature) == ("simclr", 0.075, 0.5)
     # A warm-up fraction given explicitly replaces the recipe's warm-up in epochs.
     assert resolved("byol", IMAGENET, optim={"warmup_fraction": 0.1}).optim.warmup_epochs is None
-    with pytest.raises(ConfigError, match="recipe: 'byol' is defined for byol, not 'simclr'"):
+    with pytest.raises(ConfigError, match="recipe: 'byol' is not defined for 'simclr'"):
         resolved("simclr", CPU, recipe="byol")
     with pytest.raises(ConfigError, match="did you mean 'simclr'"):
         resolved("simclr", CPU, recipe="simclrr")
@@ -166,7 +167,8 @@ def test_dry_run_prints_the_resolved_config_without_reading_data(tmp_path, capsy
                  "--set", "image_size=224"]) == 0
     out = capsys.readouterr().out
     data = yaml.safe_load(out)
-    assert data["recipe"] == "byol" and data["optim"]["lr"] == 0.2 and data["proj_hidden_dim"] == 4096
+    assert data["recipe"] == "byol" and data["optim"]["lr"] == 0.2 and data["byol"]["proj_hidden_dim"] == 4096
+    assert "simclr" not in data and "temperature" not in data  # only the chosen method's keys
     assert "# effective_lr: 3.2" in out and "# total_steps: 1200" in out and "# warmup_steps: 120" in out
     again = build_config(PretrainConfig, data)  # the output is a loadable config
     assert to_dict(again) == data
@@ -180,13 +182,13 @@ def test_heads_end_as_in_the_official_code():
     assert head.layers[-1][0].bias is None
     head = ProjectionHead(8, 16, 4, last_bias=False)
     assert head.layers[-1][0].bias is None and len(head.layers[-1]) == 1
-    model = METHODS["byol"](resolved("byol", CIFAR, proj_hidden_dim=16, pred_hidden_dim=16, proj_out_dim=8),
-                            build_backbone("resnet10_narrow", in_channels=3, image_size=32))
+    cfg = resolved("byol", CIFAR, byol={"proj_hidden_dim": 16, "pred_hidden_dim": 16, "proj_out_dim": 8})
+    model = METHODS["byol"].build(cfg.section, build_backbone("resnet10_narrow", in_channels=3, image_size=32))
     assert model.projector.layers[-1][0].bias is None and model.predictor.layers[-1][0].bias is None
 
 
 def test_zero_init_residual_and_small_stem_cut_off():
-    from selfsup.training.build import build_model
+    from selfsup.training.setup import build_model
 
     cfg = resolved("simclr", CIFAR, backbone="resnet18_narrow", recipe="simclr")
     model = build_model(cfg, 3, 32)
@@ -207,7 +209,7 @@ def test_simclrv2_finetuning_values_are_the_finetune_defaults():
 
 
 def test_evaluation_crops_the_centre_above_32_px():
-    from selfsup.evaluation.frozen import eval_crop, prepare_images
+    from selfsup.evaluation.preprocess import eval_crop, prepare_images
 
     assert eval_crop(28) == eval_crop(32) == 1.0 and eval_crop(96) == 0.875
     img = torch.zeros(1, 1, 96, 96, dtype=torch.uint8)

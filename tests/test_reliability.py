@@ -24,13 +24,14 @@ from selfsup.training import setup as train_mod  # home of build_model as pretra
 from selfsup.views.config import _PROB_FIELDS, ViewConfig
 from selfsup.views.augment import BatchAugment
 from selfsup.models.backbones import BACKBONES, build_backbone
-from selfsup.training.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_checkpoint,
+from selfsup.errors import CheckpointError, CheckpointWriteError
+from selfsup.training.checkpoint import (list_checkpoints, load_checkpoint,
                                 load_weights, save_checkpoint)
 from selfsup.cli.app import main as cli_main
 from selfsup.training.config import (ConfigError, OptimConfig, PretrainConfig, build_config, from_dict, parse_overrides,
                             to_dict)
 from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.training.guards import channels_last_hazard
+from selfsup.training.setup import channels_last_hazard
 from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import warmup_cosine
 from selfsup.training.loop import TrainingError, pretrain

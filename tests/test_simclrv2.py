@@ -175,7 +175,8 @@ def pretrain_run(tmp_path_factory):
 
     cfg = build_config(PretrainConfig, {
         "recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 1,
-        "knn_monitor": False, "proj_layers": 3, "proj_out_dim": 16, "proj_hidden_dim": 24, "channels_last": False})
+        "knn_monitor": False, "simclr": {"proj_layers": 3, "proj_out_dim": 16, "proj_hidden_dim": 24},
+        "channels_last": False})
     run = tmp_path_factory.mktemp("simclrv2") / "pre"
     pretrain(cfg, run, progress=False)
     return run

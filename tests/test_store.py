@@ -32,7 +32,7 @@ from selfsup.data import prepare
 from selfsup.training.checkpoint import list_checkpoints, load_weights  # noqa: E402
 from selfsup.data.folders import ImageFolderDataset
 from selfsup.data.datasets import load_dataset  # noqa: E402
-from selfsup.data.image_checks import BadImageError  # noqa: E402
+from selfsup.errors import BadImageError  # noqa: E402
 from selfsup.data.prepare import prepare_store  # noqa: E402
 from selfsup.data.store import StoreDataset  # noqa: E402
 from test_bad_images import BAD_FILES  # noqa: E402
@@ -257,7 +257,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
     _torchrun_env(rank, world, port)
     import torch.distributed as tdist
 
-    from selfsup.training.steps import batch_stream
+    from selfsup.training.batches import batch_stream
 
     tdist.init_process_group("gloo")
     try:
@@ -270,7 +270,7 @@ def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) ->
 
 @pytest.mark.slow
 def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
-    from selfsup.training.steps import step_indices
+    from selfsup.training.batches import step_indices
 
     store = tmp_path / "s"
     prepare_store(f"imagefolder:{_id_folder(tmp_path / 'ids')}", store, size=64, format="raw", workers=0, progress=False)

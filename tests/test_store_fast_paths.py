@@ -28,7 +28,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from selfsup.data.folders import decode_image  # noqa: E402
 from selfsup.data.prepare import _encode, _jpeg_at_load_size, _jpeg_draft_decode, prepare_store  # noqa: E402
 from selfsup.data.store import StoreDataset, collate_channels_last  # noqa: E402
-from selfsup.training.steps import batch_stream  # noqa: E402
+from selfsup.training.batches import batch_stream  # noqa: E402
 from selfsup.views.augment import BatchAugment  # noqa: E402
 from selfsup.views.config import ViewConfig  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_store_batches_from_workers_are_the_items_and_resume_exactly(jpeg_store)
     assert len(whole) == 6 and len(resumed) == 3
     for a, b in zip(whole[3:], resumed):
         assert torch.equal(a, b)
-    from selfsup.training.steps import step_indices
+    from selfsup.training.batches import step_indices
 
     for step, batch in enumerate(whole):
         idx = step_indices(len(store), 8, 5, step)

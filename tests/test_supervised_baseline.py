@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights
 from selfsup.training.config import PretrainConfig, build_config
-from selfsup.methods import METHODS, VIEW_PRESETS
+from selfsup.methods import METHODS
 from selfsup.methods.supervised import Supervised
 from selfsup.training.loop import pretrain
 
@@ -25,7 +25,7 @@ def test_supervised_loss_is_cross_entropy_of_a_linear_classifier_on_h_over_both_
 
 
 def test_supervised_classifier_has_the_data_sets_number_of_classes():
-    from selfsup.training.build import build_model
+    from selfsup.training.setup import build_model
 
     cfg = build_config(PretrainConfig, {"method": "supervised", "backbone": "resnet18", "backbone_width": 0.0625})
     assert build_model(cfg, 1, 16, num_classes=3).classifier.out_features == 3
@@ -36,7 +36,8 @@ def test_supervised_uses_the_default_simclr_runs_views_and_optimiser():
     sup = build_config(PretrainConfig, {"method": "supervised"})
     ssl = build_config(PretrainConfig, {"method": "simclr"})
     assert sup.optim == ssl.optim and sup.batch_size == ssl.batch_size and sup.backbone == ssl.backbone
-    assert VIEW_PRESETS["supervised"](28) == VIEW_PRESETS["simclr"](28)
+    assert METHODS["supervised"].views(28) == METHODS["simclr"].views(28)
+    assert (sup.view, sup.view2) == (ssl.view, ssl.view2)
 
 
 def test_supervised_run_folder_is_probed_like_any_other(tmp_path, tiny_cfg):

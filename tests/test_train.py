@@ -11,7 +11,7 @@ from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.training.config import ConfigError, PretrainConfig, build_config
 from selfsup.errors import DataNotFoundError
 from selfsup.models.heads import ProjectionHead
-from selfsup.methods import LABELLED_METHODS, METHODS, SimCLR
+from selfsup.methods import METHODS, SimCLR
 from selfsup.training.loop import pretrain
 
 
@@ -40,9 +40,10 @@ def test_simclr_one_step_changes_weights_and_lowers_loss_on_fixed_batch():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_runs_a_step(method, tiny_cfg):
     cfg = tiny_cfg(method=method)
-    labelled = {"num_classes": 4} if method in LABELLED_METHODS else {}  # labelled methods size their classifier
-    model = METHODS[method](cfg, build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625), **labelled)
-    labels = (torch.tensor([0, 1, 2, 3]),) if getattr(model, "needs_labels", False) else ()
+    spec = METHODS[method]
+    model = spec.build(cfg.section, build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625),
+                       4 if spec.needs_labels else None)  # a method that needs labels sizes its classifier
+    labels = (torch.tensor([0, 1, 2, 3]),) if spec.needs_labels else ()
     loss, logs = model(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16), *labels)
     loss.backward()
     assert torch.isfinite(loss)
@@ -92,16 +93,20 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_cfg):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="temperatur.*temperature"):
+    with pytest.raises(ConfigError, match="temperatur.*simclr.temperature"):
         build_config(PretrainConfig, {"temperatur": 0.1})
+    with pytest.raises(ConfigError, match="temperature: this key is in the method's section now: simclr.temperature"):
+        build_config(PretrainConfig, {"temperature": 0.1})
+    with pytest.raises(ConfigError, match="base_tau: a key of method 'byol'"):
+        build_config(PretrainConfig, {"base_tau": 0.9})
     with pytest.raises(ConfigError, match="optim.lr"):
         build_config(PretrainConfig, {"optim": {"lr": -1}})
     with pytest.raises(ConfigError, match="batch_size"):
         build_config(PretrainConfig, {"batch_size": 1})
     with pytest.raises(ConfigError, match="batch_size"):
         build_config(PretrainConfig, {"batch_size": "many"})
-    with pytest.raises(ConfigError, match="temperature"):
-        build_config(PretrainConfig, {"temperature": 0})
+    with pytest.raises(ConfigError, match="simclr.temperature: must be > 0"):
+        build_config(PretrainConfig, {"simclr": {"temperature": 0}})
     with pytest.raises(ConfigError, match="view"):
         build_config(PretrainConfig, {"view": {"flip_p": 2}})
     cfg = build_config(PretrainConfig, {"view": {"blur_p": 0.0, "crop_scale": [0.2, 1.0]}})

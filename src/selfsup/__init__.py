@@ -9,7 +9,7 @@ The short path for notebooks, loaded on first use so ``import selfsup`` stays li
 ``selfsup.load_encoder(DIR)`` / ``selfsup.from_pretrained(DIR)`` (a run folder, or a Hub-style folder
 from ``selfsup export --to hub``); ``selfsup.hub.embed(encoder, images)`` gives features of a tensor of images.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> (module, attribute), resolved by __getattr__ (PEP 562) when first used.
 _LAZY = {

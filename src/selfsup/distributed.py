@@ -7,11 +7,14 @@ checks whether a process group exists and otherwise returns the trivial answer. 
 from __future__ import annotations
 
 import os
+import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, TrainingError
 
 
 def is_distributed() -> bool:
@@ -203,6 +206,11 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (``model.module``), else the model."""
+    return model.module if hasattr(model, "module") else model
+
+
 def report_to_launcher(e: BaseException) -> None:
     """Hand ``e`` to torchrun, whose end-of-job summary then shows this message as the root cause.
 
@@ -240,3 +248,44 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().to(_collective_device(x), copy=True)
     dist.all_reduce(y)
     return (y / world_size()).to(x.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop's multi-process decisions: averaging logged values, broadcasting rank 0's choice, naming a failed rank
+
+
+def mean_over_ranks(loss: float, logs: dict[str, float], device: torch.device) -> tuple[float, dict[str, float]]:
+    """Average the loss and logged scalars over ranks (each rank's loss is the mean over its share)."""
+    if world_size() == 1:
+        return loss, logs
+    keys = sorted(logs)
+    values = all_reduce_mean(torch.tensor([loss] + [logs[k] for k in keys], dtype=torch.float64, device=device))
+    return float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
+
+
+# How gloo and NCCL word a collective that failed because a peer died or stopped answering.
+_LOST_PEER = r"(?i)timed out|timeout|connection (closed|reset|refused)|pair closure|by peer|nccl|gloo"
+
+
+def rank_failure(e: BaseException, step: int, last_ckpt: Path | None) -> BaseException:
+    """Name the rank in the error; a failed collective means another rank died or hung first."""
+    who = f"rank {rank()} of {world_size()}"
+    resume = f"continue with --resume {last_ckpt.parent.parent}" if last_ckpt else "no checkpoint was written yet"
+    lost = isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and re.search(_LOST_PEER, str(e)) is not None)
+    if lost:
+        timeout = os.environ.get("SELFSUP_DIST_TIMEOUT", "600")
+        return TrainingError(f"{who} lost contact with the other ranks after {step} completed steps: another rank crashed or "
+                             f"stopped responding (collectives wait SELFSUP_DIST_TIMEOUT={timeout} s); if it crashed, its error is "
+                             f"the root cause in torchrun's summary; {resume}. ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return e
+    print(f"[selfsup] {who} failed after {step} completed steps: {type(e).__name__}: {e}; torchrun stops the other ranks; "
+          f"{resume}", file=sys.stderr, flush=True)
+    return e
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return int(t.item())

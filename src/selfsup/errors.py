@@ -1,8 +1,8 @@
 """The errors a user can meet, in one home at the ground layer; each message names the file, key or step and what to do.
 
-They are re-exported where they were defined before (``selfsup.training.config.ConfigError``,
-``selfsup.data.DataError``, ...), so ``except`` clauses written against those paths keep working.
+``check_field`` and ``check_choice`` are the one-line checks every config's ``validate`` uses.
 """
+import difflib
 
 
 class ConfigError(ValueError):
@@ -40,3 +40,17 @@ class TrainingError(RuntimeError):
 
 class BackboneChangedError(RuntimeError):
     """A frozen-encoder evaluation changed the encoder's weights or buffers (it must leave them untouched)."""
+
+
+def check_field(key: str, ok: bool, msg: str) -> None:
+    """``ConfigError("key: msg")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def check_choice(key: str, value: str, options: tuple) -> None:
+    """``ConfigError`` naming the key and the closest option unless ``value`` is one of ``options``."""
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}{hint}")

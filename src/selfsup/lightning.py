@@ -1,29 +1,28 @@
 """selfsup's methods as Lightning modules, for users who already train with ``lightning.Trainer``.
 
-One ``LightningModule`` per method: :class:`SimCLRModule`, :class:`SimCLRv2Module` (SimCLR with
-SimCLRv2's 3-layer head) and :class:`BYOLModule`. Each wraps the same plain-torch method as
-``selfsup pretrain`` (``selfsup.methods``), so the loss, heads, views, optimiser and schedules are
-the same code; only the loop is Lightning's.
+One ``LightningModule`` per registered method (``MODULES``, built from ``selfsup.methods.METHODS``):
+:class:`SimCLRModule`, :class:`SimCLRv2Module`, :class:`BYOLModule`, ... Each wraps the same plain-torch
+method as ``selfsup pretrain`` and takes its optimisation step with the same code
+(:class:`selfsup.training.step.OptimStep`): the views, the learning rate (warm-up in epochs or as a
+fraction, then cosine), accumulation, the non-finite guard and the target update are the loop's; only
+the loop around them is Lightning's (manual optimisation).
 
 - Config: ``SimCLRModule(cfg)`` with a ``PretrainConfig`` (or its dict), or keyword arguments
-  ``SimCLRModule(backbone="resnet18", batch_size=256, temperature=0.2)`` which go through
+  ``SimCLRModule(backbone="resnet18", batch_size=256, simclr={"temperature": 0.2})`` which go through
   ``build_config`` (the method's defaults apply, bad keys are refused naming the key). The data's
   ``in_channels``, ``image_size`` and ``mean``/``std`` come from :meth:`SelfSupModule.for_dataset` or
   are given. The weights are a function of ``cfg.seed`` (the global RNG is left alone), as in the loop.
-- Data: batches of ``uint8`` images, or float images in [0, 1] (or ``(images, labels)``). ``on_after_batch_transfer`` runs our
-  batched augmentation on the device after Lightning moved the batch there, with the loop's per-step
-  seed, so :func:`step_dataloader` + this module give the plain loop's exact first step.
-- Schedules: the learning rate (warm-up + cosine over ``trainer.max_steps``, or the estimated
-  stepping batches) is set before each step; ``cfg.batch_size`` is the global batch used for the
-  linear lr scaling, as in the loop.
-- BYOL: the target network's EMA update is an explicit call in :meth:`SelfSupModule.optimizer_step`,
-  after the optimiser has stepped, once per optimiser step (not per micro-batch when
-  ``accumulate_grad_batches > 1``), with tau from the pure schedule ``ema_tau(step)``.
-- Logging: ``loss``, ``lr`` and the method's monitors (``collapse_std`` and ``target_collapse_std``
-  for BYOL, ``z_std`` for SimCLR) through ``self.log``, so any Lightning logger receives them; the
-  collapse monitor warns as in the loop.
-- Precision and devices are the Trainer's (``precision="bf16-mixed"``, ``devices=8``); ``cfg.precision``,
-  ``cfg.device`` and ``cfg.accumulate`` apply to ``selfsup pretrain`` only (use ``accumulate_grad_batches``).
+- Data: batches of ``uint8`` images, or float images in [0, 1] (or ``(images, labels)``), this device's
+  share of the global batch ``cfg.batch_size``; :func:`step_dataloader` gives the loop's order, so this
+  module takes the loop's exact steps. The views are drawn on the device with the loop's per-step seed.
+- Schedules: over ``trainer.max_steps`` (or the estimated stepping batches); an epoch is
+  ``len(train_dataloader.dataset) // cfg.batch_size`` steps, as in the loop, for ``optim.warmup_epochs``.
+- ``cfg.accumulate`` splits each batch into micro-batches as in the loop (Lightning's
+  ``accumulate_grad_batches`` does not apply under manual optimisation).
+- Logging: ``loss``, ``lr`` and the method's monitors through ``self.log``, so any Lightning logger
+  receives them; the collapse monitor warns as in the loop.
+- Precision and devices are the Trainer's (``precision="bf16-mixed"``, ``devices=8``); ``cfg.precision``
+  and ``cfg.device`` apply to ``selfsup pretrain`` only.
 - Checkpoints: Lightning's ``.ckpt`` files hold only tensors and plain containers (the hyper-parameters
   are stored as a plain dict), so ``selfsup export --run FILE.ckpt --to ...`` reads them with
   ``torch.load(weights_only=True)``.
@@ -39,17 +38,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from selfsup.errors import ConfigError, DataError
+from selfsup.methods import METHODS
 from selfsup.methods.collapse import CollapseMonitor
-from selfsup.training.build import build_model, resolve_views
-from selfsup.training.config import PretrainConfig
+from selfsup.training.batches import StepBatchSampler
+from selfsup.training.config import PretrainConfig, complete
 from selfsup.training.config_io import build_config, from_dict, to_dict
-from selfsup.training.guards import channels_last_hazard
 from selfsup.training.optim import build_optimizer
-from selfsup.training.schedules import ema_tau, scaled_lr, warmup_cosine
-from selfsup.training.steps import StepBatchSampler, mix_seed
+from selfsup.training.schedules import scaled_lr
+from selfsup.training.setup import build_model, channels_last_hazard
+from selfsup.training.step import OptimStep, Schedule
 from selfsup.views.augment import BatchAugment
-
-__all__ = ["SelfSupModule", "SimCLRModule", "SimCLRv2Module", "BYOLModule", "MODULES", "step_dataloader"]
 
 
 class SelfSupModule(L.LightningModule):
@@ -58,7 +56,8 @@ class SelfSupModule(L.LightningModule):
     method: str | None = None
 
     def __init__(self, config: PretrainConfig | dict | None = None, *, in_channels: int = 3, image_size: int = 32,
-                 mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.25,), **kwargs):
+                 mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.25,), num_classes: int | None = None,
+                 **kwargs):
         super().__init__()
         if config is not None and kwargs:
             raise ConfigError(f"give a config or keyword arguments, not both (got config and {', '.join(kwargs)})")
@@ -72,90 +71,85 @@ class SelfSupModule(L.LightningModule):
                               f"use MODULES[{config.method!r}]")
         if len(mean) != in_channels:
             mean, std = tuple(mean) * in_channels, tuple(std) * in_channels
-        view1, view2 = resolve_views(config, image_size)
-        self.cfg = replace(config, view=view1, view2=view2)
+        self.cfg = complete(config, image_size)
+        if self.cfg.spec.needs_labels and num_classes is None:
+            raise ConfigError(f"method: {self.cfg.method!r} trains with labels; give num_classes (or use for_dataset)")
         with torch.random.fork_rng(devices=[]):  # the loop's initial weights for this seed
             torch.manual_seed(self.cfg.seed)
-            self.model = build_model(self.cfg, in_channels, image_size, init=self.cfg.init)
-        self.aug1 = BatchAugment(view1, image_size, mean, std)
-        self.aug2 = BatchAugment(view2, image_size, mean, std)
+            self.model = build_model(self.cfg, in_channels, image_size, num_classes=num_classes, init=self.cfg.init)
+        self.augs = (BatchAugment(self.cfg.view, image_size, mean, std), BatchAugment(self.cfg.view2, image_size, mean, std))
         self.channels_last = self.cfg.channels_last and channels_last_hazard(self.model, torch.device("cpu")) is None
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.base_lr = scaled_lr(self.cfg.optim.lr, self.cfg.batch_size, self.cfg.optim.lr_scaling)
-        self.collapse = CollapseMonitor.for_dim(self.cfg.proj_out_dim, self.cfg.collapse_threshold)
-        self._step, self._last_step, self._micro = 0, -1, 0
+        dim = self.cfg.spec.collapse_dim(self.cfg.section)
+        self.collapse = CollapseMonitor.for_dim(dim or 1, self.cfg.collapse_threshold if dim else 0.0)
+        self.automatic_optimization = False  # the step is OptimStep's, the loop's own
+        self._optim_step: OptimStep | None = None
+        self._schedule: Schedule | None = None
         # Plain values only (no dataclasses), so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"config": to_dict(self.cfg), "in_channels": int(in_channels),
                                    "image_size": int(image_size), "mean": [float(m) for m in mean],
-                                   "std": [float(s) for s in std]})
+                                   "std": [float(s) for s in std], "num_classes": num_classes})
 
     @classmethod
     def for_dataset(cls, dataset, config: PretrainConfig | dict | None = None, **kwargs) -> "SelfSupModule":
         """The module for a selfsup data set (``selfsup.data.datasets.load_dataset``): channels, size and statistics from it."""
+        labels = getattr(dataset, "labels", None)
+        num_classes = dataset.num_classes if labels is not None else None
         return cls(config, in_channels=dataset.num_channels, image_size=dataset.image_size,
-                   mean=tuple(dataset.mean), std=tuple(dataset.std), **kwargs)
+                   mean=tuple(dataset.mean), std=tuple(dataset.std), num_classes=num_classes, **kwargs)
 
-    # -- schedule -------------------------------------------------------------------------------
+    # -- schedule ---------------------------------------------------------------------------------
     def total_steps(self) -> int:
         trainer = self.trainer
         if trainer.max_steps and trainer.max_steps > 0:
             return int(trainer.max_steps)
         return int(trainer.estimated_stepping_batches)
 
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per pass over the data, as in the loop: ``len(dataset) // cfg.batch_size`` (an iterable
+        data set: Lightning's batches per epoch)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        try:
+            return max(1, len(dataset) // self.cfg.batch_size)
+        except TypeError:
+            batches = self.trainer.num_training_batches
+            return max(1, int(batches)) if batches != float("inf") else 1
+
+    def schedule(self) -> Schedule:
+        """The loop's schedules for this Trainer's run length (``Schedule.for_run``)."""
+        return Schedule.for_run(self.cfg, self.base_lr, self.total_steps(), self.steps_per_epoch())
+
     def lr_at(self, step: int) -> float:
-        total = self.total_steps()
-        warmup = int(round(self.cfg.optim.warmup_fraction * total))
-        return warmup_cosine(step, total, warmup, self.base_lr, self.base_lr * self.cfg.optim.final_lr_fraction)
+        return self.schedule().lr(step)
 
     # -- hooks ----------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        # As in the loop: the collapse warning is armed once warm-up is over.
-        self.collapse.after_step = int(round(self.cfg.optim.warmup_fraction * self.total_steps()))
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Two augmented views of the image batch, on the device, seeded as the loop's step (and micro-batch).
-
-        The batch: images (a tensor) or ``(images, labels)``; images ``(B, C, H, W)``, uint8 in [0, 255] or
-        float in [0, 1]. A pair of two same-shaped image tensors is taken as views made already.
-        """
-        if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
-                isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in batch) \
-                and batch[0].shape == batch[1].shape:
-            return tuple(batch)  # already views: leave them alone
+        """Check the batch: images ``(B, C, H, W)``, uint8 in [0, 255] or float in [0, 1], or ``(images, labels)``.
+        The views are drawn in the step, on the device, with the loop's per-step seed."""
         images = check_image_batch(batch[0] if isinstance(batch, (tuple, list)) and batch else batch)
-        step = self.global_step
-        if step != self._last_step:
-            self._last_step, self._micro = step, 0
-        parts = (self.cfg.seed, step, self.global_rank, 2) + ((self._micro,) if self._micro else ())
-        self._micro += 1
-        gen = torch.Generator(device=images.device).manual_seed(mix_seed(*parts))
-        x1, x2 = self.aug1(images, gen), self.aug2(images, gen)
-        if self.channels_last:
-            x1 = x1.contiguous(memory_format=torch.channels_last)
-            x2 = x2.contiguous(memory_format=torch.channels_last)
-        return x1, x2
+        if self.cfg.spec.needs_labels:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise DataError(f"method {self.cfg.method!r} trains with labels; give (images, labels) batches")
+            return images, batch[1]
+        return images
 
     def training_step(self, batch, batch_idx: int):
-        x1, x2 = batch
-        self._step = step = self.global_step
-        lr = self.lr_at(step)
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr
-        loss, logs = self.model(x1, x2)
+        if self._optim_step is None:  # the data loader is known from the first batch on
+            self._optim_step = OptimStep(self.model, self.optimizers(), self.cfg, self.augs, self.device,
+                                         channels_last=self.channels_last, backward=self.manual_backward)
+            self._schedule = self.schedule()
+            self.collapse.after_step = self._schedule.warmup_steps  # as in the loop: armed once warm-up is over
+        step = self.global_step
+        loss, lr, logs = self._optim_step(step, batch, self._schedule)
         self.log("loss", loss, prog_bar=True)
         self.log("lr", lr)
         for key, value in logs.items():
             self.log(key, value)
         if "collapse_std" in logs:
             self.collapse.check(step + 1, float(logs["collapse_std"]))
-        return loss
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        update_target = getattr(self.model, "update_target", None)
-        if update_target is not None:  # BYOL: after the optimiser step, once per step (BYOL Eq. 1)
-            update_target(ema_tau(self._step, self.total_steps(), self.cfg.base_tau))
+        return torch.tensor(loss)
 
     def configure_optimizers(self):
         return build_optimizer(self.cfg.optim.name, self.model, self.base_lr, self.cfg.optim.weight_decay,
@@ -183,25 +177,20 @@ def check_image_batch(images) -> torch.Tensor:
     return images
 
 
-class SimCLRModule(SelfSupModule):
-    """SimCLR (Chen et al. 2020) under Lightning."""
-
-    method = "simclr"
-
-
-class SimCLRv2Module(SelfSupModule):
-    """SimCLRv2's pre-training (Chen et al. 2020b, Sec. 2: SimCLR with a 3-layer projection head) under Lightning."""
-
-    method = "simclrv2"
+def _module_class(name: str) -> type[SelfSupModule]:
+    spec = METHODS[name]
+    title = "".join(c for c in spec.title.title() if c.isalnum()) if not spec.title.isalnum() else spec.title
+    return type(f"{title}Module", (SelfSupModule,), {
+        "method": name, "__module__": __name__,
+        "__doc__": f"{spec.title} ({spec.paper}) under Lightning: ``selfsup pretrain --method {name}``'s step."})
 
 
-class BYOLModule(SelfSupModule):
-    """BYOL (Grill et al. 2020) under Lightning; the EMA target is updated after each optimiser step."""
+# One module class per registered method, named after its title: SimCLRModule, SimCLRv2Module, BYOLModule, ...
+MODULES: dict[str, type[SelfSupModule]] = {name: _module_class(name) for name in METHODS}
+globals().update({cls.__name__: cls for cls in MODULES.values()})
+SimCLRModule, SimCLRv2Module, BYOLModule = MODULES["simclr"], MODULES["simclrv2"], MODULES["byol"]
 
-    method = "byol"
-
-
-MODULES: dict[str, type[SelfSupModule]] = {"simclr": SimCLRModule, "simclrv2": SimCLRv2Module, "byol": BYOLModule}
+__all__ = ["SelfSupModule", "MODULES", "step_dataloader", *(cls.__name__ for cls in MODULES.values())]
 
 
 def step_dataloader(dataset, config: PretrainConfig, total_steps: int, num_workers: int = 0) -> DataLoader:

@@ -32,12 +32,12 @@ from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
 from selfsup.evaluation.frozen import extract_features
 from selfsup.methods import METHODS
-from selfsup.training.build import build_model
+from selfsup.training.setup import build_model
 from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import build_config, parse_overrides, to_dict
 from selfsup.training.loop import pretrain
 from selfsup.training.setup import run_started
-from selfsup.training.steps import resolve_device
+from selfsup.training.devices import resolve_device
 
 STUDY_CHECKPOINT_EVERY = 10**9  # cells are short: only the final checkpoint is written
 # Short runs at small batches: SimCLR's square-root learning-rate rule, lr = 0.075 x sqrt(B) (SimCLR

@@ -1,7 +1,7 @@
 """``selfsup analyze head``: SimCLR Figure 8, the projection head g(.).
 
-SimCLR is pre-trained with no head (the loss sees h; ``proj_layers=0``), a linear head
-(``proj_layers=1``) and the paper's nonlinear head (Linear-BN-ReLU-Linear, ``proj_layers=2``), the
+SimCLR is pre-trained with no head (the loss sees h; ``simclr.proj_layers=0``), a linear head
+(``simclr.proj_layers=1``) and the paper's nonlinear head (Linear-BN-ReLU-Linear, ``simclr.proj_layers=2``), the
 last two at several output dimensions; each run is then evaluated linearly on h and on z = g(h).
 The paper finds nonlinear > linear (~3%) > none (>10%) on h, h > z (>10%), and that the output
 dimension hardly matters.
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for head, dim in head_cells(heads, dims):
         name = head if dim is None else f"{head}-{dim}"
-        layer = {"method": "simclr", "proj_layers": HEADS[head]}
+        layer = {"method": "simclr", "simclr": {"proj_layers": HEADS[head]}}
         if dim is not None:
-            layer["proj_out_dim"] = dim
+            layer["simclr"]["proj_out_dim"] = dim
         res = ctx.run_cell(name, layer, with_z=True)
         rows.append({"head": head, "out_dim": dim if dim is not None else res["h_dim"], "linear_h": res["linear_h"],
                      "linear_h_std": res.get("linear_h_std"), "linear_z": res["linear_z"],

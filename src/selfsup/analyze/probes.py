@@ -10,7 +10,7 @@ from torch import nn
 
 from selfsup.errors import ConfigError, CheckpointError
 from selfsup.evaluation.frozen import extract_features, linear_eval
-from selfsup.training.build import build_model
+from selfsup.training.setup import build_model
 from selfsup.training.runs import load_run
 
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     if "simclr" in methods:
         for t in temps:
-            res = ctx.run_cell(f"simclr-t{t:g}", {"method": "simclr", "temperature": t}, with_z=False)
+            res = ctx.run_cell(f"simclr-t{t:g}", {"method": "simclr", "simclr": {"temperature": t}}, with_z=False)
             rows.append({"method": "simclr", "temperature": t, "linear_h": res["linear_h"],
                          "linear_h_std": res.get("linear_h_std"), "final_loss": res["final_loss"], "seconds": res["seconds"]})
     for m in methods:

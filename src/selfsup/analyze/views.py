@@ -19,7 +19,7 @@ import torch
 from selfsup.analyze import arguments, common as C, outputs
 from selfsup.analyze.augment_pairs import cell_view, parse_transforms
 from selfsup.data.datasets import load_dataset
-from selfsup.methods import VIEW_PRESETS
+from selfsup.methods import METHODS
 from selfsup.training.config_io import from_dict, merge, parse_overrides, to_dict
 from selfsup.training.runs import load_run
 from selfsup.views.config import ViewConfig, view_config_for, TRANSFORM_NAMES
@@ -54,9 +54,9 @@ def resolve_views(args: argparse.Namespace, image_size: int):
         v1 = cell_view(tuple(parse_transforms(args.transforms)), image_size)
         v2 = view_config_for((), image_size)
     else:
-        if args.preset not in VIEW_PRESETS:
-            raise C.ConfigError(f"--preset: {args.preset!r} has no view preset; choose from {', '.join(VIEW_PRESETS)}")
-        v1, v2 = VIEW_PRESETS[args.preset](image_size)
+        if args.preset not in METHODS:
+            raise C.ConfigError(f"--preset: {args.preset!r} has no view preset; choose from {', '.join(METHODS)}")
+        v1, v2 = METHODS[args.preset].views(image_size)
     over = parse_overrides(args.overrides)
     both = {k: v for k, v in over.items() if k not in ("view", "view2")}
     out = []

@@ -40,7 +40,7 @@ from selfsup.errors import ConfigError
 from selfsup.evaluation.frozen import extract_features
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.training.runs import load_encoder, load_run
-from selfsup.training.steps import resolve_device
+from selfsup.training.devices import resolve_device
 
 __all__ = ["EMBED_FORMATS", "EmbedError", "list_images", "ImageListDataset", "embed_images", "write_embeddings",
            "read_embeddings", "embed_run", "index_path"]

@@ -32,6 +32,7 @@ from selfsup.errors import CheckpointError, ConfigError
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights, save_weights, weights_metadata
+from selfsup.training.config_io import to_dict
 from selfsup.training.runs import load_encoder as run_encoder, load_run, training_statistics
 
 __all__ = ["export_hub", "load_encoder", "from_pretrained", "embed", "DATA_LICENCES"]
@@ -67,8 +68,8 @@ def _read_json(path: Path) -> dict:
 def _model_card(run, config: dict, info: dict, summary: dict, evals: list[dict]) -> str:
     cfg = run.config
     method = cfg.method
-    paper = {"simclr": "SimCLR (Chen et al. 2020)", "simclrv2": "SimCLRv2 (Chen et al. 2020b)",
-             "byol": "BYOL (Grill et al. 2020)"}.get(method, method)
+    spec = cfg.spec
+    paper = f"{spec.title} ({spec.paper})"
     steps = summary.get("steps") or info.get("total_steps")
     kind = info.get("kind")
     lines = ["---", "library_name: selfsup", "pipeline_tag: image-feature-extraction",
@@ -81,11 +82,13 @@ def _model_card(run, config: dict, info: dict, summary: dict, evals: list[dict])
         lines.append(f"- {kind} run; see its run folder for the recipe")
     else:
         o = cfg.optim
-        lines += [f"- method: `{method}`, temperature {cfg.temperature}" if method != "byol" else
-                  f"- method: `byol`, base_tau {cfg.base_tau}, predictor {cfg.predictor}",
+        lines += [f"- method: `{method}`, {spec.describe(cfg.section)}",
                   f"- batch size {cfg.batch_size}, optimiser {o.name} (base lr {o.lr}, {o.lr_scaling} scaling, weight decay "
-                  f"{o.weight_decay}), warm-up {o.warmup_fraction:.0%} then cosine",
-                  f"- projection head: {cfg.proj_layers} layers to {cfg.proj_out_dim} dimensions (not included)",
+                  f"{o.weight_decay}), warm-up "
+                  + (f"{o.warmup_epochs:g} epochs" if o.warmup_epochs is not None else f"{o.warmup_fraction:.0%}")
+                  + " then cosine",
+                  "- the method's own keys: " + ", ".join(f"`{method}.{k}` {v}" for k, v in to_dict(cfg.section).items())
+                  + " (its heads are not included)",
                   f"- precision {info.get('precision', cfg.precision)}, seed {cfg.seed}"
                   + (f", started from `{cfg.init}`" if cfg.init else "")]
     lines += [f"- steps: {steps}" + (f" ({steps / info['steps_per_epoch']:.2f} epochs)"

@@ -22,7 +22,9 @@ from selfsup.distributed import report_to_launcher
 from selfsup.errors import CheckpointError, ConfigError, DataError, DataNotFoundError, TrainingError
 from selfsup.protocols.eval_run import evaluate
 from selfsup.protocols.linear_sgd import LinearSGDConfig
-from selfsup.training.config import PretrainConfig
+from selfsup.methods import METHODS
+from selfsup.methods.recipes import RECIPES
+from selfsup.training.config import PretrainConfig, migrate_saved
 from selfsup.training.config_io import build_config, load_yaml, parse_overrides
 from selfsup.training.dryrun import render
 from selfsup.training.loop import pretrain
@@ -75,7 +77,7 @@ def cmd_pretrain(args) -> int:
         raise _config_error(f"--resume {args.resume} and --out {args.out} name different folders; resume writes into the run it continues")
     saved = Path(args.resume or ".") / "config.yaml"
     if args.resume is not None and args.config is None and saved.is_file():
-        layer = load_yaml(saved)
+        layer = migrate_saved(load_yaml(saved))
         if "recipe" not in layer:  # written before recipes: made with today's CPU default values, all recorded
             layer.update(recipe="cpu", small_stem=layer.get("small_stem"))
         if any(getattr(args, k) is not None for k in ("epochs", "steps", "minutes")):
@@ -180,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train an encoder without labels")
-    p.add_argument("--method", help="simclr (default) or another registered method")
-    p.add_argument("--recipe", help="cpu, simclr, byol or simclrv2 (default: chosen from the encoder and image size; "
+    p.add_argument("--method", help=f"{', '.join(METHODS)} (default simclr); the method's own keys are set as "
+                   "--set METHOD.KEY=VALUE")
+    p.add_argument("--recipe", help=f"{', '.join(RECIPES)} (default: chosen from the encoder and image size; "
                    "keys given explicitly still win)")
     p.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, stl10, embedded, imagefolder:PATH, store:PATH "
                    "(made by selfsup prepare) or hf:PATH "

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from selfsup.errors import DataError, BadImageError  # noqa: F401 (re-exported: defined here before)
+from selfsup.errors import DataError, BadImageError
 
 __all__ = [
     "BAD_IMAGE_POLICIES",

@@ -16,11 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.errors import BackboneChangedError  # noqa: F401 (re-exported: defined here before)
 from selfsup.evaluation.linear_probe import DEFAULT_C_GRID, select_and_fit
-from selfsup.evaluation.preprocess import (  # noqa: F401 (prepare_images, eval_crop: re-exported, defined here before)
-    EVAL_CENTER_CROP, Preprocessing, eval_crop, prepare_images,
-)
+from selfsup.evaluation.preprocess import Preprocessing, eval_crop, prepare_images
 
 
 def iterate_batches(dataset, batch_size: int, num_workers: int = 0, indices: torch.Tensor | None = None) -> Iterable:

@@ -15,27 +15,41 @@ Deviations from the paper, written down:
   LARS update at batch 4096 (0.2 x 16 = 3.2), since a CPU run has a few hundred small-batch steps,
   not ~100k large ones. In a 100-step pilot (1/16-width encoder, batch 64) lr 0.2 / 1.0 / 3.0
   reached loss 1.64 / 1.45 / 1.39 and 3.0 was stable at batch 256; the pilot's linear-probe
-  differences were within seed noise. See docs/benchmarks.md (BYOL section).
+  differences were within seed noise.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from selfsup.errors import check_field
 from selfsup.losses import byol_loss
 from selfsup.methods.collapse import collapse_std
-from selfsup.methods.ema import ema_update
+from selfsup.methods.ema import ema_tau, ema_update
+from selfsup.methods.simclr import MAX_DIM, ProjectionConfig
+from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
+from selfsup.views.config import ViewConfig
 
-# Method defaults, applied by ``selfsup.training.config.build_config`` to keys the user did not give (the
-# command line, a YAML file or ``--set``); ``config.yaml`` records the resolved values. The paper's
-# ImageNet recipe is projector/predictor 4096/256, LARS lr 0.2 x B/256, weight decay 1.5e-6,
-# base_tau 0.996 (Sec. 3.3 / Appendix C); base_tau keeps the paper's value (the field's default).
-BYOL_DEFAULTS: dict = {
-    "optim": {"lr": 3.0, "weight_decay": 1.5e-6},
-}
+
+@dataclass
+class BYOLConfig(ProjectionConfig):
+    """BYOL's keys (section ``byol``): the projector (``proj_*``), the predictor and the target's EMA rate."""
+
+    predictor: bool = True  # false: BYOL without predictor (Table 5b ablation)
+    pred_hidden_dim: int | None = None  # predictor proj_out_dim -> this -> proj_out_dim; None: proj_hidden_dim
+    base_tau: float = 0.996  # target EMA rate at step 0, cosine-annealed to 1 (Sec. 3.2); 1: fixed target; 0: no EMA
+
+    def validate(self, prefix: str = "byol.") -> None:
+        super().validate(prefix)
+        check_field(prefix + "proj_layers", self.proj_layers >= 1, "must be >= 1 (BYOL's projector has layers)")
+        check_field(prefix + "pred_hidden_dim", self.pred_hidden_dim is None or 1 <= self.pred_hidden_dim <= MAX_DIM,
+                    f"must be in [1, {MAX_DIM}]")
+        check_field(prefix + "base_tau", 0 <= self.base_tau <= 1,
+                    "must be in [0, 1] (paper: 0.996; 1 = fixed target, 0 = no EMA)")
 
 
 class BYOL(nn.Module):
@@ -93,13 +107,47 @@ class BYOL(nn.Module):
         return self.backbone
 
 
-def build_byol(cfg, backbone: nn.Module) -> BYOL:
-    hidden = cfg.proj_hidden_dim or backbone.num_features
-    last = {"last_bias": getattr(cfg, "proj_last_bias", True),
-            "last_bn": "scale" if getattr(cfg, "proj_last_bn", False) else False}
-    projector = ProjectionHead(backbone.num_features, hidden, cfg.proj_out_dim, num_layers=cfg.proj_layers, **last)
+def build_byol(section: BYOLConfig, backbone: nn.Module, num_classes: int | None = None) -> BYOL:
+    hidden = section.proj_hidden_dim or backbone.num_features
+    projector = section.head(backbone.num_features)
     predictor = None
-    if cfg.predictor:
-        predictor = ProjectionHead(cfg.proj_out_dim, cfg.pred_hidden_dim or hidden, cfg.proj_out_dim, num_layers=2,
-                                   last_bias=last["last_bias"])
+    if section.predictor:
+        predictor = ProjectionHead(section.proj_out_dim, section.pred_hidden_dim or hidden, section.proj_out_dim,
+                                   num_layers=2, last_bias=section.proj_last_bias)
     return BYOL(backbone, projector, predictor)
+
+
+def byol_views(image_size: int) -> tuple[ViewConfig, ViewConfig]:
+    """BYOL Table 6: two asymmetric view distributions (blur 1.0 / 0.1, solarize 0 / 0.2)."""
+    return ViewConfig.byol(image_size, 1), ViewConfig.byol(image_size, 2)
+
+
+def byol_recipe(image_size: int, batch_size: int) -> RecipeLayer:
+    """BYOL Sec. 3.3 / App. C: LARS lr 0.2 x B/256, weight decay 1.5e-6, base tau 0.996, projector and predictor
+    4096-256 whose last layer has no bias (official code), 10 warm-up epochs, zero-initialised residual BN scales
+    (official code)."""
+    return RecipeLayer(
+        shared={"zero_init_residual": True,
+                "optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "weight_decay": 1.5e-6, "momentum": 0.9,
+                          "warmup_epochs": 10.0, "final_lr_fraction": 0.0}},
+        section={"proj_hidden_dim": 4096, "proj_out_dim": 256, "pred_hidden_dim": 4096, "proj_last_bias": False,
+                 "base_tau": 0.996})
+
+
+def byol_target_tau(section: BYOLConfig, step: int, total_steps: int | None) -> float:
+    """The cosine schedule of Sec. 3.2 over the run (``base_tau`` itself while a timed run measures its pace)."""
+    return ema_tau(step, total_steps, section.base_tau) if total_steps else section.base_tau
+
+
+SPEC = MethodSpec(
+    name="byol", title="BYOL",
+    paper="Grill et al. 2020, Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning (arXiv 2006.07733)",
+    config=BYOLConfig, build=build_byol, views=byol_views,
+    # LARS base lr 3.0 x B/256 with the paper's weight decay (see the module docstring)
+    cpu=RecipeLayer(shared={"optim": {"lr": 3.0, "weight_decay": 1.5e-6}}),
+    recipes=(PaperRecipe("byol", "BYOL paper (LARS 0.2 x B/256, wd 1.5e-6, tau 0.996, heads 4096-256, "
+                         "10 warm-up epochs)", byol_recipe),),
+    paper_recipe="byol", accepts=("cpu", "byol"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
+    describe=lambda section: f"base tau {section.base_tau:g}" + ("" if section.predictor else ", no predictor"),
+    target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim,
+)

@@ -1,5 +1,8 @@
-"""Exponential moving average of a network's weights (BYOL's target network, Grill et al. 2020, Sec. 3.1)."""
+"""Exponential moving average of a network's weights (BYOL's target network, Grill et al. 2020, Sec. 3.1) and
+the cosine schedule of its rate (Sec. 3.2)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -44,3 +47,22 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         torch._foreach_add_(targets, [o_params[name].detach() for name in t_params], alpha=1.0 - tau)
     for name, tb in t_bufs.items():
         tb.copy_(o_bufs[name])
+
+
+def ema_tau(step: int, total_steps: int, base_tau: float = 0.996) -> float:
+    """BYOL's target decay rate (Grill et al. 2020, Sec. 3.2): ``1 - (1 - base_tau)(cos(pi k / K) + 1) / 2``.
+
+    Rises from ``base_tau`` at step 0 to 1 at step ``K = total_steps`` (steps past K stay at 1).
+    ``base_tau = 1`` gives a fixed target (Table 5a, "constant random network"). ``base_tau = 0`` is
+    the paper's "stop gradient of online" ablation, where Table 5a's footnote keeps tau = 0 constant
+    throughout training; the formula would instead ramp it from 0 to 1, so that one value is returned
+    as a constant 0 (the target is the online network at every step).
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0.0 <= base_tau <= 1.0:
+        raise ValueError(f"base_tau must be in [0, 1], got {base_tau}")
+    if base_tau == 0.0:
+        return 0.0
+    progress = min(max(step, 0), total_steps) / total_steps
+    return 1.0 - (1.0 - base_tau) * (math.cos(math.pi * progress) + 1.0) / 2.0

@@ -14,18 +14,21 @@ comparison isolates the training signal (labels vs. the SSL loss) at an equal bu
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfsup.methods.simclr import simclr_paper_lr, simclr_views
+from selfsup.methods.spec import MethodSpec, RecipeLayer
 
 
 class Supervised(nn.Module):
     """``h = f(x)``; the loss is ``cross_entropy(W h + b, y)`` over both views of every image.
 
-    ``needs_labels`` tells the training loop to feed each batch's labels as a third argument.
+    The spec's ``needs_labels`` tells the training loop to feed each batch's labels as a third argument.
     """
-
-    needs_labels = True
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -49,7 +52,28 @@ class Supervised(nn.Module):
         return self.backbone
 
 
-def build_supervised(cfg, backbone: nn.Module, num_classes: int) -> Supervised:
-    """``num_classes`` comes from the training data set (``training.build.build_model``); no default, so a
-    caller that forgets it fails instead of training a 10-way classifier on another data set."""
+@dataclass
+class SupervisedConfig:
+    """The supervised baseline has no keys of its own (section ``supervised``): only the loss differs from SimCLR's run."""
+
+    def validate(self, prefix: str = "supervised.") -> None:
+        return None
+
+
+def build_supervised(section: SupervisedConfig, backbone: nn.Module, num_classes: int | None = None) -> Supervised:
+    """``num_classes`` comes from the training data set (the loop passes it for a spec with ``needs_labels``); no
+    default, so a caller that forgets it fails instead of training a 10-way classifier on another data set."""
+    if num_classes is None:
+        raise ValueError("the supervised baseline needs num_classes (the training data set's number of classes)")
     return Supervised(backbone, num_classes)
+
+
+SPEC = MethodSpec(
+    name="supervised", title="supervised baseline",
+    paper="the supervised baseline of Chen et al. 2020 (Table 8) and Grill et al. 2020 (Table 1): the same encoder "
+          "trained with labels",
+    config=SupervisedConfig, build=build_supervised, views=simclr_views,  # the default SimCLR run's views
+    cpu=RecipeLayer(shared={"optim": {"lr": 2.0}}),  # SimCLR's CPU default optimiser, so only the loss differs
+    paper_recipe="simclr", accepts=("cpu", "simclr"), paper_lr=simclr_paper_lr,
+    describe=lambda section: "cross-entropy on labels", needs_labels=True,
+)

@@ -1,1 +1,16 @@
 """Protocols that train on top of a pre-trained run: evaluating a run, the SGD linear protocol, fine-tuning, distillation, and the labelled loop they share (also the supervised baseline)."""
+import importlib
+
+# name -> the module that defines it, imported on first use (PEP 562) so importing one module stays light.
+_HOMES = {
+    "evaluate": "selfsup.protocols.eval_run",
+    "FinetuneConfig": "selfsup.protocols.finetune",
+    "DistillConfig": "selfsup.protocols.distill",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

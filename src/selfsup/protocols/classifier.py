@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.models.heads import ProjectionHead
 from selfsup.training import checkpoint as ckpt
@@ -107,7 +107,7 @@ def classifier_from_pretrain(run_dir, k: int | None, num_classes: int) -> tuple[
         try:
             full.load_state_dict(sub, strict=True)
         except RuntimeError as e:
-            raise ckpt.CheckpointError(f"the projection head in {run.weights_path} cannot be read: "
+            raise CheckpointError(f"the projection head in {run.weights_path} cannot be read: "
                                        f"{str(e).splitlines()[0]}") from None
         head = head_prefix(full, k)
     else:
@@ -135,7 +135,7 @@ def load_classifier(run_dir: str | Path) -> tuple[Classifier, dict]:
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"the weights in {run_dir} do not fit the network described by its run.json: "
+        raise CheckpointError(f"the weights in {run_dir} do not fit the network described by its run.json: "
                                    f"{str(e).splitlines()[0]}") from None
     return model, info
 

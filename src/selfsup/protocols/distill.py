@@ -50,11 +50,11 @@ from selfsup.protocols.labelled_loop import (
     length_in_steps, train_and_evaluate,
 )
 from selfsup.training.config import OptimConfig
-from selfsup.training.config_io import check_field
+from selfsup.errors import check_field
 from selfsup.training.optim import build_optimizer
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.schedules import scaled_lr
-from selfsup.training.steps import mix_seed
+from selfsup.training.batches import mix_seed
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 

@@ -32,9 +32,9 @@ from selfsup.evaluation.sharded import extract_features_sharded
 from selfsup.models.backbones import build_backbone
 from selfsup.protocols.linear_sgd import LinearSGDConfig, linear_eval_sgd
 from selfsup.training.config import PretrainConfig
-from selfsup.training.config_io import check_choice
+from selfsup.errors import check_choice
 from selfsup.training.runs import load_encoder, load_run
-from selfsup.training.steps import resolve_device, resolve_precision
+from selfsup.training.devices import resolve_device, resolve_precision
 
 BASELINES = ("pixels", "random-init")
 LINEAR_PROTOCOLS = ("logreg", "sgd")

@@ -53,10 +53,11 @@ from selfsup.protocols.labelled_loop import (
     labeled_stream, length_in_steps, train_and_evaluate,
 )
 from selfsup.training.config import OptimConfig
-from selfsup.training.config_io import check_choice, check_field, merge
+from selfsup.errors import check_choice, check_field
+from selfsup.training.config_io import merge
 from selfsup.training.runs import RunInfo, load_run
 from selfsup.training.schedules import scaled_lr
-from selfsup.training.steps import mix_seed
+from selfsup.training.batches import mix_seed
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 

@@ -20,16 +20,17 @@ import torch
 from torch import nn
 
 from selfsup import distributed as dist
-from selfsup.errors import ConfigError, TrainingError
-from selfsup.evaluation.frozen import iterate_batches, prepare_images, topk_accuracy
+from selfsup.errors import CheckpointError, ConfigError, TrainingError
+from selfsup.evaluation.frozen import iterate_batches, topk_accuracy
+from selfsup.evaluation.preprocess import prepare_images
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.config_io import check_choice, check_field, from_dict, save_yaml, to_dict
-from selfsup.training.metrics import MetricsLogger, truncate_metrics
+from selfsup.errors import check_choice, check_field
+from selfsup.training.config_io import from_dict, save_yaml, to_dict
+from selfsup.training.monitors import MetricsLogger, truncate_metrics
 from selfsup.training.optim import optimizer_from_groups, split_decay_groups
 from selfsup.training.schedules import warmup_cosine
-from selfsup.training.steps import (
-    StepBatchSampler, step_indices, autocast_context, resolve_device, resolve_precision,
-)
+from selfsup.training.batches import StepBatchSampler, step_indices
+from selfsup.training.devices import autocast_context, resolve_device, resolve_precision
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,11 +263,11 @@ def resume_state(cls, cfg, run_dir: Path, kind: str, free: set[str]):
     """(saved config, weights, state) of the newest checkpoint; ``cfg`` must agree outside ``free`` keys."""
     found = ckpt.list_checkpoints(run_dir)
     if not found:
-        raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / ckpt.CHECKPOINT_DIR}; "
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / ckpt.CHECKPOINT_DIR}; "
                                    "start the run without --resume")
     weights, state, meta = ckpt.load_checkpoint(found[-1])
     if meta.get("kind") != kind:
-        raise ckpt.CheckpointError(f"--resume {run_dir}: this is a {meta.get('kind')} run, not a {kind} run")
+        raise CheckpointError(f"--resume {run_dir}: this is a {meta.get('kind')} run, not a {kind} run")
     saved = from_dict(cls, meta["config"])
     given, kept = to_dict(cfg), to_dict(saved)
     diff = [k for k in kept if k not in free and given.get(k) != kept.get(k) and given.get(k) is not None]

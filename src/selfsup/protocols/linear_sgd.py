@@ -29,7 +29,8 @@ from selfsup.errors import BackboneChangedError
 from selfsup.evaluation.frozen import iterate_batches, state_fingerprint, topk_accuracy
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.training.schedules import warmup_cosine
-from selfsup.training.steps import mix_seed, autocast_context, batch_stream
+from selfsup.training.batches import mix_seed, batch_stream
+from selfsup.training.devices import autocast_context
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 

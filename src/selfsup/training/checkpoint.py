@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save as _serialize
 
-from selfsup.errors import CheckpointError, CheckpointWriteError  # noqa: F401 (re-exported: defined here before)
+from selfsup.errors import CheckpointError, CheckpointWriteError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"

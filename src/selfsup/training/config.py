@@ -1,26 +1,36 @@
 """Typed configuration: dataclasses validated on construction, read from YAML and ``--set key=value`` (the reading,
-writing and type checks are in :mod:`selfsup.training.config_io`).
+writing and type checks are in :mod:`selfsup.training.config_io`), and resolved once.
 
-Every run folder holds the resolved config as ``config.yaml``; checkpoints embed it too. Unknown keys
-(with the closest valid key suggested), wrong types and impossible values raise ``ConfigError``
-naming the key, before any work starts.
+A run's config is resolved in one place, :func:`resolve_config` (what ``build_config(PretrainConfig, ...)``
+calls), from ordered layers: the defaults, then the recipe, then the file, the command line and ``--set``,
+each later one winning; the derived values (the two views, the stem) are filled in there too, and the
+result is validated. The training loop uses it as it is, and writes it into the run folder as
+``config.yaml`` (checkpoints embed it too); ``--dry-run`` prints the same. Unknown keys (with the closest
+valid key suggested), wrong types and impossible values raise ``ConfigError`` naming the key, before any
+work starts.
+
+Each method's own keys live in its section, named after the method (``byol.base_tau``,
+``simclr.temperature``): the dataclass of its spec (:mod:`selfsup.methods`), held in
+``PretrainConfig.section`` and read as ``cfg.section`` or ``cfg.byol``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
-from selfsup.data.image_checks import BAD_IMAGE_POLICIES
-from selfsup.errors import ConfigError  # noqa: F401 (re-exported: defined here before)
-from selfsup.methods import recipes, METHOD_DEFAULTS, METHODS
-from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
-from selfsup.training.config_io import check_choice, check_field
-from selfsup.training.config_io import (  # noqa: F401 (re-exported: defined here before)
-    build_config, from_dict, load_yaml, merge, parse_overrides, save_yaml, to_dict,
+from selfsup.data.containers import (
+    DATASET_NAMES, IMAGEFOLDER_PREFIX, SMALL_IMAGE_MAX, canonical_dataset_name,
 )
+from selfsup.data.image_checks import BAD_IMAGE_POLICIES
+from selfsup.errors import ConfigError, check_choice, check_field
+from selfsup.methods import METHODS, MethodSpec, recipes
+from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
+from selfsup.training.config_io import build_config, from_dict, merge, to_dict  # noqa: F401 (build_config: the API)
+from selfsup.training.schedules import scaled_lr
 from selfsup.views.config import ViewConfig
 
 
@@ -64,16 +74,14 @@ class PretrainConfig:
     """Everything a pre-training run depends on. Defaults are the CPU default (Fashion-MNIST); the length
     (``epochs``, ``steps`` or ``minutes``) has no default: a run without one is refused (``check_length``).
 
-    ``build_config`` puts a named recipe (``selfsup.methods.recipes``: ``cpu`` for the narrow CPU encoders, the
-    method's paper recipe for others) under the keys given, and records its name in ``recipe``.
-
-    Where the defaults differ from the paper's ImageNet recipe it is because of the budget: see
-    docs/benchmarks.md for the measurements behind them.
+    ``build_config(PretrainConfig, ...)`` resolves a config from layers (:func:`resolve_config`); constructing
+    ``PretrainConfig(...)`` directly takes the values literally, and :func:`complete` fills only what is
+    left open (the method's section, the views, the stem), as the loop does before its first step.
     """
 
     method: str = "simclr"
-    # Named recipe (selfsup.methods.recipes.RECIPES) whose values fill the keys not given; build_config picks one
-    # from the encoder and image size when this is None and writes the name here. None after direct
+    # Named recipe (selfsup.methods.recipes.RECIPES) whose values fill the keys not given; resolve_config picks
+    # one from the encoder and image size when this is None and writes the name here. None after direct
     # construction: the values are taken literally.
     recipe: str | None = None
     dataset: str = "fashion-mnist"
@@ -88,24 +96,13 @@ class PretrainConfig:
     # --minutes: time kept free at the end of the budget for work that follows in the same budget (the
     # demo's evaluations), in training steps at the measured pace, so it scales with the machine's speed
     minutes_reserve_steps: int = 0
-    temperature: float = 0.2
-    proj_hidden_dim: int | None = None  # None: the backbone's num_features
-    proj_out_dim: int = 128
-    proj_layers: int = 2  # 0: no head, z = h (SimCLR only; Figure 8 ablation); 1: linear head
-    proj_last_bn: bool = False  # head ends in BN with a scale and no bias (official SimCLR/SimCLRv2 code)
-    proj_last_bias: bool = True  # bias of the head's (and BYOL predictor's) last Linear (official BYOL code: false)
     zero_init_residual: bool = False  # last BN scale of each residual block starts at 0 (official codes)
     small_stem: bool | None = None  # 3x3/1 stem, no max-pool; None: inputs of at most 32 px (official cut-off)
-    # BYOL (Grill et al. 2020). Method defaults (selfsup.methods.METHOD_DEFAULTS) replace the generic
-    # defaults above for keys the user did not give; see build_config.
-    predictor: bool = True  # false: BYOL without predictor (Table 5b ablation)
-    pred_hidden_dim: int | None = None  # predictor proj_out_dim -> this -> proj_out_dim; None: proj_hidden_dim
-    base_tau: float = 0.996  # target EMA rate at step 0, cosine-annealed to 1; 1: fixed target; 0: no EMA
-    # warn once when collapse_std < this / sqrt(proj_out_dim) after warm-up (healthy ~0.85, BYOL without
-    # predictor ~0.25, a constant output 0; docs/benchmarks.md); 0: off
+    # warn once when the method's collapse_std < this / sqrt(output dim) after warm-up (healthy ~0.85, BYOL
+    # without predictor ~0.25, a constant output 0); 0: off. Used by methods whose failure mode is collapse.
     collapse_threshold: float = 0.4
-    view: ViewConfig | None = None  # None: the method's preset for this image size, resolved at start
-    view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: same as view
+    view: ViewConfig | None = None  # None: the method's preset for this image size
+    view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: the preset
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32
     channels_last: bool = True  # faster on CPUs (oneDNN) and on GPUs under bf16
@@ -126,25 +123,72 @@ class PretrainConfig:
     init: str | None = None  # start the encoder from weights: a .safetensors / .pt file or a run folder (init_weights.py)
     logger: str = "tensorboard"  # comma-separated experiment trackers (TRACKERS) besides metrics.jsonl; "" for none
     hf: HFConfig = field(default_factory=HFConfig)  # columns of an hf:PATH data set
+    # The method's own keys: an instance of its spec's config dataclass, read and written as the section named
+    # after the method (``byol: {base_tau: 0.996}``); None: the section's defaults (filled by complete()).
+    section: Any = field(default=None, metadata={"section": True})
 
-    @staticmethod
-    def method_defaults(data: dict) -> dict:
-        """Defaults of ``data``'s method for keys it does not set (e.g. BYOL's lr): the ``cpu`` recipe's layer.
+    def __post_init__(self) -> None:
+        if self.section is None and isinstance(self.method, str) and self.method in METHODS:
+            self.section = METHODS[self.method].config()
 
-        ``build_config`` now applies a whole recipe (``resolve``, ``selfsup.methods.recipes``), of which these
-        are the ``cpu`` recipe's values; kept for callers of this function. Constructing
-        ``PretrainConfig(...)`` directly takes the generic defaults literally.
-        """
-        method = data.get("method", PretrainConfig.method) if isinstance(data, dict) else None
-        return METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
+    def __getattr__(self, name: str):
+        # Only called for names that are not fields: ``cfg.byol`` is the section of a BYOL run.
+        if name != "method" and name in METHODS:
+            if name == self.__dict__.get("method"):
+                return self.__dict__.get("section")
+            raise AttributeError(f"this config is for method {self.__dict__.get('method')!r}, not {name!r}")
+        raise AttributeError(f"{type(self).__name__!s} has no key {name!r}")
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's spec (``selfsup.methods.METHODS``)."""
+        return METHODS[self.method]
+
+    # -- the hooks of config_io.from_dict / to_dict: the section is written under the method's name ---------
+    @classmethod
+    def split_section(cls, data: dict, prefix: str = "") -> tuple[dict, Any]:
+        """``(data without the method's section, the section built from it)``, refusing keys that moved into
+        a section (``base_tau`` -> ``byol.base_tau``) and other methods' sections, each with a one-line hint."""
+        method = data.get("method", cls.method)
+        if not isinstance(method, str) or method not in METHODS:
+            return data, None  # validation names the bad method
+        spec = METHODS[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        rest = {}
+        for key, value in data.items():
+            if key in names or key == method:
+                rest[key] = value
+                continue
+            if key in spec.keys():
+                raise ConfigError(f"{prefix}{key}: this key is in the method's section now: {prefix}{method}.{key} "
+                                  f"(--set {method}.{key}=..., or under '{method}:' in a YAML file)")
+            owners = [m for m, other in METHODS.items() if key in other.keys()]
+            if key in METHODS:
+                raise ConfigError(f"{prefix}{key}: the section of method {key!r}, but this run's method is {method!r}; "
+                                  f"use --method {key}, or move these keys under '{method}:'")
+            if owners:
+                raise ConfigError(f"{prefix}{key}: a key of method {owners[0]!r} ({owners[0]}.{key}); this run's "
+                                  f"method is {method!r}, whose keys are {', '.join(spec.keys()) or 'none'}")
+            close = _closest(str(key), spec.keys())
+            if close is not None and close[1] >= max(0.8, (_closest(str(key), names) or ("", 0.0))[1]):
+                raise ConfigError(f"{prefix}{key}: unknown config key (did you mean '{prefix}{method}.{close[0]}'?)")
+            rest[key] = value  # unknown: from_dict names it with its suggestion
+        raw = rest.pop(method, None)
+        if raw is None:
+            return rest, None
+        if dataclasses.is_dataclass(raw) and isinstance(raw, spec.config):
+            return rest, raw
+        return rest, from_dict(spec.config, raw, prefix=f"{prefix}{method}.")
+
+    def section_items(self) -> dict:
+        """``{method: the section as a dict}``, as config.yaml and ``--dry-run`` write it."""
+        return {self.method: to_dict(self.section)} if self.section is not None else {}
 
     @staticmethod
     def resolve(data: dict) -> dict:
-        """The recipe's values under ``data`` and partial view overrides merged onto the presets (selfsup.methods.recipes)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)
-                    if f.default is not dataclasses.MISSING}
+        """The layers' merged values with the recipe under them and the derived values filled (``resolve_layers``)."""
         try:
-            return recipes.resolve(data, defaults)
+            return resolve_layers(data)
         except recipes.RecipeError as e:
             raise ConfigError(str(e)) from None
 
@@ -152,10 +196,11 @@ class PretrainConfig:
         check_choice("method", self.method, tuple(METHODS))
         if self.recipe is not None:
             check_choice("recipe", self.recipe, tuple(recipes.RECIPES))
+            check_field("recipe", self.recipe in self.spec.accepts,
+                        f"{self.recipe!r} is not defined for {self.method!r}; use one of {', '.join(self.spec.accepts)}")
         _check_names(self)
-        check_field("batch_size", self.batch_size >= 1, "must be >= 1")
-        if self.method in ("simclr", "simclrv2"):
-            check_field("batch_size", self.batch_size >= 2, "SimCLR needs at least 2 images per batch (negatives)")
+        check_field("batch_size", self.batch_size >= self.spec.min_batch,
+                    f"{self.spec.title} needs at least {self.spec.min_batch} images per batch")
         lengths = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
         check_field(lengths[1] if len(lengths) > 1 else "epochs", len(lengths) <= 1,
                     f"give at most one of epochs, steps, minutes (got {', '.join(lengths)})")
@@ -164,21 +209,11 @@ class PretrainConfig:
             check_field(k, v is None or (v > 0 and math.isfinite(v)), "must be > 0")
         check_field("steps", self.steps is None or self.steps >= 1, "must be >= 1")
         check_field("minutes_reserve_steps", self.minutes_reserve_steps >= 0, "must be >= 0")
-        check_field("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0")
         check_field("backbone_width", self.backbone_width is None or (self.backbone_width > 0 and math.isfinite(self.backbone_width)),
                     "must be > 0")
         check_field("image_size", self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
                     f"must be between 8 and {MAX_IMAGE_SIZE} pixels")
-        for k in ("proj_out_dim", "proj_hidden_dim", "pred_hidden_dim"):
-            check_field(k, (getattr(self, k) or 0) <= MAX_DIM, f"must be <= {MAX_DIM}")
         check_field("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)")
-        check_field("proj_out_dim", self.proj_out_dim >= 1, "must be >= 1")
-        check_field("proj_hidden_dim", self.proj_hidden_dim is None or self.proj_hidden_dim >= 1, "must be >= 1")
-        check_field("proj_layers", self.proj_layers >= 0, "must be >= 0 (0: no projection head, z = h)")
-        check_field("proj_layers", self.proj_layers >= 1 or self.method == "simclr",
-                    "0 (no projection head) is only defined for simclr (SimCLR Figure 8 ablation)")
-        check_field("pred_hidden_dim", self.pred_hidden_dim is None or self.pred_hidden_dim >= 1, "must be >= 1")
-        check_field("base_tau", 0 <= self.base_tau <= 1, "must be in [0, 1] (paper: 0.996; 1 = fixed target, 0 = no EMA)")
         check_field("collapse_threshold", self.collapse_threshold >= 0, "must be >= 0 (0 turns the collapse warning off)")
         check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
         check_field("accumulate", self.accumulate >= 1, "must be >= 1")
@@ -193,6 +228,11 @@ class PretrainConfig:
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         self.optim.validate()
+        if not isinstance(self.section, self.spec.config):
+            raise ConfigError(f"{self.method}: the section must be a {self.spec.config.__name__}, got "
+                              f"{type(self.section).__name__}")
+        self.section.validate(f"{self.method}.")
+        self.spec.check(self.section)
         for name in (t.strip() for t in self.logger.split(",")):
             if name and name != "none":
                 check_choice("logger", name, TRACKERS)
@@ -205,6 +245,162 @@ class PretrainConfig:
                     raise ConfigError(f"{key}: {e}") from None
 
 
+def _closest(key: str, options) -> tuple[str, float] | None:
+    """The option most like ``key`` and how alike (difflib's ratio), or None without options."""
+    scored = [(o, difflib.SequenceMatcher(None, key, o).ratio()) for o in options]
+    return max(scored, key=lambda x: x[1]) if scored else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolution: the one place a config's values are decided
+
+
+def _view_dict(view: ViewConfig) -> dict:
+    return {f.name: getattr(view, f.name) for f in dataclasses.fields(view)}
+
+
+def _defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(PretrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def resolve_layers(data: dict) -> dict:
+    """Put the recipe's layer under ``data`` (the user's layers, merged in order) and fill the derived values.
+
+    The order, later winning: the config's defaults, the recipe (``recipe``, else chosen from the encoder),
+    ``data``. Then, for keys ``data`` does not give: the image size of an image folder on a narrow CPU encoder
+    (64 px), ``small_stem`` (images of at most 32 px), and the two views, the method's preset for the image
+    size with any partial ``view``/``view2`` keys merged onto it (a symmetric method's view 2 follows view 1,
+    one augmentation distribution, SimCLR Sec. 2.1). Returns the complete layer with ``recipe`` set.
+    """
+    defaults = _defaults()
+
+    def get(key):
+        return data.get(key, defaults.get(key))
+
+    method, backbone = get("method"), get("backbone")
+    if not isinstance(method, str) or not isinstance(backbone, str):
+        return data  # validation names the bad key
+    if data.get("recipe") is not None and not isinstance(data.get("recipe"), str):
+        return data  # validation names the bad key
+    recipes.check_names(method, data.get("recipe"))
+    name = data.get("recipe") or recipes.auto_recipe(method, backbone)
+    dataset = get("dataset")
+    if "image_size" not in data and isinstance(dataset, str) and dataset.startswith(IMAGEFOLDER_PREFIX) \
+            and backbone in recipes.CPU_BACKBONES:
+        data = {**data, "image_size": recipes.CPU_IMAGEFOLDER_SIZE}  # written into config.yaml: a resume reads the same
+    given = data.get("image_size")
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not 8 <= given <= MAX_IMAGE_SIZE \
+            or given != int(given):
+        given = None  # absent or invalid: validation names an invalid one
+    size = recipes.native_image_size(dataset if isinstance(dataset, str) else "", given)
+    batch = get("batch_size")
+    batch = batch if isinstance(batch, int) and batch >= 1 else 256
+    layer = recipes.recipe_layer(name, method, size, batch)
+    if backbone.startswith("timm:"):
+        layer.pop("zero_init_residual", None)  # a selfsup ResNet option; timm models have their own init
+    # A warm-up given as a fraction wins over the recipe's warm-up in epochs.
+    if isinstance(data.get("optim"), dict) and "warmup_fraction" in data["optim"] and "warmup_epochs" not in data["optim"]:
+        layer.get("optim", {}).pop("warmup_epochs", None)
+    out = merge(layer, data)
+    out["recipe"] = name
+    if "small_stem" not in data and not backbone.startswith("timm:"):
+        out["small_stem"] = size <= SMALL_IMAGE_MAX
+    p1, p2 = METHODS[method].views(size)
+    v1, v2 = data.get("view"), data.get("view2")
+    if isinstance(v1, dict) or v1 is None:
+        out["view"] = merge(_view_dict(p1), v1 or {})
+    if isinstance(v2, dict) or v2 is None:
+        base2 = out["view"] if p1 == p2 and isinstance(out.get("view"), dict) else _view_dict(p2)
+        out["view2"] = merge(base2, v2 or {})
+    return out
+
+
+def resolve_config(*layers: dict) -> PretrainConfig:
+    """The validated config of the merged ``layers`` (file, command line, ``--set``, ...) over the recipe and the
+    defaults: the one place a run's values are decided."""
+    return build_config(PretrainConfig, *layers)
+
+
+def saved_config(data: dict) -> PretrainConfig:
+    """The config of a saved run (``config.yaml``, a checkpoint's or a Lightning checkpoint's), as written
+    (``migrate_saved`` first)."""
+    return from_dict(PretrainConfig, migrate_saved(data))
+
+
+def migrate_saved(data: dict) -> dict:
+    """A saved run's config layer with the method keys of selfsup 0.1 in their section.
+
+    Runs written by selfsup 0.1 kept the methods' keys at the top level (``temperature``, ``base_tau``, ...);
+    those move into the method's section here, and the other methods' keys they carried are dropped, so
+    their folders stay readable (evaluation, export, resume). A layer that has the section is returned as is.
+    """
+    if not isinstance(data, dict):
+        return data
+    method = data.get("method", PretrainConfig.method)
+    if isinstance(method, str) and method in METHODS and method not in data:
+        own = METHODS[method].keys()
+        others = {k for spec in METHODS.values() for k in spec.keys()}
+        data = dict(data)
+        section = {k: data.pop(k) for k in list(data) if k in own}
+        for k in others & set(data):
+            data.pop(k)
+        if section:
+            data[method] = section
+    return data
+
+
+def complete(cfg: PretrainConfig, image_size: int) -> PretrainConfig:
+    """A directly constructed config with what it leaves open filled for ``image_size``: the two views (the
+    method's preset; view 2 follows a given view 1) and ``small_stem`` (images of at most 32 px). A config
+    from :func:`resolve_config` has them already and is returned unchanged."""
+    if cfg.view is not None and cfg.view2 is not None and (cfg.small_stem is not None or cfg.backbone.startswith("timm:")):
+        return cfg
+    p1, p2 = cfg.spec.views(image_size)
+    view = cfg.view if cfg.view is not None else p1
+    view2 = cfg.view2 if cfg.view2 is not None else (view if cfg.view is not None else p2)
+    small_stem = cfg.small_stem
+    if small_stem is None and not cfg.backbone.startswith("timm:"):
+        small_stem = image_size <= SMALL_IMAGE_MAX
+    return dataclasses.replace(cfg, view=view, view2=view2, small_stem=small_stem, section=copy.deepcopy(cfg.section))
+
+
+def effective_lr(cfg: PretrainConfig) -> float:
+    """The learning rate at the end of warm-up: ``optim.lr`` scaled by ``optim.lr_scaling`` with the batch size."""
+    return scaled_lr(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
+
+
+WARN_LR_FACTOR = 3.0  # warn when the effective lr is more than this times the paper's
+
+
+def lr_warning(cfg: PretrainConfig) -> str | None:
+    """The warning for an effective LARS lr more than 3x the paper's at this method and batch size, or None.
+
+    Not given for the CPU recipe's own lr on a CPU encoder at batch <= 512, the setting it was measured in.
+    """
+    if cfg.optim.name != "lars":
+        return None
+    eff = effective_lr(cfg)
+    ref = cfg.spec.paper_lr(cfg.batch_size)
+    if eff <= WARN_LR_FACTOR * ref:
+        return None
+    recipe = cfg.recipe or "none"
+    if recipe == "cpu" and cfg.backbone in recipes.CPU_BACKBONES and cfg.batch_size <= 512 \
+            and cfg.optim.lr == cfg.spec.cpu.shared.get("optim", {}).get("lr"):
+        return None
+    return (f"effective learning rate {eff:.3g} (optim.lr {cfg.optim.lr:g}, {cfg.optim.lr_scaling} scaling, batch "
+            f"{cfg.batch_size}) is {eff / ref:.1f}x the {cfg.method} paper's {ref:.3g} at this batch size (recipe "
+            f"{recipe}); lower optim.lr (--set optim.lr=...) or use --recipe {cfg.spec.paper_recipe}")
+
+
+def describe(cfg: PretrainConfig) -> str:
+    """One line for the start of a run: the recipe and what it resolved to."""
+    name = cfg.recipe or "none (values as given)"
+    summary = recipes.RECIPES[cfg.recipe].summary if cfg.recipe in recipes.RECIPES else ""
+    return (f"[selfsup] recipe {name}{': ' + summary if summary else ''}; {cfg.method}, {cfg.backbone}, batch "
+            f"{cfg.batch_size}, {cfg.optim.name} lr {effective_lr(cfg):.4g}, weight decay {cfg.optim.weight_decay:g}, "
+            f"{cfg.spec.describe(cfg.section)}")
+
+
 def check_length(cfg: PretrainConfig) -> None:
     """``ConfigError`` unless the run's length is given: one of epochs, steps, minutes (no length is guessed)."""
     if cfg.epochs is None and cfg.steps is None and cfg.minutes is None:
@@ -213,7 +409,6 @@ def check_length(cfg: PretrainConfig) -> None:
 
 
 MAX_IMAGE_SIZE = 4096  # larger values cannot be trained (memory), so they are refused before any work
-MAX_DIM = 65536
 
 
 def _check_names(cfg: PretrainConfig) -> None:

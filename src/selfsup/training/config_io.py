@@ -19,20 +19,6 @@ import yaml
 from selfsup.errors import ConfigError
 
 
-def check_field(key: str, ok: bool, msg: str) -> None:
-    """``ConfigError("key: msg")`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def check_choice(key: str, value: str, options: tuple) -> None:
-    """``ConfigError`` naming the key and the closest option unless ``value`` is one of ``options``."""
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}{hint}")
-
-
 def _strip_optional(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -88,17 +74,26 @@ def _coerce(key: str, tp, value: Any):
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys and wrong types.
+
+    A class with ``split_section(data, prefix)`` (``PretrainConfig``) takes its method's section out first;
+    its field marked ``metadata={"section": True}`` is set from that, never by name.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    section = None
+    if hasattr(cls, "split_section"):
+        data, section = cls.split_section(data, prefix)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("section")]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown config key{_suggest(cls, str(key), prefix)}; "
                               f"valid keys: {', '.join(names)}")
         kwargs[key] = _coerce(prefix + key, hints[key], value)
+    if section is not None:
+        kwargs[_section_field(cls)] = section
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -107,11 +102,16 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
+def _section_field(cls) -> str:
+    return next(f.name for f in dataclasses.fields(cls) if f.metadata.get("section"))
+
+
 def _suggest(cls, key: str, prefix: str) -> str:
     """' (did you mean ...?)' with the closest key, also looking one level down (``lr`` -> ``optim.lr``)."""
-    candidates = {f.name: prefix + f.name for f in dataclasses.fields(cls)}
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("section")]
+    candidates = {f.name: prefix + f.name for f in fields}
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in fields:
         sub, _ = _strip_optional(hints[f.name])
         if dataclasses.is_dataclass(sub):
             for g in dataclasses.fields(sub):
@@ -123,9 +123,18 @@ def _suggest(cls, key: str, prefix: str) -> str:
 
 
 def to_dict(obj) -> dict:
+    """Plain dicts, lists and scalars (for YAML, JSON and checkpoints); a method's section is written under the
+    method's name, right after the keys ``method`` and ``recipe``."""
     def conv(v):
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out = {}
+            for f in dataclasses.fields(v):
+                if f.metadata.get("section"):
+                    continue
+                out[f.name] = conv(getattr(v, f.name))
+                if f.name == "recipe" and hasattr(v, "section_items"):
+                    out.update(v.section_items())
+            return out
         if isinstance(v, tuple):
             return [conv(x) for x in v]
         return v
@@ -187,8 +196,6 @@ def build_config(cls, *layers: dict):
         data = merge(data, layer)
     if hasattr(cls, "resolve"):
         data = cls.resolve(data)  # the recipe's values fill only keys not given (selfsup.methods.recipes)
-    elif hasattr(cls, "method_defaults"):
-        data = merge(cls.method_defaults(data), data)  # the method's defaults fill only keys not given
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):
         cfg.validate()

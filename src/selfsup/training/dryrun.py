@@ -1,8 +1,9 @@
 """``selfsup pretrain ... --dry-run``: the resolved run, checked, without reading pixels or building a model.
 
-What a user checks before a GPU-day: the recipe, the view distributions, the optimiser, the effective
-learning rate at this batch size, the warm-up and the number of steps. The resolved config goes to
-stdout as YAML (loadable again with ``--config``); the derived values follow as YAML comments.
+What a user checks before a GPU-day: the recipe, the method's own keys, the view distributions, the
+optimiser, the effective learning rate at this batch size, the warm-up and the number of steps. The
+resolved config goes to stdout as YAML, exactly as the run writes it into ``config.yaml`` (loadable again
+with ``--config``); the derived values follow as YAML comments.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from selfsup.data.containers import IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.data.folders import images_under, resolve_split_folder
 from selfsup.errors import ConfigError
 from selfsup.methods import recipes
-from selfsup.training.config import PretrainConfig, check_length
+from selfsup.training.config import PretrainConfig, check_length, effective_lr, lr_warning
 from selfsup.training.config_io import to_dict
+from selfsup.training.step import warmup_steps_for
 
 # Training images of the built-in data sets (pre-training split; STL-10 uses train+unlabeled).
 NUM_TRAIN_IMAGES = {"fashion-mnist": 60000, "mnist": 60000, "embedded": 10000, "cifar10": 50000, "cifar100": 50000,
@@ -40,8 +42,8 @@ def derived(cfg: PretrainConfig) -> dict:
     check_length(cfg)
     size = recipes.native_image_size(cfg.dataset, cfg.image_size)
     n = count_train_images(cfg.dataset)
-    out = {"image_size": size, "num_images": n, "effective_lr": round(recipes.effective_lr(cfg), 6),
-           "paper_lr_at_this_batch": round(recipes.paper_lr(cfg.method, cfg.batch_size), 6)}
+    out = {"image_size": size, "num_images": n, "effective_lr": round(effective_lr(cfg), 6),
+           "paper_lr_at_this_batch": round(cfg.spec.paper_lr(cfg.batch_size), 6)}
     if n is not None:
         if n < cfg.batch_size:
             raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the data set ({n} images); lower --batch-size")
@@ -51,12 +53,9 @@ def derived(cfg: PretrainConfig) -> dict:
             max(1, int(round(cfg.epochs * spe))) if cfg.epochs is not None else None)
         out["total_steps"] = total if total is not None else "fixed after timing the first steps (--minutes)"
         if total is not None:
-            if cfg.optim.warmup_epochs is not None:
-                out["warmup_steps"] = min(int(round(cfg.optim.warmup_epochs * spe)), total // 2)
-            else:
-                out["warmup_steps"] = int(round(cfg.optim.warmup_fraction * total))
+            out["warmup_steps"] = warmup_steps_for(cfg, total, spe)
             out["epochs"] = round(total / spe, 3)
-    warning = recipes.lr_warning(cfg)
+    warning = lr_warning(cfg)
     if warning:
         out["warning"] = warning
         print(f"[selfsup] warning: {warning}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """The pre-training loop: ``pretrain()`` reads like the algorithm; each phase is a named function below it.
 
-set up (``_begin``: process group, device, resume point) -> read the data (``_load_data``) -> build the
-method, augmentations and optimiser (``_build``) -> fix the run's length (``_plan_length``) -> write the
-run folder -> loop over steps (``TrainStep`` then ``_after_step``: log, kNN monitor, re-plan, checkpoint)
--> save the final weights (``_finish``). What is shared between the phases lives in one ``RunState`` record.
+set up (``begin_run``: process group, device, resume point) -> read the data (``load_training_data``) ->
+build the method and optimiser (``build_run``) -> fix the run's length (``_plan_length``) -> write the run
+folder -> loop over steps (``OptimStep``, then ``_after_step``: log, kNN monitor, re-plan, checkpoint) ->
+save the final weights (``_finish``). Each phase takes and returns named records: ``Run``, ``TrainingData``
+and ``Trainable`` (``selfsup.training.setup``), ``Length`` and the loop's ``Progress`` (below).
 
-Step ``s`` is the same step on every run (``selfsup.training.steps``), so a resumed run replays exactly the
+Step ``s`` is the same step on every run (``selfsup.training.batches`` and ``selfsup.training.step``), so a resumed run replays exactly the
 steps an uninterrupted one would have taken (bit-identical weights on CPU).
 """
 
@@ -16,8 +17,9 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -27,16 +29,15 @@ from selfsup.data.image_checks import clean_error_message, final_report
 from selfsup.errors import BadImageError, ConfigError, TrainingError
 from selfsup.methods.collapse import CollapseMonitor
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.build import total_steps_for, warmup_steps_for
+from selfsup.training.batches import batch_stream
 from selfsup.training.config import PretrainConfig
 from selfsup.training.config_io import save_yaml, to_dict
-from selfsup.training.knn_monitor import measure_knn_cost, run_knn_monitor
-from selfsup.training.metrics import MetricsLogger, truncate_metrics
-from selfsup.training.ranks import broadcast_int, mean_over_ranks, rank_failure
+from selfsup.training.monitors import MetricsLogger, measure_knn_cost, run_knn_monitor, truncate_metrics
 from selfsup.training.resume import save_run_checkpoint, update_run_json, weights_meta, export_weights
-from selfsup.training.schedules import warmup_cosine
-from selfsup.training.setup import CreatedFolder, RunState, begin_run, build_run, load_training_data
-from selfsup.training.steps import TrainStep, batch_stream
+from selfsup.training.setup import (
+    CreatedFolder, Run, Trainable, TrainingData, begin_run, build_run, load_training_data, total_steps_for,
+)
+from selfsup.training.step import OptimStep, Schedule, warmup_steps_for
 from selfsup.training.timed import TimePlan, boundaries, is_check_step, calibrate_steps, evaluations_after, median, replan
 from selfsup.training.trackers import open_trackers
 from selfsup.views.augment import save_view_grid
@@ -64,82 +65,120 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False, pro
         raise
 
 
+@dataclass(eq=False)
+class Length:
+    """The run's length: fixed by the config or the checkpoint, or (``--minutes``) by timing steps and re-planning."""
+
+    start_step: int
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    plan: TimePlan | None = None
+    replaying: bool = False  # a resumed timed run follows its recorded plan
+    replan_every: int = 1
+    length_change: dict | None = None  # a resume that gave a new length: the step and the length before
+    knn_cost: float = 0.0  # a timed run's measured cost of one kNN-monitor evaluation, until one has run
+
+    def schedule(self, cfg: PretrainConfig, base_lr: float) -> Schedule:
+        return Schedule(cfg, base_lr, self.total_steps, self.warmup_steps)
+
+
+@dataclass(eq=False)
+class Progress:
+    """What the loop counts and keeps between steps: the step, bad steps, the last checkpoint, logs and clocks."""
+
+    step: int
+    bad_total: int
+    last_ckpt: Path | None
+    collapse: CollapseMonitor
+    logger: MetricsLogger
+    bar: Any = None
+    bad_in_a_row: int = 0
+    imgs_since: int = 0
+    t_start: float = 0.0
+    t_log: float = 0.0
+    t_prev: float = 0.0
+    step_times: list = field(default_factory=list)
+    knn_seconds: list = field(default_factory=list)
+    knn_data: Any = None
+
+
 def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, progress: bool, on_step, t_begin: float) -> Path:
     run = begin_run(cfg, run_dir, resume)
-    run.t_budget = t_begin
-    load_training_data(run)
-    build_run(run)
-    train_step = TrainStep(run)
-    _plan_length(run, train_step)
-    _write_run_folder(run)
+    cfg, data = load_training_data(run)
+    net = build_run(run, cfg, data)
+    train_step = OptimStep(net.model, net.optimizer, cfg, data.augs, run.device, run.precision, net.channels_last,
+                           forward=net.step_model, no_sync=net.train_model.no_sync if dist.is_distributed() else None)
+    length = _plan_length(run, cfg, data, net, train_step, t_begin)
+    _write_run_folder(run, cfg, data, net, length)
     dist.barrier()
-    _open_outputs(run, progress)
+    prog = _open_outputs(run, cfg, length, progress)
+    net.model.train()
     try:
-        for images in _batches(run):
-            if run.step >= run.total_steps:
+        for batch in _batches(run, cfg, data, length):
+            if prog.step >= length.total_steps:
                 break
-            cfg = run.cfg
-            lr = warmup_cosine(run.step, run.total_steps, run.warmup_steps, run.base_lr,
-                               run.base_lr * cfg.optim.final_lr_fraction)
-            loss, logs = train_step(run.step, images, lr)
-            run.step += 1
-            _after_step(run, loss, logs, lr, on_step)
-        return _finish(run)
+            loss, lr, logs = train_step(prog.step, batch, length.schedule(cfg, net.base_lr))
+            prog.step += 1
+            _after_step(run, cfg, data, net, length, prog, loss, logs, lr, on_step, t_begin)
+        return _finish(run, cfg, data, net, length, prog, t_begin)
     except BadImageError as e:  # on_bad_image="error" and a file that passed the scan failed to decode
-        where = f"the last checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
-        raise TrainingError(f"{clean_error_message(e)} (during step {run.step + 1}); {where}, resume with --resume "
+        where = f"the last checkpoint is {prog.last_ckpt}" if prog.last_ckpt else "no checkpoint was written yet"
+        raise TrainingError(f"{clean_error_message(e)} (during step {prog.step + 1}); {where}, resume with --resume "
                             "once the file is fixed or removed") from None
     except BaseException as e:
         if dist.world_size() > 1:
-            failure = rank_failure(e, run.step, run.last_ckpt)
+            failure = dist.rank_failure(e, prog.step, prog.last_ckpt)
             if failure is not e:
                 raise failure from e
         raise
     finally:
-        if run.bar is not None:
-            run.bar.close()
-        run.logger.close()
+        if prog.bar is not None:
+            prog.bar.close()
+        prog.logger.close()
 
 
-def _plan_length(run: RunState, train_step: TrainStep) -> None:
+def _plan_length(run: Run, cfg: PretrainConfig, data: TrainingData, net: Trainable, train_step: OptimStep,
+                 t_begin: float) -> Length:
     """Steps, warm-up and (for ``--minutes``) the time plan: from the config, the checkpoint, or by timing steps."""
-    cfg, state = run.cfg, run.state
-    n = len(run.dataset)
-    run.start_step = run.step = 0 if state is None else int(state["step"])
-    run.total_steps = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
-    run.steps_per_epoch = n // cfg.batch_size
+    state, dataset = run.state, data.dataset
+    n = len(dataset)
+    start = 0 if state is None else int(state["step"])
+    total = total_steps_for(cfg, n) if state is None else int(state["total_steps"])
+    length = Length(start_step=start, total_steps=total, warmup_steps=0, steps_per_epoch=n // cfg.batch_size)
     if state is not None:
-        _check_resumed_length(run, total_steps_for(cfg, n) if state.get("length_changed") else None)
+        _check_resumed_length(run, length, total_steps_for(cfg, n) if state.get("length_changed") else None)
     plan = None
     if cfg.minutes is not None and run.resume:
         plan = TimePlan.load(run.run_dir)  # a resumed timed run follows the recorded plan, never re-plans
-        run.replaying = plan is not None
-    if run.total_steps is None and plan is not None:
-        run.total_steps = plan.total_steps
-    elif run.total_steps is None:
-        if cfg.knn_monitor and run.dataset.labels is not None:
-            run.knn_cost = measure_knn_cost(run.model, run.dataset, run.device, run.image_size, run.precision, _clock)
-        run.total_steps = calibrate_steps(cfg, run.model, run.optimizer, train_step, run.dataset, run.device, n,
-                                          run.run_dir, run.main, _clock, t_start=run.t_budget, knn_cost=run.knn_cost)
-    run.warmup_steps = warmup_steps_for(cfg, run.total_steps, run.steps_per_epoch)
+        length.replaying = plan is not None
+    if length.total_steps is None and plan is not None:
+        length.total_steps = plan.total_steps
+    elif length.total_steps is None:
+        if cfg.knn_monitor and dataset.labels is not None:
+            length.knn_cost = measure_knn_cost(net.model, dataset, run.device, data.image_size, run.precision, _clock)
+        length.total_steps = calibrate_steps(cfg, net.model, net.optimizer, train_step, dataset, run.device, n,
+                                             run.run_dir, run.main, _clock, t_start=t_begin, knn_cost=length.knn_cost)
+    length.warmup_steps = warmup_steps_for(cfg, length.total_steps, length.steps_per_epoch)
     if cfg.minutes is not None and plan is None:
-        plan = TimePlan(cfg.minutes * 60.0, run.total_steps, warmup_steps=run.warmup_steps)
+        plan = TimePlan(cfg.minutes * 60.0, length.total_steps, warmup_steps=length.warmup_steps)
         if run.main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             plan.save(run.run_dir)
     if plan is not None:
-        run.total_steps, run.warmup_steps = plan.state_at(run.start_step)
-    run.plan = plan
-    run.replan_every = boundaries(run.total_steps, cfg.checkpoint_every)
+        length.total_steps, length.warmup_steps = plan.state_at(length.start_step)
+    length.plan = plan
+    length.replan_every = boundaries(length.total_steps, cfg.checkpoint_every)
+    return length
 
 
-def _check_resumed_length(run: RunState, wanted: int | None) -> None:
+def _check_resumed_length(run: Run, length: Length, wanted: int | None) -> None:
     """A resumed run with a new length is re-planned to it from the resume point; a finished one needs one.
 
     The learning-rate and EMA schedules then follow the new length from the resume point on (the steps
     already taken stay as they were); run.json records the step and the length it was extended from.
     """
-    recorded, step = run.total_steps, run.start_step
+    recorded, step = length.total_steps, length.start_step
     if wanted is None or wanted == recorded:
         if step >= recorded and _finished(run.run_dir, step):  # else stopped in its final save: finish it
             raise ConfigError(f"--resume {run.run_dir}: the run already finished ({step} of {recorded} steps); to "
@@ -148,8 +187,8 @@ def _check_resumed_length(run: RunState, wanted: int | None) -> None:
     if wanted <= step:
         raise ConfigError(f"--resume {run.run_dir}: the run is at step {step}, so a length of {wanted} steps ends "
                           f"before it; give a length beyond step {step}")
-    run.total_steps = wanted
-    run.length_change = {"from_step": step, "total_steps_before": recorded}
+    length.total_steps = wanted
+    length.length_change = {"from_step": step, "total_steps_before": recorded}
     if run.main:
         print(f"[selfsup] --resume {run.run_dir}: length {recorded} -> {wanted} steps; the schedules are re-planned "
               f"to {wanted} steps from step {step}", file=sys.stderr)
@@ -165,40 +204,40 @@ def _finished(run_dir: Path, step: int) -> bool:
     return done and (run_dir / "model.safetensors").is_file()
 
 
-def _write_run_folder(run: RunState) -> None:
+def _write_run_folder(run: Run, cfg: PretrainConfig, data: TrainingData, net: Trainable, length: Length) -> None:
     """Rank 0 writes config.yaml, run.json, init.json and views.png before the first step."""
     if not run.main:
         return
-    cfg, run_dir, dataset, model = run.cfg, run.run_dir, run.dataset, run.model
+    run_dir, dataset, model = run.run_dir, data.dataset, net.model
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.cleanup_temporary(run_dir)
     save_yaml(cfg, run_dir / "config.yaml")
     if run.resume:
-        truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
+        truncate_metrics(run_dir / "metrics.jsonl", length.start_step)
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     world = dist.world_size()
     (run_dir / "run.json").write_text(json.dumps({
-        "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch, "warmup_steps": run.warmup_steps,
-        "base_lr": run.base_lr, "precision": run.precision, "device": str(run.device), "world_size": world,
-        "sync_bn": bool(cfg.sync_bn and world > 1), "image_size": run.image_size, "num_images": len(dataset),
-        "in_channels": dataset.num_channels, "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std),
-        **_length_changes(run),
+        "total_steps": length.total_steps, "steps_per_epoch": length.steps_per_epoch,
+        "warmup_steps": length.warmup_steps, "base_lr": net.base_lr, "precision": run.precision,
+        "device": str(run.device), "world_size": world, "sync_bn": bool(cfg.sync_bn and world > 1),
+        "image_size": data.image_size, "num_images": len(dataset), "in_channels": dataset.num_channels,
+        "dataset_mean": list(dataset.mean), "dataset_std": list(dataset.std), **_length_changes(run, length),
     }, indent=1))
     if getattr(model, "init_record", None) is not None:  # what --init loaded (file, sha256, prefix removed, classifier dropped)
         (run_dir / "init.json").write_text(json.dumps(model.init_record, indent=1))
     try:
         sample = dataset.images[:8] if hasattr(dataset, "images") else torch.stack([dataset[i][0] for i in range(8)])
-        save_view_grid(sample, list(run.augs), run_dir / "views.png", n_images=8, n_views=6, seed=cfg.seed)
+        save_view_grid(sample, list(data.augs), run_dir / "views.png", n_images=8, n_views=6, seed=cfg.seed)
     except Exception as e:  # a picture must never cost a run
         warnings.warn(f"could not write views.png: {e}")
 
 
-def _length_changes(run: RunState) -> dict:
+def _length_changes(run: Run, length: Length) -> dict:
     """``length_changes``: each resume that changed the run's length (kept from run.json across resumes)."""
     path = run.run_dir / "run.json"
     before = json.loads(path.read_text()).get("length_changes", []) if run.resume and path.is_file() else []
-    now = [run.length_change] if run.length_change is not None else []
+    now = [length.length_change] if length.length_change is not None else []
     return {"length_changes": before + now} if before or now else {}
 
 
@@ -206,140 +245,144 @@ def _length_changes(run: RunState) -> dict:
 # The loop
 
 
-def _open_outputs(run: RunState, progress: bool) -> None:
+def _open_outputs(run: Run, cfg: PretrainConfig, length: Length, progress: bool) -> Progress:
     """The metric log and trackers (rank 0), the progress bar, and the clocks and monitors of the loop."""
-    cfg = run.cfg
-    trackers = open_trackers(cfg.logger, run.run_dir, to_dict(cfg), run.resume, run.start_step) if run.main else []
-    run.logger = MetricsLogger(run.run_dir, run.main, trackers)
+    trackers = open_trackers(cfg.logger, run.run_dir, to_dict(cfg), run.resume, length.start_step) if run.main else []
+    dim = cfg.spec.collapse_dim(cfg.section)
+    checkpoints = ckpt.list_checkpoints(run.run_dir)
+    prog = Progress(step=length.start_step, bad_total=(run.state or {}).get("bad_steps", 0),
+                    last_ckpt=checkpoints[-1] if checkpoints else None,
+                    collapse=CollapseMonitor.for_dim(dim or 1, cfg.collapse_threshold if dim else 0.0,
+                                                     after_step=length.warmup_steps),
+                    logger=MetricsLogger(run.run_dir, run.main, trackers))
     if run.main and progress:
-        run.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"{cfg.method} pre-training", unit="step",
-                       dynamic_ncols=True, file=sys.stderr)
-    run.collapse = CollapseMonitor.for_dim(cfg.proj_out_dim, cfg.collapse_threshold, after_step=run.warmup_steps)
-    run.bad_total = (run.state or {}).get("bad_steps", 0)
-    run.last_ckpt = ckpt.list_checkpoints(run.run_dir)[-1] if ckpt.list_checkpoints(run.run_dir) else None
-    run.model.train()
-    run.t_log = run.t_start = run.t_prev = _clock()
+        prog.bar = tqdm(total=length.total_steps, initial=length.start_step, desc=f"{cfg.method} pre-training",
+                        unit="step", dynamic_ncols=True, file=sys.stderr)
+    prog.t_log = prog.t_start = prog.t_prev = _clock()
+    return prog
 
 
-def _batches(run: RunState):
+def _batches(run: Run, cfg: PretrainConfig, data: TrainingData, length: Length):
     """Batches from ``start_step`` on; a timed run may re-plan its length, so its stream is open-ended."""
-    cfg = run.cfg
-    stream_end = run.total_steps if run.plan is None else 1 << 62
-    return batch_stream(run.dataset, cfg.batch_size, cfg.seed, run.start_step, stream_end, cfg.num_workers,
-                        run.device, run.with_labels)
+    stream_end = length.total_steps if length.plan is None else 1 << 62
+    return batch_stream(data.dataset, cfg.batch_size, cfg.seed, length.start_step, stream_end, cfg.num_workers,
+                        run.device, cfg.spec.needs_labels)
 
 
-def _after_step(run: RunState, loss: float, logs: dict[str, float], lr: float, on_step) -> None:
+def _after_step(run: Run, cfg: PretrainConfig, data: TrainingData, net: Trainable, length: Length, prog: Progress,
+                loss: float, logs: dict[str, float], lr: float, on_step, t_begin: float) -> None:
     """Everything after an optimiser step: count bad steps, log, kNN monitor, re-plan, checkpoint."""
-    cfg, step = run.cfg, run.step
-    _count_bad_steps(run, loss)
+    step = prog.step
+    _count_bad_steps(cfg, prog, loss)
     if run.main:
-        run.collapse.check(step, logs.get("collapse_std"))
-    run.imgs_since += cfg.batch_size
+        prog.collapse.check(step, logs.get("collapse_std"))
+    prog.imgs_since += cfg.batch_size
     now = _clock()  # one read per step: the step's duration and the log's time
-    run.step_times.append(now - run.t_prev)
-    run.t_prev = now
-    if step % cfg.log_every == 0 or step == run.total_steps:
-        _log_step(run, loss, logs, lr, now)
-    if run.bar is not None:
-        run.bar.update(1)
+    prog.step_times.append(now - prog.t_prev)
+    prog.t_prev = now
+    if step % cfg.log_every == 0 or step == length.total_steps:
+        _log_step(run, length, prog, loss, logs, lr, now)
+    if prog.bar is not None:
+        prog.bar.update(1)
     if on_step is not None:
         on_step(step)
-    if cfg.knn_monitor and run.dataset.labels is not None and (step % run.steps_per_epoch == 0
-                                                                 or step == run.total_steps):
+    if cfg.knn_monitor and data.dataset.labels is not None and (step % length.steps_per_epoch == 0
+                                                                 or step == length.total_steps):
         t_knn = _clock()
-        run.knn_data = run_knn_monitor(cfg, run.model, run.dataset, run.device, run.image_size, run.precision, step,
-                                       run.logger, run.knn_data)
-        run.knn_seconds.append(_clock() - t_knn)
-    replanned = run.plan is not None and step < run.total_steps and _replan(run, now)
-    if (step % cfg.checkpoint_every == 0 or (replanned and not run.replaying)) and step < run.total_steps:
-        run.last_ckpt = save_run_checkpoint(run.run_dir, run.model, run.optimizer, cfg, step, run.total_steps, run.bad_total,
-                                            run.main)
+        prog.knn_data = run_knn_monitor(cfg, net.model, data.dataset, run.device, data.image_size, run.precision,
+                                        step, prog.logger, prog.knn_data)
+        prog.knn_seconds.append(_clock() - t_knn)
+    replanned = length.plan is not None and step < length.total_steps and _replan(run, cfg, data, length, prog, now,
+                                                                                  t_begin)
+    if (step % cfg.checkpoint_every == 0 or (replanned and not length.replaying)) and step < length.total_steps:
+        prog.last_ckpt = save_run_checkpoint(run.run_dir, net.model, net.optimizer, cfg, step, length.total_steps,
+                                             prog.bad_total, run.main)
 
 
-def _count_bad_steps(run: RunState, loss: float) -> None:
+def _count_bad_steps(cfg: PretrainConfig, prog: Progress, loss: float) -> None:
     """A skipped (non-finite) step warns; ``max_bad_steps`` of them in a row end the run."""
     if math.isfinite(loss):
-        run.bad_in_a_row = 0
+        prog.bad_in_a_row = 0
         return
-    run.bad_in_a_row += 1
-    run.bad_total += 1
-    if run.bad_in_a_row >= run.cfg.max_bad_steps:
-        where = f"the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
-        raise TrainingError(f"the loss was not finite for {run.bad_in_a_row} steps in a row (last at step {run.step}); "
+    prog.bad_in_a_row += 1
+    prog.bad_total += 1
+    if prog.bad_in_a_row >= cfg.max_bad_steps:
+        where = f"the last good checkpoint is {prog.last_ckpt}" if prog.last_ckpt else "no checkpoint was written yet"
+        raise TrainingError(f"the loss was not finite for {prog.bad_in_a_row} steps in a row (last at step {prog.step}); "
                             f"{where}. Lower the learning rate (--set optim.lr=...) or use --set precision=fp32, "
                             "then resume.")
-    warnings.warn(f"non-finite loss at step {run.step}; the step was skipped ({run.bad_total} so far)")
+    warnings.warn(f"non-finite loss at step {prog.step}; the step was skipped ({prog.bad_total} so far)")
 
 
-def _log_step(run: RunState, loss: float, logs: dict[str, float], lr: float, now: float) -> None:
+def _log_step(run: Run, length: Length, prog: Progress, loss: float, logs: dict[str, float], lr: float,
+              now: float) -> None:
     """The global batch's loss (averaged over ranks, not rank 0's share), logged by rank 0."""
-    loss, logs = mean_over_ranks(loss, logs, run.device)
+    loss, logs = dist.mean_over_ranks(loss, logs, run.device)
     if not run.main:
         return
-    ips = run.imgs_since / max(now - run.t_log, 1e-9)
-    run.t_log, run.imgs_since = now, 0
-    run.logger.log({"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss, "lr": lr,
-                    "images_per_sec": ips, "elapsed_sec": now - run.t_start, **logs})
-    if run.bar is not None:
-        run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+    ips = prog.imgs_since / max(now - prog.t_log, 1e-9)
+    prog.t_log, prog.imgs_since = now, 0
+    prog.logger.log({"step": prog.step, "epoch": prog.step / length.steps_per_epoch, "loss": loss, "lr": lr,
+                     "images_per_sec": ips, "elapsed_sec": now - prog.t_start, **logs})
+    if prog.bar is not None:
+        prog.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
 
 
-def _replan(run: RunState, now: float) -> bool:
+def _replan(run: Run, cfg: PretrainConfig, data: TrainingData, length: Length, prog: Progress, now: float,
+            t_begin: float) -> bool:
     """A timed run: follow the recorded plan (resumed), or re-plan from the measured pace; True if the length changed."""
-    cfg, step, plan = run.cfg, run.step, run.plan
+    step, plan = prog.step, length.plan
     new_total = None
-    if run.replaying:
+    if length.replaying:
         new_total, new_warmup = plan.state_at(step)
-        new_total = None if (new_total, new_warmup) == (run.total_steps, run.warmup_steps) else new_total
-    elif is_check_step(step, run.total_steps, run.replan_every) and run.step_times:
-        pace = median(run.step_times)
+        new_total = None if (new_total, new_warmup) == (length.total_steps, length.warmup_steps) else new_total
+    elif is_check_step(step, length.total_steps, length.replan_every) and prog.step_times:
+        pace = median(prog.step_times)
         reserve = cfg.minutes_reserve_steps * pace  # work after the run, inside the same budget
         extra = reserve
-        if cfg.knn_monitor and run.dataset.labels is not None:  # measured once one evaluation has run
-            cost = sum(run.knn_seconds) / len(run.knn_seconds) if run.knn_seconds else run.knn_cost
-            extra = lambda total: cost * evaluations_after(step, total, run.steps_per_epoch) + reserve  # noqa: E731
-        new_total = replan(plan, step, now - run.t_budget, pace, extra, total_steps=run.total_steps)
+        if cfg.knn_monitor and data.dataset.labels is not None:  # measured once one evaluation has run
+            cost = sum(prog.knn_seconds) / len(prog.knn_seconds) if prog.knn_seconds else length.knn_cost
+            extra = lambda total: cost * evaluations_after(step, total, length.steps_per_epoch) + reserve  # noqa: E731
+        new_total = replan(plan, step, now - t_begin, pace, extra, total_steps=length.total_steps)
         if dist.is_distributed():  # every rank takes rank 0's decision
-            new_total = broadcast_int(-1 if new_total is None else new_total, run.device)
+            new_total = dist.broadcast_int(-1 if new_total is None else new_total, run.device)
             new_total = None if new_total < 0 else new_total
-        run.step_times = []
+        prog.step_times = []
         if new_total is not None:
-            new_warmup = min(run.warmup_steps, new_total // 2) if step < run.warmup_steps else run.warmup_steps
+            new_warmup = min(length.warmup_steps, new_total // 2) if step < length.warmup_steps else length.warmup_steps
             plan.record(step, new_total, new_warmup, pace)
             if run.main:
                 plan.save(run.run_dir)
                 update_run_json(run.run_dir, total_steps=new_total, warmup_steps=new_warmup)
                 print(f"[selfsup] --minutes {cfg.minutes}: {pace * 1000:.0f} ms/step since the last check; "
-                      f"{run.total_steps} -> {new_total} steps", file=sys.stderr)
+                      f"{length.total_steps} -> {new_total} steps", file=sys.stderr)
     if new_total is None:
         return False
-    run.total_steps, run.warmup_steps = new_total, new_warmup
-    if run.bar is not None:
-        run.bar.total = run.total_steps
-        run.bar.refresh()
+    length.total_steps, length.warmup_steps = new_total, new_warmup
+    if prog.bar is not None:
+        prog.bar.total = length.total_steps
+        prog.bar.refresh()
     return True
 
 
-def _finish(run: RunState) -> Path:
+def _finish(run: Run, cfg: PretrainConfig, data: TrainingData, net: Trainable, length: Length, prog: Progress,
+            t_begin: float) -> Path:
     """The last checkpoint, the final weights and train_summary.json; leave the process group if this call joined it."""
-    cfg, run_dir, dataset = run.cfg, run.run_dir, run.dataset
-    save_run_checkpoint(run_dir, run.model, run.optimizer, cfg, run.step, run.total_steps, run.bad_total, run.main)
+    run_dir, dataset = run.run_dir, data.dataset
+    save_run_checkpoint(run_dir, net.model, net.optimizer, cfg, prog.step, length.total_steps, prog.bad_total, run.main)
     final = run_dir / "model.safetensors"
     if run.main:
-        ckpt.save_weights(export_weights(run.model), final, metadata=weights_meta(cfg, run.image_size, dataset))
+        ckpt.save_weights(export_weights(net.model), final, metadata=weights_meta(cfg, data.image_size, dataset))
         image_report = final_report(dataset)
         if image_report is not None and image_report.skipped:
             print(f"[selfsup] {image_report.skipped} bad images skipped: {image_report.summary()}", file=sys.stderr)
         (run_dir / "train_summary.json").write_text(json.dumps({
-            "steps": run.step, "bad_steps": run.bad_total, "train_seconds_this_session": _clock() - run.t_start,
-            "budget_seconds_used": None if run.plan is None or run.replaying else _clock() - run.t_budget,
+            "steps": prog.step, "bad_steps": prog.bad_total, "train_seconds_this_session": _clock() - prog.t_start,
+            "budget_seconds_used": None if length.plan is None or length.replaying else _clock() - t_begin,
             "bad_images": None if image_report is None else image_report.to_dict(),
-            "collapse_warning_step": run.collapse.warned_at,
+            "collapse_warning_step": prog.collapse.warned_at,
         }, indent=1))
     dist.barrier()
     if run.owns_group:
         dist.destroy()
     return final
-
-

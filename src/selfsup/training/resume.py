@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfsup.errors import ConfigError, TrainingError
+from selfsup.errors import CheckpointError, ConfigError, TrainingError
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.build import unwrap
-from selfsup.training.config import PretrainConfig
-from selfsup.training.config_io import from_dict, to_dict
+from selfsup.distributed import unwrap
+from selfsup.training.config import PretrainConfig, saved_config
+from selfsup.training.config_io import to_dict
 
 
 def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def save_run_checkpoint(run_dir, model, optimizer, cfg, step, total_steps, bad_t
         raise TrainingError(f"the model holds non-finite values at step {step} ({', '.join(broken[:3])}); it was not "
                             f"saved. The last good checkpoint is {done[-1] if done else 'none (none was written yet)'}")
     # No RNG state: the loop draws every random number from generators seeded by (seed, step)
-    # (selfsup.training.steps), never from torch's global one, so a resumed run needs none.
+    # (selfsup.training.batches), never from torch's global one, so a resumed run needs none.
     state = {"optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps, "bad_steps": bad_total}
     return ckpt.save_checkpoint(run_dir, step, weights, state, {"config": to_dict(cfg), "kind": "pretrain"},
                                 keep_last=cfg.keep_last)
@@ -49,7 +49,7 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_d
     unexpected = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or unexpected or wrong:
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"the checkpoint in {run_dir} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"wrong shape {wrong[:3]}); was it written with another backbone or method?")
     model.load_state_dict(weights)
@@ -58,14 +58,14 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], run_d
 def load_resume(cfg: PretrainConfig, run_dir: Path):
     ckpts = ckpt.list_checkpoints(run_dir)
     if not ckpts:
-        raise ckpt.CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}; "
                                    "start the run without --resume")
     weights, state, meta = ckpt.load_checkpoint(ckpts[-1])
     try:
-        saved = from_dict(PretrainConfig, meta["config"])
+        saved = saved_config(meta["config"])
         int(state["step"]), int(state["total_steps"]), state["optimizer"]
     except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
-        raise ckpt.CheckpointError(f"--resume {run_dir}: checkpoint {ckpts[-1]} was written by an incompatible selfsup "
+        raise CheckpointError(f"--resume {run_dir}: checkpoint {ckpts[-1]} was written by an incompatible selfsup "
                                    f"({type(e).__name__}: {e}); resume it with the release that wrote it") from None
     # Everything but bookkeeping must match the interrupted run; the saved config wins.
     free = {"device", "num_workers", "log_every", "checkpoint_every", "keep_last", "data_dir", "knn_monitor",

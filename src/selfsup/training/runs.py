@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from selfsup.data.containers import MEAN_STD, canonical_dataset_name
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.config import PretrainConfig
+from selfsup.training.config import PretrainConfig, saved_config
 from selfsup.training.config_io import from_dict, load_yaml
 from selfsup.training.lightning_ckpt import read_lightning_checkpoint
 
@@ -59,7 +59,7 @@ def run_weights(run_dir: Path, where: str) -> tuple[Path, dict[str, torch.Tensor
         return final, ckpt.load_weights(final)
     found = ckpt.list_checkpoints(run_dir)
     if not found:
-        raise ckpt.CheckpointError(f"{where}: no model.safetensors and no checkpoint; the run never saved weights")
+        raise CheckpointError(f"{where}: no model.safetensors and no checkpoint; the run never saved weights")
     path = found[-1] / "model.safetensors"
     return path, ckpt.load_weights(path)
 
@@ -74,7 +74,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     if run_dir.is_file() and run_dir.suffix == ".ckpt":  # a Lightning checkpoint of a selfsup.lightning module
         config, info, weights = read_lightning_checkpoint(run_dir)
-        return RunInfo(run_dir, from_dict(PretrainConfig, config), int(info["image_size"]), int(info["in_channels"]),
+        return RunInfo(run_dir, saved_config(config), int(info["image_size"]), int(info["in_channels"]),
                        tuple(info.get("mean", ())), tuple(info.get("std", ())), run_dir, weights)
     if not run_dir.is_dir():
         raise ConfigError(f"--run {run_dir}: no such run folder")
@@ -87,7 +87,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
         cfg = from_dict(PretrainConfig, {"backbone": info["backbone"], "backbone_width": info.get("backbone_width"),
                                          "dataset": info.get("dataset", "embedded"), "data_dir": info.get("data_dir")})
     else:
-        cfg = from_dict(PretrainConfig, load_yaml(cfg_path))
+        cfg = saved_config(load_yaml(cfg_path))
     path, weights = run_weights(run_dir, f"--run {run_dir}")
     in_channels = int(info.get("in_channels") or weights["backbone.conv1.weight"].shape[1])
     image_size = int(info.get("image_size") or cfg.image_size or 32)
@@ -103,10 +103,10 @@ def load_encoder(run: RunInfo, prefix: str = "backbone.") -> nn.Module:
     backbone = build_backbone(run.config.backbone, in_channels=run.in_channels, image_size=run.image_size, **kw)
     sub = {k[len(prefix):]: v for k, v in run.weights.items() if k.startswith(prefix)}
     if not sub:
-        raise ckpt.CheckpointError(f"{run.weights_path} holds no '{prefix}*' tensors; it is not a selfsup pre-training run")
+        raise CheckpointError(f"{run.weights_path} holds no '{prefix}*' tensors; it is not a selfsup pre-training run")
     try:
         backbone.load_state_dict(sub, strict=True)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{run.weights_path} does not fit backbone {run.config.backbone!r}: "
+        raise CheckpointError(f"{run.weights_path} does not fit backbone {run.config.backbone!r}: "
                                    f"{str(e).splitlines()[0]}") from None
     return backbone

@@ -1,7 +1,8 @@
 """Setting up a pre-training run: the resume point, the training data and its views, the method and its optimiser.
 
-The phases :func:`selfsup.training.loop.pretrain` runs before its first step; what they produce is kept
-in one :class:`RunState`, which the loop then updates step by step.
+The phases :func:`selfsup.training.loop.pretrain` runs before its first step, each returning a named record
+(:class:`Run`, :class:`TrainingData`, :class:`Trainable`); and the guards against known crashes below selfsup
+(in torch or its kernels), which turn a risky option off with a warning instead of crashing mid-run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +20,25 @@ from torch import nn
 
 from selfsup import distributed as dist
 from selfsup.data.datasets import load_dataset
-from selfsup.errors import ConfigError
-from selfsup.methods import LABELLED_METHODS, recipes
-from selfsup.methods.collapse import CollapseMonitor
-from selfsup.models.resnet import SMALL_IMAGE_MAX
+from selfsup.errors import CheckpointError, ConfigError
+from selfsup.models.backbones import build_backbone, saved_stem
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 from selfsup.training import checkpoint as ckpt
-from selfsup.training.build import build_model, resolve_views
-from selfsup.training.config import PretrainConfig, check_length
-from selfsup.training.guards import channels_last_hazard
-from selfsup.training.metrics import truncate_metrics
+from selfsup.training.config import PretrainConfig, check_length, complete, describe, lr_warning
+from selfsup.training.devices import resolve_device, resolve_precision
+from selfsup.training.init_weights import load_init
+from selfsup.training.monitors import truncate_metrics
 from selfsup.training.optim import build_optimizer
 from selfsup.training.resume import load_model_weights, load_resume
 from selfsup.training.schedules import scaled_lr
-from selfsup.training.steps import resolve_device, resolve_precision
-from selfsup.training.timed import PLAN_FILE, TimePlan
+from selfsup.training.timed import PLAN_FILE
 from selfsup.training.trackers import check_trackers
 from selfsup.views.augment import BatchAugment
 
 
 @dataclass(eq=False)
-class RunState:
-    """One run, shared by the phases of :func:`pretrain`: set up once, then updated step by step."""
+class Run:
+    """Where and how the run happens: its config, folder, process role, device and resume point."""
 
     cfg: PretrainConfig
     run_dir: Path
@@ -51,47 +49,30 @@ class RunState:
     precision: str
     weights: dict | None = None  # the checkpoint resumed from: model weights ...
     state: dict | None = None  # ... and optimiser state, step and length
-    dataset: Any = None
-    image_size: int = 0
-    with_labels: bool = False  # LABELLED_METHODS get (images, labels) batches
-    model: nn.Module | None = None
-    train_model: nn.Module | None = None  # the model under DDP (when distributed)
-    step_model: nn.Module | None = None  # ... and torch.compile (when asked for)
-    channels_last: bool = False
-    augs: tuple = ()
-    optimizer: Any = None
-    base_lr: float = 0.0
-    # The run's length; a timed run (--minutes) may re-plan total_steps and warmup_steps.
-    start_step: int = 0
-    total_steps: int | None = 1
-    warmup_steps: int = 0
-    steps_per_epoch: int = 1
-    plan: TimePlan | None = None
-    replaying: bool = False  # a resumed timed run follows its recorded plan
-    t_budget: float = 0.0
-    replan_every: int = 1
-    length_change: dict | None = None  # a resume that gave a new length: the step and the length before
-    # Bookkeeping of the loop.
-    step: int = 0
-    bad_in_a_row: int = 0
-    bad_total: int = 0
-    last_ckpt: Path | None = None
-    collapse: CollapseMonitor | None = None
-    logger: Any = None
-    bar: Any = None
-    imgs_since: int = 0
-    t_start: float = 0.0
-    t_log: float = 0.0
-    t_prev: float = 0.0
-    step_times: list = field(default_factory=list)
-    knn_seconds: list = field(default_factory=list)
-    knn_cost: float = 0.0  # a timed run's measured cost of one kNN-monitor evaluation, until one has run
-    knn_data: Any = None
 
 
+@dataclass(eq=False)
+class TrainingData:
+    """The training split and the two view distributions drawn from it on the device."""
+
+    dataset: Any
+    image_size: int
+    augs: tuple[BatchAugment, BatchAugment]
 
 
-def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> RunState:
+@dataclass(eq=False)
+class Trainable:
+    """The method, its wrappers and its optimiser."""
+
+    model: nn.Module  # the method itself
+    train_model: nn.Module  # under DDP (when distributed)
+    step_model: nn.Module  # ... and torch.compile (when asked for)
+    optimizer: Any
+    base_lr: float  # optim.lr scaled with the global batch
+    channels_last: bool
+
+
+def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> Run:
     """Check the config, join the process group, pick device and precision, find the resume point."""
     cfg.validate()
     if not resume:
@@ -111,15 +92,15 @@ def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> RunState:
     precision = resolve_precision(cfg.precision, device)
     cfg, weights, state = resume_point(cfg, run_dir, resume, main)
     if main:  # the first line of every run, and the lr warning, before any data is read
-        print(recipes.describe(cfg), file=sys.stderr, flush=True)
-        if (warning := recipes.lr_warning(cfg)) is not None:
+        print(describe(cfg), file=sys.stderr, flush=True)
+        if (warning := lr_warning(cfg)) is not None:
             print(f"[selfsup] warning: {warning}", file=sys.stderr, flush=True)
     world = dist.world_size()
     if cfg.batch_size % (world * cfg.accumulate):
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by world size x accumulate "
                           f"({world} x {cfg.accumulate})")
-    return RunState(cfg=cfg, run_dir=run_dir, resume=resume, owns_group=owns_group, main=main, device=device,
-                precision=precision, weights=weights, state=state)
+    return Run(cfg=cfg, run_dir=run_dir, resume=resume, owns_group=owns_group, main=main, device=device,
+               precision=precision, weights=weights, state=state)
 
 
 def run_started(run_dir: Path) -> bool:
@@ -194,10 +175,12 @@ def resume_point(cfg: PretrainConfig, run_dir: Path, resume: bool, main: bool):
     return cfg, None, None
 
 
-def load_training_data(run: RunState) -> None:
-    """Read the training split; resolve the image size, the two views and the stem into the config."""
+def load_training_data(run: Run) -> tuple[PretrainConfig, TrainingData]:
+    """Read the training split; returns the config with what a directly constructed one left open filled for the
+    data's image size (``complete``: a resolved config comes back unchanged) and the data with its two views."""
     cfg, main = run.cfg, run.main
-    unlabelled_too = cfg.dataset.startswith("stl10") and cfg.method not in LABELLED_METHODS
+    spec = cfg.spec
+    unlabelled_too = cfg.dataset.startswith("stl10") and not spec.needs_labels
     dataset = load_dataset(cfg.dataset, "train+unlabeled" if unlabelled_too else "train",
                            data_dir=cfg.data_dir, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image,
                            image_column=cfg.hf.image_column, label_column=cfg.hf.label_column)
@@ -208,49 +191,94 @@ def load_training_data(run: RunState) -> None:
     n = len(dataset)
     if n < cfg.batch_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the data set ({n} images); lower --batch-size")
-    with_labels = cfg.method in LABELLED_METHODS
-    if with_labels and (dataset.labels is None or bool((dataset.labels < 0).any())):
+    if spec.needs_labels and (dataset.labels is None or bool((dataset.labels < 0).any())):
         raise ConfigError(f"method: {cfg.method!r} trains with labels and {cfg.dataset!r} has unlabelled images; "
                           "use a labelled data set (class sub-folders for an image folder)")
-    view1, view2 = resolve_views(cfg, image_size)
-    if cfg.view is None or cfg.view2 is None:
-        cfg = replace(cfg, view=view1, view2=view2)  # written resolved into config.yaml and checkpoints
-    if cfg.small_stem is None and not cfg.backbone.startswith("timm:"):
-        cfg = replace(cfg, small_stem=image_size <= SMALL_IMAGE_MAX)  # recorded, so the run reloads the same
-    run.cfg, run.dataset, run.image_size, run.with_labels = cfg, dataset, image_size, with_labels
-    run.augs = (BatchAugment(view1, image_size, dataset.mean, dataset.std),
-                BatchAugment(view2, image_size, dataset.mean, dataset.std))
+    cfg = complete(cfg, image_size)
+    augs = (BatchAugment(cfg.view, image_size, dataset.mean, dataset.std),
+            BatchAugment(cfg.view2, image_size, dataset.mean, dataset.std))
+    return cfg, TrainingData(dataset, image_size, augs)
 
 
-def build_run(run: RunState) -> None:
+def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, num_classes: int | None = None,
+                init: str | None = None) -> nn.Module:
+    """The method around a fresh backbone; ``init`` (``--init``) loads the backbone's starting weights first,
+    so a target network starts as the same copy. ``model.init_record`` then says what was loaded. A method
+    that needs labels also takes ``num_classes``."""
+    kw = {} if cfg.backbone_width is None else {"width": cfg.backbone_width}
+    kw.update(saved_stem(cfg.backbone, cfg.small_stem, image_size))
+    if cfg.zero_init_residual:
+        kw["zero_init_residual"] = True
+    backbone = build_backbone(cfg.backbone, in_channels=in_channels, image_size=image_size, **kw)
+    record = load_init(backbone, init) if init is not None else None
+    model = cfg.spec.build(cfg.section, backbone, num_classes if cfg.spec.needs_labels else None)
+    model.init_record = record
+    return model
+
+
+def build_run(run: Run, cfg: PretrainConfig, data: TrainingData) -> Trainable:
     """The method around its backbone (seeded, ``--init`` or the checkpoint's weights), then its optimiser."""
-    cfg, dataset, device = run.cfg, run.dataset, run.device
+    device = run.device
     torch.manual_seed(cfg.seed)
     # --init applies to a fresh run only: a resumed run continues from its checkpoint's weights.
     init = cfg.init if run.weights is None else None
-    num_classes = dataset.num_classes if run.with_labels else None  # only labelled methods take it
-    model = build_model(cfg, dataset.num_channels, run.image_size, num_classes=num_classes, init=init).to(device)
+    num_classes = data.dataset.num_classes if cfg.spec.needs_labels else None
+    model = build_model(cfg, data.dataset.num_channels, data.image_size, num_classes, init=init).to(device)
     if run.weights is not None:
         load_model_weights(model, run.weights, run.run_dir)
     if cfg.sync_bn and dist.world_size() > 1:  # global batch-norm statistics (SimCLR Sec. B.1)
         model = convert_sync_batchnorm(model)
-    run.channels_last = cfg.channels_last
-    if run.channels_last and (hazard := channels_last_hazard(model, device)):
+    channels_last = cfg.channels_last
+    if channels_last and (hazard := channels_last_hazard(model, device)):
         warnings.warn(f"channels_last is off for this run: {hazard}")
-        run.channels_last = False
-    if run.channels_last:
+        channels_last = False
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    run.base_lr = scaled_lr(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
-    run.optimizer = build_optimizer(cfg.optim.name, model, run.base_lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    base_lr = scaled_lr(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(cfg.optim.name, model, base_lr, cfg.optim.weight_decay, cfg.optim.momentum)
     if run.state is not None:
         try:
-            run.optimizer.load_state_dict(run.state["optimizer"])
+            optimizer.load_state_dict(run.state["optimizer"])
         except (KeyError, ValueError, TypeError) as e:
-            raise ckpt.CheckpointError(f"--resume {run.run_dir}: the optimiser state in the checkpoint does not fit "
+            raise CheckpointError(f"--resume {run.run_dir}: the optimiser state in the checkpoint does not fit "
                                        f"this model and optimiser ({type(e).__name__}: {e})") from None
     if run.main:  # room for keep_last + 1 checkpoints and the final weights, checked before training
         ckpt.check_space_for_run(run.run_dir, model.state_dict(), cfg.keep_last, 2 if cfg.optim.name == "adamw" else 1)
-    run.model = model
-    run.train_model = dist.wrap_ddp(model, device)
-    run.step_model = torch.compile(run.train_model) if cfg.compile else run.train_model
+    train_model = dist.wrap_ddp(model, device)
+    step_model = torch.compile(train_model) if cfg.compile else train_model
+    return Trainable(model, train_model, step_model, optimizer, base_lr, channels_last)
+
+
+def total_steps_for(cfg: PretrainConfig, n: int) -> int | None:
+    """The run's length in steps from ``steps`` or ``epochs`` over ``n`` images (None for ``--minutes``)."""
+    steps_per_epoch = n // cfg.batch_size
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        return max(1, int(round(cfg.epochs * steps_per_epoch)))
+    return None  # minutes: fixed after timing the first steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Guards against known crashes below selfsup
+
+
+def channels_last_hazard(model: nn.Module, device: torch.device) -> str | None:
+    """Why ``channels_last`` must stay off for ``model`` on ``device``, or ``None``.
+
+    torch 2.14's oneDNN CPU kernel for the weight gradient of a 1x1 convolution with stride > 1 and
+    fewer than 8 input channels corrupts the heap in channels-last layout (the process dies with
+    "double free or corruption" or a segmentation fault a step or two later). Such convolutions
+    appear in the ResNet downsample path of very narrow backbones (width <= 1/16 of 64 channels).
+    ``tests/test_reliability.py`` runs that model once in a subprocess to see whether it still
+    applies.
+    """
+    if device.type != "cpu":
+        return None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
+                and m.weight.requires_grad):
+            return (f"{name} is a 1x1 stride-{max(m.stride)} convolution with {m.in_channels} input channels, whose "
+                    "channels-last weight gradient crashes oneDNN on CPU")
+    return None

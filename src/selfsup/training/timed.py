@@ -26,8 +26,8 @@ import torch
 import torch.distributed as tdist
 
 from selfsup import distributed as dist
-from selfsup.methods import LABELLED_METHODS
-from selfsup.training.steps import batch_stream
+from selfsup.training.batches import batch_stream
+from selfsup.training.step import Schedule
 
 TOLERANCE = 0.01  # re-plan when the predicted end is off by more than 1% of the budget
 PLAN_FILE = "time_plan.json"
@@ -152,10 +152,11 @@ def calibrate_steps(cfg, model, optimizer, train_step, dataset, device, n, run_d
     # steady-state cost (a mean over the first steps overestimated it by ~10% on 2 CPU cores).
     warm, timed = 3, 6
     it = batch_stream(dataset, cfg.batch_size, cfg.seed + 7919, 0, warm + timed, cfg.num_workers, device,
-                      cfg.method in LABELLED_METHODS)
+                      cfg.spec.needs_labels)
+    untrained = Schedule(cfg, base_lr=0.0, total_steps=None, warmup_steps=0)  # lr 0: the steps change nothing
     times, t_prev = [], clock()
-    for i, images in enumerate(it):  # each time includes fetching the batch
-        train_step(i, images, 0.0)
+    for i, batch in enumerate(it):  # each time includes fetching the batch
+        train_step(i, batch, untrained)
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = clock()

@@ -1,8 +1,13 @@
-"""The kNN accuracy logged once per epoch during pre-training (a fixed 10k bank and 2k queries)."""
+"""The run's monitors: the metric log (``metrics.jsonl`` plus TensorBoard or the ``--logger`` trackers, written
+by rank 0) and the kNN accuracy logged once per epoch during pre-training (a fixed 10k bank and 2k queries)."""
 
 from __future__ import annotations
 
+import json
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,8 +18,65 @@ from selfsup.errors import DataNotFoundError, NoTestSplitError
 from selfsup.evaluation.frozen import knn_eval
 from selfsup.evaluation.preprocess import Preprocessing
 from selfsup.evaluation.sharded import extract_features_sharded
-from selfsup.training.build import unwrap
-from selfsup.training.steps import mix_seed
+from selfsup.training.batches import mix_seed
+
+
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard (if installed), written by rank 0 only.
+
+    ``trackers`` (from ``selfsup.training.trackers.open_trackers``, ``--logger``) replace the built-in TensorBoard writer.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, trackers: list | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.trackers = list(trackers or [])
+        if enabled and trackers is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # tensorboard is an optional extra
+                self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not end the run here; the next checkpoint says so clearly
+            if not getattr(self, "_warned", False):
+                warnings.warn(f"could not append to {self.path} ({e.strerror or e}); metrics are not being logged")
+                self._warned = True
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we restart from."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) <= last_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
 
 
 KNN_BANK, KNN_QUERIES = 10000, 2000
@@ -34,7 +96,7 @@ def measure_knn_cost(model, dataset, device, image_size, precision, clock, sampl
     before its first epoch stopped 20 s (3.4%) early. Embedding happens in eval mode; the model is put
     back in train mode, and nothing it holds changes.
     """
-    enc = unwrap(model).backbone
+    enc = dist.unwrap(model).backbone
     n = max(1, min(sample, len(dataset)))
     warm = torch.arange(min(64, n))
     extract_features_sharded(enc, dataset, device, image_size, indices=warm, precision=precision)  # one-time costs
@@ -83,7 +145,7 @@ def run_knn_monitor(cfg, model, dataset, device, image_size, precision, step, lo
     bank_idx, qset, q_idx, source = cache
     if len(bank_idx) == 0 or len(q_idx) == 0:
         return cache  # too few labelled images to hold any out: the monitor steps aside (said once, at the start)
-    enc = unwrap(model).backbone
+    enc = dist.unwrap(model).backbone
     prep = Preprocessing.of_dataset(dataset, image_size)  # the training set's statistics, for the queries too
     bf, bl = extract_features_sharded(enc, dataset, device, image_size, indices=bank_idx, precision=precision,
                                       preprocess=prep)
