@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="byol,simclr")
     add_common_args(ap, "runs/bench_byol_batch")
     args = ap.parse_args(argv)
-    from selfsup.training.config import merge, parse_overrides
+    from selfsup.training.config_io import merge, parse_overrides
     preset = dict(FULL if args.full else SHORT)
     for k in ("dataset", "images", "backbone_width"):
         if getattr(args, k) is not None:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     add_common_args(ap, "runs/bench_byol_collapse")
     args = ap.parse_args(argv)
-    from selfsup.training.config import merge, parse_overrides
+    from selfsup.training.config_io import merge, parse_overrides
     preset = dict(FULL if args.full else SHORT)
     for k in ("dataset", "epochs", "backbone_width", "batch_size"):
         if getattr(args, k) is not None:

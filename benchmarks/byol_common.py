@@ -44,7 +44,8 @@ def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = False) -> dict:
     """
     from selfsup.cli.app import run_eval
     from selfsup.methods.collapse import CollapseWarning
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.training.loop import pretrain
 
     run_dir = Path(run_dir)

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
                     "each method reaches in the CPU budget, to rerun the comparison on a faster device)")
     add_common_args(ap, "runs/bench_byol_vs_simclr")
     args = ap.parse_args(argv)
-    from selfsup.training.config import merge, parse_overrides
+    from selfsup.training.config_io import merge, parse_overrides
 
     preset = dict(FULL if args.full else SHORT)
     for k in ("dataset", "minutes"):

@@ -87,7 +87,8 @@ def measure_loader(folder: Path, image_size: int, batch_size: int, workers: int,
 def measure_pretrain(folder: Path, image_size: int, batch_size: int, workers: int, steps: int, backbone: str | None,
                      run_dir: Path) -> dict:
     """Median images/s of ``pretrain`` streaming the folder (the first logged step excluded)."""
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.training.loop import pretrain
 
     layer = {"dataset": f"imagefolder:{folder}", "image_size": image_size, "batch_size": batch_size, "steps": steps,

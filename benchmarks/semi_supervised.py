@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE
-from selfsup.training.config import PretrainConfig, build_config
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.protocols.distill import DistillConfig, distill
 from selfsup.protocols.finetune import FinetuneConfig, finetune
 from selfsup.training.loop import pretrain

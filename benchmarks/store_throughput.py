@@ -102,7 +102,8 @@ def bench_loader(folder: Path, root: Path, sizes: list[int], workers: int, batch
 def _pretrain(name: str, size: int, batch_size: int, steps: int, workers: int, run: Path, backbone: str | None,
               device: str, in_memory: bool) -> float:
     from selfsup.training import loop as train
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.data.datasets import load_dataset
 
     layer = {"dataset": name, "image_size": size, "batch_size": batch_size, "steps": steps, "num_workers": workers,

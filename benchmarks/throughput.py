@@ -22,7 +22,8 @@ import torch
 from selfsup.views.augment import BatchAugment
 from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
-from selfsup.training.config import PretrainConfig, build_config
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.methods import METHODS
 from selfsup.training.optim import build_optimizer
 from selfsup.training.devices import autocast_context, resolve_precision

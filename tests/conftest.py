@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
 def tiny_cfg():
     """A pre-training config that runs a few steps in about a second on a CPU."""
     from selfsup.methods import METHODS
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
 
     def make(**kw):
         """Keys of the method's section may be given flat here (``base_tau=0.5``): they go under the method's name."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfsup.analyze import STUDIES, run_study
-from selfsup.training.config import ConfigError
+from selfsup.errors import ConfigError
 
 # 8 px images, a 1/8-width ResNet-18 (64-d h), two steps of 8 images, probes on 60 / 40 images.
 TINY_FLAGS = {"--dataset": "embedded", "--image-size": "8", "--backbone": "resnet18", "--backbone-width": "0.125",
@@ -40,7 +40,8 @@ def _one_thread():
 def tiny_run(tmp_path_factory):
     """One tiny SimCLR pre-training run shared by the probe and t-SNE tests."""
     from selfsup.analyze.common import STUDY_CHECKPOINT_EVERY
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.training.loop import pretrain
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
@@ -235,7 +236,8 @@ def test_head_study_none_linear(tmp_path):
 
 def test_no_projection_head_config():
     from selfsup.models.backbones import build_backbone
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.methods import METHODS
 
     cfg = build_config(PretrainConfig, {"simclr": {"proj_layers": 0}})

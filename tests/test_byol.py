@@ -10,7 +10,9 @@ from torch import nn
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.methods.collapse import CollapseMonitor, CollapseWarning, collapse_std
-from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.errors import ConfigError
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.methods.ema import ema_update
 from selfsup.models.heads import ProjectionHead
 from selfsup.losses import byol_loss

@@ -212,7 +212,8 @@ _FIXED_VIEWS = {
 
 
 def _run_cfg(**kw):
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
 
     base = {"recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
             "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16, "image_size": 16,

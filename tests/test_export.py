@@ -12,7 +12,8 @@ from torch import nn
 from selfsup.cli import app as cli
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import save_weights, weights_metadata
-from selfsup.training.config import PretrainConfig, save_yaml
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import save_yaml
 from selfsup.artifacts.export import ExportError, export_backbone, load_exported, torchvision_arch
 
 

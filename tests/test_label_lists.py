@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.training.config import ConfigError
+from selfsup.errors import ConfigError
 from selfsup.data.datasets import load_dataset
 from selfsup.data.labels import read_label_list
 from selfsup.protocols.label_subsets import LABEL_SUBSET_FILE, prepare_label_subset

@@ -12,7 +12,7 @@ L = pytest.importorskip("lightning")
 
 import selfsup  # noqa: E402
 from selfsup.cli import app as cli  # noqa: E402
-from selfsup.training.config import ConfigError  # noqa: E402
+from selfsup.errors import ConfigError  # noqa: E402
 from selfsup.data.datasets import load_dataset  # noqa: E402
 from selfsup.artifacts.export import load_exported  # noqa: E402
 from selfsup.lightning import BYOLModule, SimCLRModule, SimCLRv2Module, step_dataloader  # noqa: E402

@@ -76,7 +76,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A two-step SimCLR run on the embedded Fashion-MNIST sample (28 px, 1 channel, its own statistics)."""
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.training.loop import pretrain
 
     cfg = build_config(PretrainConfig, {"recipe": "cpu", "precision": "fp32", "dataset": "embedded", "backbone": "resnet18",
@@ -302,7 +303,8 @@ def test_above_32_px_every_path_keeps_the_same_centre_crop(data, tmp_path):
     from selfsup import hub
     from selfsup.artifacts.embed import embed_run, read_embeddings
     from selfsup.evaluation.frozen import extract_features
-    from selfsup.training.config import PretrainConfig, build_config
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
     from selfsup.training.loop import pretrain
     from selfsup.training.runs import load_encoder, load_run
 

@@ -7,7 +7,9 @@ import yaml
 
 from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
-from selfsup.training.config import ConfigError, PretrainConfig, build_config, to_dict
+from selfsup.errors import ConfigError
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config, to_dict
 from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS
 from selfsup.methods.recipes import RECIPES, auto_recipe, paper_lr

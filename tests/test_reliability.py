@@ -28,8 +28,9 @@ from selfsup.errors import CheckpointError, CheckpointWriteError
 from selfsup.training.checkpoint import (list_checkpoints, load_checkpoint,
                                 load_weights, save_checkpoint)
 from selfsup.cli.app import main as cli_main
-from selfsup.training.config import (ConfigError, OptimConfig, PretrainConfig, build_config, from_dict, parse_overrides,
-                            to_dict)
+from selfsup.errors import ConfigError
+from selfsup.training.config import OptimConfig, PretrainConfig
+from selfsup.training.config_io import build_config, from_dict, parse_overrides, to_dict
 from selfsup.data.containers import DATASET_NAMES, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.training.setup import channels_last_hazard
 from selfsup.training.optim import build_optimizer

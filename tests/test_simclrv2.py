@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from selfsup.models.backbones import BACKBONES, build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_checkpoint, load_weights
-from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.errors import ConfigError
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.data.labels import label_subset
 from selfsup.data.datasets import load_dataset
 from selfsup.protocols.distill import DistillConfig, distill, distill_objective, freeze_teacher

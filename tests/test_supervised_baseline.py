@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights
-from selfsup.training.config import PretrainConfig, build_config
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.methods import METHODS
 from selfsup.methods.supervised import Supervised
 from selfsup.training.loop import pretrain

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from selfsup.cli import app as cli
-from selfsup.training.config import ConfigError
+from selfsup.errors import ConfigError
 from selfsup.training.trackers import TrackerError, open_trackers
 from selfsup.training.loop import pretrain
 

@@ -8,7 +8,9 @@ import torch
 from selfsup.views.config import ViewConfig
 from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_weights
-from selfsup.training.config import ConfigError, PretrainConfig, build_config
+from selfsup.errors import ConfigError
+from selfsup.training.config import PretrainConfig
+from selfsup.training.config_io import build_config
 from selfsup.errors import DataNotFoundError
 from selfsup.models.heads import ProjectionHead
 from selfsup.methods import METHODS, SimCLR

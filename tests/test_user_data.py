@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from selfsup.cli import app as cli
-from selfsup.training.config import ConfigError
+from selfsup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "user_guide.md"

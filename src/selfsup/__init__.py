@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 # name -> (module, attribute), resolved by __getattr__ (PEP 562) when first used.
 _LAZY = {
     "PretrainConfig": ("selfsup.training.config", "PretrainConfig"),
-    "build_config": ("selfsup.training.config", "build_config"),
+    "build_config": ("selfsup.training.config_io", "build_config"),
     "pretrain": ("selfsup.training.loop", "pretrain"),
     "load_encoder": ("selfsup.artifacts.hub", "load_encoder"),
     "from_pretrained": ("selfsup.artifacts.hub", "from_pretrained"),

@@ -29,7 +29,7 @@ from selfsup.data.image_checks import BAD_IMAGE_POLICIES
 from selfsup.errors import ConfigError, check_choice, check_field
 from selfsup.methods import METHODS, MethodSpec, recipes
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
-from selfsup.training.config_io import build_config, from_dict, merge, to_dict  # noqa: F401 (build_config: the API)
+from selfsup.training.config_io import build_config, from_dict, merge, to_dict
 from selfsup.training.schedules import scaled_lr
 from selfsup.views.config import ViewConfig
 
