@@ -120,7 +120,7 @@ def test_augment_pairs_end_to_end_resumes_cell_by_cell(tmp_path):
     saved = json.loads((out / "cells" / "crop" / "result.json").read_text())
     saved["config"]["simclr"]["temperature"] = 0.123
     (out / "cells" / "crop" / "result.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match=r"cells/crop was trained with another config .*temperature"):
+    with pytest.raises(ConfigError, match=r"cells/crop was trained with another config .*differs in simclr"):
         run_study("augment-pairs", args)
 
 

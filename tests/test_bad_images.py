@@ -250,7 +250,7 @@ def test_pretrain_refuses_bad_folder_before_training_and_skips_on_request(tmp_pa
     root = _folder(tmp_path / "d")
     common = ["pretrain", "--dataset", f"imagefolder:{root}", "--steps", "2", "--batch-size", "4", "--no-progress",
               "--set", "image_size=16", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625",
-              "--set", "knn_monitor=false", "--set", "proj_out_dim=8", "--set", "num_workers=0"]
+              "--set", "knn_monitor=false", "--set", "simclr.proj_out_dim=8", "--set", "num_workers=0"]
     code, out = _cli(common + ["--out", str(tmp_path / "r1")], capsys)
     assert code == 2
     line = out.err.strip().splitlines()[-1]

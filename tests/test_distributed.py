@@ -216,7 +216,7 @@ def _run_cfg(**kw):
     from selfsup.training.config_io import build_config
 
     base = {"recipe": "cpu", "dataset": "embedded", "backbone": "resnet18", "backbone_width": 0.0625, "batch_size": 16, "steps": 6,
-            "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "proj_out_dim": 16, "image_size": 16,
+            "checkpoint_every": 3, "knn_monitor": False, "log_every": 1, "simclr": {"proj_out_dim": 16}, "image_size": 16,
             "precision": TEST_PRECISION, "channels_last": False, "optim": {"lr": 1.0}, **_FIXED_VIEWS}
     base.update(kw)
     return build_config(PretrainConfig, base)
@@ -351,7 +351,7 @@ def test_sharded_feature_extraction_gathers_every_rank_in_order(training_runs):
 
 _FAULTY_MAIN = """
 import os, sys, time
-import selfsup.training.loop as train
+import selfsup.training.step as train  # the learning rate of each step: OptimStep asks Schedule.lr
 
 if os.environ["RANK"] == "1":
     schedule = train.warmup_cosine
@@ -376,7 +376,7 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(tmp_path, hang):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
     args = ["pretrain", "--dataset", "embedded", "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size", "16",
             "--no-progress", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "knn_monitor=false",
-            "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "precision=fp32",
+            "--set", "image_size=16", "--set", "simclr.proj_out_dim=16", "--set", "precision=fp32",
             "--set", f"sync_bn={str(not hang).lower()}"]  # the switch, both ways (run.json records it)
     env = {**os.environ, **ENV, "SELFSUP_DIST_TIMEOUT": "10"}
     t0 = time.perf_counter()

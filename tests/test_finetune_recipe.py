@@ -40,8 +40,8 @@ def runs(tmp_path_factory):
     out = {}
     for kind, values in RUNS.items():
         cfg = build_config(PretrainConfig, {"dataset": "embedded", "batch_size": 8, "steps": 1, "knn_monitor": False,
-                                            "proj_out_dim": 16, "proj_hidden_dim": 24, "channels_last": False,
-                                            **values})
+                                            values["method"]: {"proj_out_dim": 16, "proj_hidden_dim": 24},
+                                            "channels_last": False, **values})
         pretrain(cfg, root / kind, progress=False)
         out[kind] = root / kind
     return out

@@ -23,7 +23,7 @@ from selfsup.data.holdout import HOLDOUT_FRACTION, holdout_split
 from selfsup.training.schedules import warmup_cosine
 
 TINY = ["--batch-size", "8", "--no-progress", "--recipe", "cpu", "--backbone", "resnet18", "--set", "backbone_width=0.0625",
-        "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "precision=fp32", "--set", "num_workers=0",
+        "--set", "image_size=16", "--set", "simclr.proj_out_dim=16", "--set", "precision=fp32", "--set", "num_workers=0",
         "--set", "log_every=1"]
 
 
@@ -313,7 +313,7 @@ def test_lightning_takes_float_images_and_refuses_what_it_cannot_use(tmp_path):
     from selfsup.errors import DataError
     from selfsup.lightning import SimCLRModule, check_image_batch
 
-    module = SimCLRModule(backbone="resnet18", backbone_width=0.0625, batch_size=8, proj_out_dim=16, precision="fp32",
+    module = SimCLRModule(backbone="resnet18", backbone_width=0.0625, batch_size=8, simclr={"proj_out_dim": 16}, precision="fp32",
                           in_channels=3, image_size=16)
     x = torch.rand(8, 3, 20, 20)
     for data in (TensorDataset(x), TensorDataset(x, torch.zeros(8, dtype=torch.long)), x):

@@ -71,7 +71,7 @@ def test_pretrain_resume_and_eval_with_named_columns(hf_folder, tmp_path):
     run = tmp_path / "run"
     cfg = cli._pretrain_config(cli.build_parser().parse_args([
         "pretrain", "--dataset", f"hf:{path}", "--set", "hf.image_column=pixels", "--set", "hf.label_column=target",
-        "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16", "--set", "proj_out_dim=16",
+        "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16", "--set", "simclr.proj_out_dim=16",
         "--set", "knn_monitor=false", "--set", "checkpoint_every=2", "--steps", "4", "--set", "precision=fp32"]))
 
     def stop(step):

@@ -16,7 +16,7 @@ from selfsup.training.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "embedded", "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16",
-        "--set", "knn_monitor=false", "--set", "proj_out_dim=16", "--no-progress"]
+        "--set", "knn_monitor=false", "--set", "simclr.proj_out_dim=16", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from selfsup.training.setup import build_model
 from selfsup.training.loop import pretrain
 
 TINY = ["--dataset", "embedded", "--backbone", "resnet18", "--set", "backbone_width=0.0625", "--batch-size", "16",
-        "--set", "knn_monitor=false", "--set", "proj_out_dim=16", "--set", "precision=fp32", "--no-progress"]
+        "--set", "knn_monitor=false", "--set", "simclr.proj_out_dim=16", "--set", "precision=fp32", "--no-progress"]
 
 
 def test_torchvision_state_dict_file_loads_and_drops_the_classifier(tmp_path):

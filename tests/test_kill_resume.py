@@ -25,7 +25,7 @@ from selfsup.training.checkpoint import list_checkpoints, load_weights
 TOTAL, EVERY = 30, 5
 ARGS = ["pretrain", "--dataset", "embedded", "--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every",
         str(EVERY), "--seed", "3", "--no-progress", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625",
-        "--set", "image_size=16", "--set", "proj_out_dim=16", "--set", "knn_monitor=false", "--set", "log_every=1",
+        "--set", "image_size=16", "--set", "simclr.proj_out_dim=16", "--set", "knn_monitor=false", "--set", "log_every=1",
         "--recipe", "cpu", "--set", f"precision={os.environ.get('SELFSUP_TEST_PRECISION', 'fp32')}"]
 
 

@@ -111,7 +111,7 @@ def test_lightning_passes_the_scheduled_tau_at_each_step(tmp_path):
 
     dataset = load_dataset("embedded", "train")
     module = BYOLModule.for_dataset(dataset, backbone="resnet18", backbone_width=0.0625, batch_size=16,
-                                    proj_out_dim=16, precision="fp32", base_tau=0.9)
+                                    byol={"proj_out_dim": 16, "base_tau": 0.9}, precision="fp32")
     taus, update = [], module.model.update_target
     module.model.update_target = lambda tau: (taus.append(tau), update(tau))[1]
     trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, default_root_dir=str(tmp_path), logger=False,

@@ -82,7 +82,7 @@ def run_dir(tmp_path_factory):
 
     cfg = build_config(PretrainConfig, {"recipe": "cpu", "precision": "fp32", "dataset": "embedded", "backbone": "resnet18",
                                         "backbone_width": 0.0625, "batch_size": 16, "steps": 2, "checkpoint_every": 2,
-                                        "knn_monitor": False, "proj_out_dim": 16})
+                                        "knn_monitor": False, "simclr": {"proj_out_dim": 16}})
     run = tmp_path_factory.mktemp("run") / "run"
     pretrain(cfg, run, progress=False)
     return run
@@ -310,7 +310,7 @@ def test_above_32_px_every_path_keeps_the_same_centre_crop(data, tmp_path):
 
     cfg = build_config(PretrainConfig, {"recipe": "cpu", "precision": "fp32", "dataset": "embedded", "backbone": "resnet18",
                                         "backbone_width": 0.0625, "batch_size": 16, "steps": 1, "checkpoint_every": 1,
-                                        "knn_monitor": False, "proj_out_dim": 16, "image_size": 40})
+                                        "knn_monitor": False, "simclr": {"proj_out_dim": 16}, "image_size": 40})
     pretrain(cfg, tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run")
     assert run.preprocessing.crop == 0.875

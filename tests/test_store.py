@@ -131,7 +131,7 @@ def test_cli_prepare_then_pretrain_and_eval_from_the_store(folder, tmp_path, cap
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"store": str(store), "train": 12, "test": 6}
     assert cli.main(["pretrain", "--dataset", f"store:{store}", "--out", str(run), "--steps", "2", "--batch-size", "4",
                      "--no-progress", "--set", "backbone_width=0.0625", "--set", "num_workers=1",
-                     "--set", "proj_out_dim=16", "--set", "knn_monitor=true"]) == 0
+                     "--set", "simclr.proj_out_dim=16", "--set", "knn_monitor=true"]) == 0
     assert (run / "model.safetensors").is_file()
     capsys.readouterr()
     assert cli.main(["eval", "knn", "--run", str(run), "--k", "3", "--no-progress"]) == 0
@@ -215,7 +215,7 @@ TOTAL, EVERY = 12, 3
 
 def _start(store: Path, run: Path, resume: bool) -> subprocess.Popen:
     args = ["pretrain", "--dataset", f"store:{store}", "--steps", str(TOTAL), "--batch-size", "4", "--checkpoint-every",
-            str(EVERY), "--seed", "5", "--no-progress", "--set", "backbone_width=0.0625", "--set", "proj_out_dim=16",
+            str(EVERY), "--seed", "5", "--no-progress", "--set", "backbone_width=0.0625", "--set", "simclr.proj_out_dim=16",
             "--set", "knn_monitor=false", "--set", "log_every=1", "--set", "num_workers=1", "--out", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "selfsup", *args] + (["--resume", str(run)] if resume else [])

@@ -148,7 +148,7 @@ def test_cli_resume_before_the_first_checkpoint(tmp_path):
     from selfsup.cli.app import main
 
     args = ["pretrain", "--dataset", "embedded", "--backbone", "resnet10_narrow", "--batch-size", "16", "--steps", "2",
-            "--out", str(tmp_path / "r"), "--no-progress", "--set", "knn_monitor=false", "--set", "proj_out_dim=8"]
+            "--out", str(tmp_path / "r"), "--no-progress", "--set", "knn_monitor=false", "--set", "simclr.proj_out_dim=8"]
     assert main(args) == 0
     (tmp_path / "r" / "model.safetensors").unlink()
     for p in list_checkpoints(tmp_path / "r"):
