@@ -25,7 +25,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float 
     to 0. Perfectly correlated, decorrelated dimensions (``z2 = z1`` with orthogonal standardised
     columns) give the minimum, ~0; collapsed embeddings (a constant column standardises to 0) give
     ``C = 0``, i.e. ``d``. ``lambda_offdiag`` defaults to the official code's 0.0051
-    (facebookresearch/barlowtwins ``main.py``, ``--lambd``); the paper's Sec. 4 states 5e-3.
+    (facebookresearch/barlowtwins ``main.py``, ``--lambd``); the paper's implementation details state
+    5e-3.
 
     Across ranks (``torch.distributed`` initialised) the means, variances and ``C`` are those of the
     global batch, as in the official code (SyncBatchNorm, then an all-reduce of ``C``). Every rank
@@ -37,10 +38,10 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float 
 
     Deviations from the official code: (1) it all-reduces ``C`` outside autograd, so each rank
     back-propagates only its own loss and, after DDP's mean, its gradient is ``dL/dtheta / W``
-    (its README trains the 2048 batch on W = 16 GPUs, the paper on 32) where ours is ``dL/dtheta``. Under its LARS the weights'
-    step direction is ``g + wd * w``, so its ``wd`` on W GPUs acts like ``W * wd`` here, and the
-    biases and batch-norm parameters (plain SGD steps, no LARS, no decay) move by ``lr_b * g``, so its
-    ``lr_b`` acts like ``lr_b / W`` here. (2) It runs under fp16 autocast; here fp32.
+    where ours is ``dL/dtheta`` (its README trains the 2048 batch on W = 16 GPUs, the paper on 32).
+    Its LARS steps the weights along ``g + wd * w`` (rescaled by the trust ratio), so its ``wd`` on
+    W GPUs is ``W * wd`` here; the biases and batch-norm parameters take plain steps ``lr_b * g`` (no
+    LARS, no decay), so its ``lr_b`` is ``lr_b / W`` here. (2) It runs under fp16 autocast; here fp32.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"barlow_twins_loss expects two (N, d) tensors of equal shape, got "

@@ -26,9 +26,9 @@ def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.T
     A teacher crop is never paired with the student's output for the same crop (the official
     ``DINOLoss`` skips ``v == iq``): with 2 global and V local crops there are ``2 * (2 + V) - 2``
     pairs. Defaults are the official code's temperatures, student 0.1 and teacher 0.04; the paper
-    warms the teacher's up linearly from 0.04 to 0.07 over the first 30 epochs (its implementation details), a schedule
-    the caller evaluates and passes in as ``teacher_temp``. ``center`` (K,) or (1, K) is updated after the loss with
-    ``dino_center_update``.
+    warms the teacher's up linearly from 0.04 to 0.07 over the first 30 epochs (its implementation
+    details), a schedule the caller evaluates and passes in as ``teacher_temp``. ``center`` (K,) or
+    (1, K) is updated after the loss with ``dino_center_update``.
 
     Across ranks nothing is communicated: each rank returns the mean over its own rows, so with equal
     per-rank batches the mean over ranks is the loss of one process on the global batch, and DDP's
@@ -71,8 +71,9 @@ def dino_center_update(center: torch.Tensor, teacher_out: Sequence[torch.Tensor]
     row count, so ranks may hold different batch sizes), as the official ``DINOLoss.update_center``;
     every rank gets the same centre. ``teacher_out`` is the teacher's raw outputs (before centring)
     for the global crops: a list of (B, K) tensors as passed to ``dino_loss``, or one (rows, K)
-    tensor. The default momentum 0.9 is the official code's ``center_momentum``. Returns a new tensor with ``center``'s shape,
-    dtype and device; ``center`` itself is not modified. Every rank must call it (a collective).
+    tensor. The default momentum 0.9 is the official code's ``center_momentum``. Returns a new
+    tensor with ``center``'s shape, dtype and device; ``center`` itself is not modified. Every rank
+    must call it (a collective).
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (the paper's is 0.9), got {momentum}")

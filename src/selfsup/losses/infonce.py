@@ -21,10 +21,10 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 1.0,
 
     i.e. ``CrossEntropy(q K^T / t, labels) * 2t`` with the labels offset by ``rank * N``, exactly the
     official ``contrastive_loss`` (facebookresearch/moco-v3 ``moco/builder.py``; Algorithm 1's ``ctr``).
-    The ``2t`` factor is the official scale: it cancels the ``1/t`` the logits bring into the gradient. MoCo v3
-    is symmetrised by the caller: ``infonce_loss(q1, k2) + infonce_loss(q2, k1)``. The default
-    temperature 1.0 is the official code's for ResNet-50 (``--moco-t`` default, kept by every ResNet-50
-    command of its CONFIG.md); its ViT commands use ``--moco-t=.2``.
+    The ``2t`` factor is the official scale: it cancels the ``1/t`` the logits bring into the
+    gradient. MoCo v3 is symmetrised by the caller: ``infonce_loss(q1, k2) + infonce_loss(q2, k1)``.
+    The default temperature 1.0 is the official code's for ResNet-50 (``--moco-t`` default, kept by
+    every ResNet-50 command of its CONFIG.md); its ViT commands use ``--moco-t=.2``.
 
     ``queue`` (M, d), optional, holds past keys (MoCo v2, Chen et al. 2020, arXiv 2003.04297): they
     are appended to every row's logits as extra negatives, positive for no query (normalised here too,
@@ -39,7 +39,8 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 1.0,
     logits come out of fp16 autocast).
     """
     if q.ndim != 2 or q.shape != k.shape:
-        raise ValueError(f"infonce_loss expects q and k of equal shape (N, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"infonce_loss expects q and k of equal shape (N, d), got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     if q.shape[0] < 1 or q.shape[1] < 1:
         raise ValueError(f"infonce_loss needs N >= 1 queries of dimension d >= 1, got shape {tuple(q.shape)}")
     if not temperature > 0:

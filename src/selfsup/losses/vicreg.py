@@ -43,7 +43,8 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     autocast).
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"vicreg_loss expects two (N, d) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"vicreg_loss expects two (N, d) tensors of equal shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     n, d = z1.shape
     if d < 1:
         raise ValueError("vicreg_loss needs embeddings with at least one dimension, got d = 0")

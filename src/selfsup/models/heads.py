@@ -85,8 +85,9 @@ class DINOHead(nn.Module):
     stays fixed at 1, so every output is a cosine between the bottleneck feature and a unit prototype;
     the official help text: leaving ``g`` free performs better but can make training unstable (its ViT-S
     runs use False, ViT-B True). The teacher's head always uses True there. Defaults are the paper's:
-    hidden 2048, bottleneck 256, K = 65536, 3 layers, no batch norm. The MLP's Linear weights start from a truncated normal
-    (std 0.02), biases 0, as in the official code; the last layer keeps PyTorch's default Linear init.
+    hidden 2048, bottleneck 256, K = 65536, 3 layers, no batch norm. The MLP's Linear weights start
+    from a truncated normal (std 0.02), biases 0, as in the official code; the last layer keeps
+    PyTorch's default Linear init.
 
     The last layer is the attribute ``last_layer``, so every one of its parameter names contains
     ``"last_layer"``: DINO keeps it frozen during the first epoch (the official
