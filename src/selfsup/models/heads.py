@@ -21,8 +21,8 @@ class ProjectionHead(nn.Module):
 
     The same class is the head of the other methods' official code, layer for layer:
 
-    - Barlow Twins' projector (Zbontar et al. 2021, Sec. 2; facebookresearch/barlowtwins ``main.py``) and
-      VICReg's expander (Bardes et al. 2022, Sec. 4.1; facebookresearch/vicreg ``Projector``):
+    - Barlow Twins' projector (Zbontar et al. 2021; facebookresearch/barlowtwins ``main.py``) and
+      VICReg's expander (Bardes et al. 2022; facebookresearch/vicreg ``Projector``), both 8192-d:
       ``ProjectionHead(2048, 8192, 8192, num_layers=3, last_bias=False)``. VICReg's code gives its hidden
       Linears a bias, which the batch norm right after cancels (its gradient is zero in training), so
       dropping it changes nothing but the parameter count.
