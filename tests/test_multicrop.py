@@ -152,6 +152,16 @@ def test_batched_local_draw_has_the_distribution_of_separate_per_crop_draws():
         assert abs(p1 - p2) / se < 4, key
 
 
+def test_no_host_sync_runs_on_meta_tensors():
+    # Meta tensors hold no values: reading one on the host (.item(), bool(), a data-dependent shape) raises,
+    # so a clean run on them shows forward never waits for the device (the CPU-testable half of CUDA's
+    # sync-debug check in test_augment).
+    images = torch.empty(4, 3, 64, 64, dtype=torch.uint8, device="meta")
+    views, params = byol_crop(3)(images, return_params=True)
+    assert [v.shape[-1] for v in views] == [64, 64, 27, 27, 27] and all(v.is_meta for v in views)
+    assert all(t.is_meta for p in params for t in p.values())
+
+
 # ------------------------------------------------------------------------------------------------
 # The local crops' distribution
 # ------------------------------------------------------------------------------------------------
