@@ -1,14 +1,17 @@
-"""View distributions: :class:`ViewConfig` (each transform's probability and strength) and its presets for SimCLR and BYOL.
+"""View distributions: :class:`ViewConfig` (each transform's probability and strength) and its presets for SimCLR and
+BYOL; :class:`MultiCropConfig`, the multi-crop settings (how many small local crops, their size and scale).
 
 Pure data, validated on construction and written into every checkpoint; :class:`selfsup.views.augment.BatchAugment`
-draws views from it.
+draws views from a ``ViewConfig``, :class:`selfsup.views.multicrop.MultiCrop` global and local crops from both.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from selfsup.errors import ConfigError
 
 
 TRANSFORM_NAMES: tuple[str, ...] = ("crop", "cutout", "colour", "sobel", "noise", "blur", "rotate")
@@ -184,3 +187,107 @@ def view_config_for(names: Sequence[str], image_size: int) -> ViewConfig:
         if name in chosen:
             kw[f"{name}_p"] = 1.0
     return ViewConfig(**kw)
+
+
+# Multi-crop (Caron et al. 2020, SwAV Sec. 3.2; Caron et al. 2021, DINO Sec. 3.1): both official codes pair
+# 224 px global views with 96 px local crops.
+LOCAL_SIZE_REF = (96, 224)  # (local side, global side) of the official ImageNet setting
+
+
+def local_size_for(image_size: int) -> int:
+    """The local crops' side for ``image_size`` px global views: 96 px at 224 px (SwAV, DINO), scaled with the
+    image and rounded half up (28 px -> 12, 32 px -> 14, 64 px -> 27, 96 px -> 41), at least 1 px."""
+    local, ref = LOCAL_SIZE_REF
+    return max(1, math.floor(image_size * local / ref + 0.5))
+
+
+def _scale_pair(key: str, value) -> tuple[float, float]:
+    """``value`` as a ``(low, high)`` area fraction with ``0 < low <= high <= 1``, else ``ConfigError`` naming ``key``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_real(v) for v in value):
+        raise ConfigError(f"{key}: must be a (low, high) pair of area fractions, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"{key}: must satisfy 0 < low <= high <= 1 (fractions of the image area), got {value!r}")
+    return lo, hi
+
+
+@dataclass
+class MultiCropConfig:
+    """Multi-crop: two global views plus ``num_local`` small local crops per image (SwAV Sec. 3.2, DINO Sec. 3.1).
+
+    The config section ``multicrop``. ``num_local = 0`` (the default) turns it off: the two views are drawn
+    exactly as without multi-crop, with their own ``crop_scale``. With local crops on, the two global views
+    take ``global_scale`` and each local crop is a random resized crop of ``local_scale`` of the image area,
+    resampled to ``local_size`` px.
+
+    Default scales: SwAV's, which DINO's README also prescribes for ResNet-50 (this library's encoders are
+    ResNets): global (0.14, 1), local (0.05, 0.14) -- facebookresearch/swav ``scripts/swav_800ep_pretrain.sh``
+    (``--min_scale_crops 0.14 0.05 --max_scale_crops 1. 0.14``, 2 x 224 + 6 x 96) and facebookresearch/dino
+    README ("--global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14" for ``--arch resnet50``). DINO's ViT
+    defaults (``main_dino.py``: ``--global_crops_scale 0.4 1``, ``--local_crops_scale 0.05 0.4``,
+    ``--local_crops_number 8``) are one ``multicrop.global_scale`` / ``multicrop.local_scale`` away.
+    ``local_size`` None: :func:`local_size_for` the image size (96 px at 224 px, 12 px at 28 px).
+    Validated on construction; errors name the key (``multicrop.num_local``, ...).
+    """
+
+    num_local: int = 0  # local crops per image; 0: off (two views, unchanged)
+    local_size: int | None = None  # side of the local crops in px; None: local_size_for(image_size)
+    local_scale: tuple[float, float] = (0.05, 0.14)  # area fraction of the local crops (SwAV; DINO ResNet-50)
+    global_scale: tuple[float, float] | None = (0.14, 1.0)  # global views' area fraction when on; None: views' own
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "multicrop.") -> None:
+        """Raise ``ConfigError`` (a ``ValueError``) naming the key for a value that cannot be used; pairs given as
+        lists (YAML) become tuples."""
+        n = self.num_local
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{prefix}num_local: must be an integer >= 0 (the number of local crops per image; "
+                              f"0 turns multi-crop off), got {n!r}")
+        size = self.local_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"{prefix}local_size: must be an integer number of pixels >= 1 or null "
+                              f"(null: {LOCAL_SIZE_REF[0]} px at {LOCAL_SIZE_REF[1]} px, scaled with the image), "
+                              f"got {size!r}")
+        self.local_scale = _scale_pair(prefix + "local_scale", self.local_scale)
+        if self.global_scale is not None:
+            self.global_scale = _scale_pair(prefix + "global_scale", self.global_scale)
+
+    def resolved_local_size(self, image_size: int, prefix: str = "multicrop.") -> int:
+        """``local_size``, or :func:`local_size_for` ``image_size`` when it is None; local crops larger than the
+        ``image_size`` px global views are refused (``ConfigError`` naming ``local_size``)."""
+        size = local_size_for(image_size) if self.local_size is None else self.local_size
+        if size > image_size:
+            raise ConfigError(f"{prefix}local_size: {size} px is larger than the {image_size} px global views; "
+                              f"local crops are the small ones: choose at most {image_size} "
+                              f"(or null for {local_size_for(image_size)} px)")
+        return size
+
+
+def local_view_config(view1: ViewConfig, view2: ViewConfig, local_scale: tuple[float, float], image_size: int,
+                      local_size: int) -> ViewConfig:
+    """The local crops' view distribution, derived from the two global views' (``view1``, ``view2``).
+
+    - SwAV gives every crop one distribution (facebookresearch/swav ``src/multicropdataset.py``: the same
+      colour distortion and blur p=0.5 for the 224 and 96 px crops). With equal global views (SimCLR's
+      presets) the local crops take that distribution.
+    - DINO's two global views differ only in blur (p=1.0 / 0.1) and solarization (p=0 / 0.2); its local crops
+      share their flip, colour jitter and grayscale and take blur p=0.5 without solarization
+      (facebookresearch/dino ``main_dino.py``, ``DataAugmentationDINO.local_transfo``). So where the global
+      views disagree, ``blur_p`` becomes 0.5 and ``solarize_p`` 0; with BYOL's presets (= DINO's global
+      views) this is DINO's local recipe exactly. Any other field is ``view1``'s.
+
+    ``crop_scale`` is ``local_scale``. Blur sigma: both official codes draw PIL's radius (sigma in pixels of the
+    crop being made) from (0.1, 2) for global and local crops alike, so a local crop is blurred by as many of
+    its pixels as a global view by its. Here sigma is given at ``blur_sigma_ref_size`` and scaled with the
+    output side, so the local reference size is scaled by ``local_size / image_size`` (at least 1 px) to keep
+    the global views' sigma in pixels. The kernel stays 10% of the (local) side, as for any output size.
+    """
+    kw: dict = dict(crop_scale=tuple(local_scale))
+    if view1.blur_p != view2.blur_p:
+        kw["blur_p"] = 0.5
+    if view1.solarize_p != view2.solarize_p:
+        kw["solarize_p"] = 0.0
+    kw["blur_sigma_ref_size"] = max(1.0, view1.blur_sigma_ref_size * local_size / image_size)
+    return replace(view1, **kw)
