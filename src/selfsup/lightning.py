@@ -47,7 +47,7 @@ from selfsup.training.optim import build_optimizer
 from selfsup.training.schedules import scaled_lr
 from selfsup.training.setup import build_model, channels_last_hazard
 from selfsup.training.step import OptimStep, Schedule
-from selfsup.views.augment import BatchAugment
+from selfsup.views.multicrop import MultiCrop
 
 
 class SelfSupModule(L.LightningModule):
@@ -77,7 +77,7 @@ class SelfSupModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # the loop's initial weights for this seed
             torch.manual_seed(self.cfg.seed)
             self.model = build_model(self.cfg, in_channels, image_size, num_classes=num_classes, init=self.cfg.init)
-        self.augs = (BatchAugment(self.cfg.view, image_size, mean, std), BatchAugment(self.cfg.view2, image_size, mean, std))
+        self.views = MultiCrop(self.cfg.view, self.cfg.view2, image_size, mean, std, self.cfg.multicrop)
         self.channels_last = self.cfg.channels_last and channels_last_hazard(self.model, torch.device("cpu")) is None
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -137,7 +137,7 @@ class SelfSupModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         if self._optim_step is None:  # the data loader is known from the first batch on
-            self._optim_step = OptimStep(self.model, self.optimizers(), self.cfg, self.augs, self.device,
+            self._optim_step = OptimStep(self.model, self.optimizers(), self.cfg, self.views, self.device,
                                          channels_last=self.channels_last, backward=self.manual_backward)
             self._schedule = self.schedule()
             self.collapse.after_step = self._schedule.warmup_steps  # as in the loop: armed once warm-up is over

@@ -62,6 +62,12 @@ class MethodSpec:
     - ``min_batch``: the fewest images per batch the loss is defined for (contrastive: 2).
     - ``check(section)``: cross-key validation beyond the section's own (raise ``ConfigError``).
     - ``describe(section)``: the method's key values for the first line of a run and the model card.
+    - ``multicrop``: ``forward`` takes local crops after the two global views (``forward(g1, g2, *locals)``)
+      and its loss defines how they are used; ``--set multicrop.num_local=N`` is refused for other methods.
+    - ``before_step(model, step, schedule)``: called before the forward pass of every optimiser step
+      (a schedule of the method's own, e.g. DINO's teacher temperature), or None.
+    - ``before_optimizer_step(model, step, schedule)``: called after the backward pass, before the optimiser
+      steps (e.g. DINO's frozen last layer in the first epoch), or None.
     """
 
     name: str
@@ -81,6 +87,9 @@ class MethodSpec:
     collapse_dim: Callable[[Any], int | None] = lambda section: None
     min_batch: int = 1
     check: Callable[[Any], None] = lambda section: None
+    multicrop: bool = False
+    before_step: Callable[[nn.Module, int, Any], None] | None = None
+    before_optimizer_step: Callable[[nn.Module, int, Any], None] | None = None
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.config):

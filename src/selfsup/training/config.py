@@ -31,7 +31,7 @@ from selfsup.methods import METHODS, MethodSpec, recipes
 from selfsup.models.backbones import CPU_DEFAULT_BACKBONE, BACKBONES
 from selfsup.training.config_io import build_config, from_dict, merge, to_dict
 from selfsup.training.schedules import scaled_lr
-from selfsup.views.config import ViewConfig
+from selfsup.views.config import MultiCropConfig, ViewConfig
 
 
 @dataclass
@@ -103,6 +103,7 @@ class PretrainConfig:
     collapse_threshold: float = 0.4
     view: ViewConfig | None = None  # None: the method's preset for this image size
     view2: ViewConfig | None = None  # second view's distribution (BYOL is asymmetric); None: the preset
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)  # local crops besides the two views; 0: off
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32
     channels_last: bool = True  # faster on CPUs (oneDNN) and on GPUs under bf16
@@ -233,6 +234,12 @@ class PretrainConfig:
                               f"{type(self.section).__name__}")
         self.section.validate(f"{self.method}.")
         self.spec.check(self.section)
+        try:
+            self.multicrop.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_field("multicrop.num_local", self.multicrop.num_local == 0 or self.spec.multicrop,
+                    f"{self.spec.title} has no multi-crop loss; leave multicrop.num_local at 0")
         for name in (t.strip() for t in self.logger.split(",")):
             if name and name != "none":
                 check_choice("logger", name, TRACKERS)

@@ -41,6 +41,7 @@ from selfsup.training.step import OptimStep, Schedule, warmup_steps_for
 from selfsup.training.timed import TimePlan, boundaries, is_check_step, calibrate_steps, evaluations_after, median, replan
 from selfsup.training.trackers import open_trackers
 from selfsup.views.augment import save_view_grid
+from selfsup.views.multicrop import save_multicrop_grid
 
 __all__ = ["pretrain", "TrainingError", "export_weights"]
 
@@ -80,7 +81,7 @@ class Length:
     knn_cost: float = 0.0  # a timed run's measured cost of one kNN-monitor evaluation, until one has run
 
     def schedule(self, cfg: PretrainConfig, base_lr: float) -> Schedule:
-        return Schedule(cfg, base_lr, self.total_steps, self.warmup_steps)
+        return Schedule(cfg, base_lr, self.total_steps, self.warmup_steps, self.steps_per_epoch)
 
 
 @dataclass(eq=False)
@@ -107,7 +108,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, progress: bool, 
     run = begin_run(cfg, run_dir, resume)
     cfg, data = load_training_data(run)
     net = build_run(run, cfg, data)
-    train_step = OptimStep(net.model, net.optimizer, cfg, data.augs, run.device, run.precision, net.channels_last,
+    train_step = OptimStep(net.model, net.optimizer, cfg, data.views, run.device, run.precision, net.channels_last,
                            forward=net.step_model, no_sync=net.train_model.no_sync if dist.is_distributed() else None)
     length = _plan_length(run, cfg, data, net, train_step, t_begin)
     _write_run_folder(run, cfg, data, net, length)
@@ -228,7 +229,11 @@ def _write_run_folder(run: Run, cfg: PretrainConfig, data: TrainingData, net: Tr
         (run_dir / "init.json").write_text(json.dumps(model.init_record, indent=1))
     try:
         sample = dataset.images[:8] if hasattr(dataset, "images") else torch.stack([dataset[i][0] for i in range(8)])
-        save_view_grid(sample, list(data.augs), run_dir / "views.png", n_images=8, n_views=6, seed=cfg.seed)
+        if data.views.num_local:  # the global views and the local crops of each image
+            save_multicrop_grid(sample, data.views, run_dir / "views.png", n_images=8, seed=cfg.seed)
+        else:
+            save_view_grid(sample, [data.views.global1, data.views.global2], run_dir / "views.png", n_images=8,
+                           n_views=6, seed=cfg.seed)
     except Exception as e:  # a picture must never cost a run
         warnings.warn(f"could not write views.png: {e}")
 

@@ -66,13 +66,22 @@ class LARS(torch.optim.Optimizer):
 
 
 def split_decay_groups(model: nn.Module) -> list[dict]:
-    """Two param groups: weights (decayed) and biases/norm parameters (no weight decay)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    """Param groups: weights (decayed) and biases/norm parameters (no weight decay, no LARS adaptation).
+
+    A method whose module names sub-modules in ``fixed_lr_modules`` (SimSiam's predictor, Chen and He 2021,
+    Sec. 4.1) gets those parameters in groups marked ``fixed_lr``: the schedule leaves their learning rate
+    at its starting value.
+    """
+    fixed = tuple(f"{name}." for name in getattr(model, "fixed_lr_modules", ()))
+    groups: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[(p.ndim <= 1, name.startswith(fixed))].append(p)
+    out = [{"params": groups[(False, False)]}, {"params": groups[(True, False)], "weight_decay": 0.0, "lars_exclude": True}]
+    if fixed:
+        out += [{"params": groups[(False, True)], "fixed_lr": True},
+                {"params": groups[(True, True)], "weight_decay": 0.0, "lars_exclude": True, "fixed_lr": True}]
+    return out
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:

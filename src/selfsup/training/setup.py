@@ -33,7 +33,7 @@ from selfsup.training.resume import load_model_weights, load_resume
 from selfsup.training.schedules import scaled_lr
 from selfsup.training.timed import PLAN_FILE
 from selfsup.training.trackers import check_trackers
-from selfsup.views.augment import BatchAugment
+from selfsup.views.multicrop import MultiCrop
 
 
 @dataclass(eq=False)
@@ -53,11 +53,11 @@ class Run:
 
 @dataclass(eq=False)
 class TrainingData:
-    """The training split and the two view distributions drawn from it on the device."""
+    """The training split and the views drawn from it on the device (two global views, then any local crops)."""
 
     dataset: Any
     image_size: int
-    augs: tuple[BatchAugment, BatchAugment]
+    views: MultiCrop
 
 
 @dataclass(eq=False)
@@ -195,9 +195,8 @@ def load_training_data(run: Run) -> tuple[PretrainConfig, TrainingData]:
         raise ConfigError(f"method: {cfg.method!r} trains with labels and {cfg.dataset!r} has unlabelled images; "
                           "use a labelled data set (class sub-folders for an image folder)")
     cfg = complete(cfg, image_size)
-    augs = (BatchAugment(cfg.view, image_size, dataset.mean, dataset.std),
-            BatchAugment(cfg.view2, image_size, dataset.mean, dataset.std))
-    return cfg, TrainingData(dataset, image_size, augs)
+    views = MultiCrop(cfg.view, cfg.view2, image_size, dataset.mean, dataset.std, cfg.multicrop)
+    return cfg, TrainingData(dataset, image_size, views)
 
 
 def build_model(cfg: PretrainConfig, in_channels: int, image_size: int, num_classes: int | None = None,

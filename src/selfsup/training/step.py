@@ -41,10 +41,11 @@ class Schedule:
     base_lr: float  # optim.lr scaled with the global batch (training.schedules.scaled_lr)
     total_steps: int | None  # None only while a timed run measures its pace
     warmup_steps: int
+    steps_per_epoch: int = 1  # optimiser steps per pass over the data (a method's schedules in epochs)
 
     @classmethod
     def for_run(cls, cfg: PretrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> Schedule:
-        return cls(cfg, base_lr, total_steps, warmup_steps_for(cfg, total_steps, steps_per_epoch))
+        return cls(cfg, base_lr, total_steps, warmup_steps_for(cfg, total_steps, steps_per_epoch), steps_per_epoch)
 
     def lr(self, step: int) -> float:
         """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine to ``base_lr x final_lr_fraction``
@@ -67,6 +68,11 @@ def augment_seed(seed: int, step: int, rank: int) -> int:
 class OptimStep:
     """One optimiser step over ``cfg.accumulate`` micro-batches, seeded by ``(seed, step, rank)``.
 
+    ``views`` draws the views of a micro-batch (a :class:`selfsup.views.multicrop.MultiCrop`: the two global
+    views, then the local crops when multi-crop is on); the method's ``forward`` takes them in that order
+    (and ``labels=`` where its spec needs labels). The spec's ``before_step`` and ``before_optimizer_step``
+    hooks run before the forward pass and before the optimiser steps.
+
     ``model`` is the method (unwrapped); ``forward`` calls it (the DDP / compiled wrapper in the loop, the
     module itself under Lightning); ``backward(loss)`` back-propagates (``loss.backward`` in the loop,
     ``LightningModule.manual_backward`` under Lightning); ``no_sync`` is DDP's context for the micro-batches
@@ -77,10 +83,10 @@ class OptimStep:
     (updated by the forward pass) are copied before each step and put back when it is skipped.
     """
 
-    def __init__(self, model: nn.Module, optimizer, cfg: PretrainConfig, augs: tuple, device: torch.device,
+    def __init__(self, model: nn.Module, optimizer, cfg: PretrainConfig, views: Callable, device: torch.device,
                  precision: str = "fp32", channels_last: bool = False, forward: Callable | None = None,
                  backward: Callable[[torch.Tensor], None] | None = None, no_sync: Callable | None = None):
-        self.model, self.optimizer, self.cfg, self.augs = model, optimizer, cfg, augs
+        self.model, self.optimizer, self.cfg, self.make_views = model, optimizer, cfg, views
         self.spec: MethodSpec = cfg.spec
         self.device, self.precision, self.channels_last = device, precision, channels_last
         self.forward = forward if forward is not None else model
@@ -96,8 +102,8 @@ class OptimStep:
         return float("nan"), lr, {}
 
     def views(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        """The two views of a micro-batch, drawn in order from the step's generator."""
-        views = [aug(images, gen) for aug in self.augs]
+        """The views of a micro-batch, drawn in order from the step's generator."""
+        views = list(self.make_views(images, gen))
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views
@@ -109,20 +115,24 @@ class OptimStep:
         images, labels = batch if self.spec.needs_labels else (batch, None)
         lr = schedule.lr(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            if not g.get("fixed_lr", False):  # a method's fixed-lr parameters keep their starting rate
+                g["lr"] = lr
         gen = torch.Generator(device=images.device).manual_seed(augment_seed(cfg.seed, step, dist.rank()))
         micro = images.chunk(cfg.accumulate)
         micro_labels = labels.chunk(cfg.accumulate) if self.spec.needs_labels else [None] * len(micro)
         total_loss, logs = 0.0, {}
         if self.buffers:
             torch._foreach_copy_(self.saved_buffers, self.buffers)
+        if self.spec.before_step is not None:
+            self.spec.before_step(self.model, step, schedule)
         for i, mb in enumerate(micro):
-            inputs = self.views(mb, gen) + ([micro_labels[i]] if self.spec.needs_labels else [])
+            views = self.views(mb, gen)
+            kwargs = {"labels": micro_labels[i]} if self.spec.needs_labels else {}
             last = i == len(micro) - 1
             # Under DDP, only the last micro-batch's backward all-reduces the summed gradients.
             with self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext():
                 with autocast_context(self.device, self.precision):
-                    loss, logs = self.forward(*inputs)
+                    loss, logs = self.forward(*views, **kwargs)
                 loss_value = loss.detach().float()
                 # Every rank must skip together, or the others would wait for its gradients.
                 if not dist.all_ranks_true(bool(torch.isfinite(loss_value)), self.device):
@@ -132,6 +142,8 @@ class OptimStep:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):  # all-reduced: same on every rank
             return self.skip(lr)
+        if self.spec.before_optimizer_step is not None:
+            self.spec.before_optimizer_step(self.model, step, schedule)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tau = schedule.target_tau(step)
