@@ -62,10 +62,10 @@ test: $(VENV)/.selfsup-test
 # API) during the build, from the parser, the config dataclasses and the docstrings. --strict: any warning
 # (a broken link, a page missing from the nav, a docstring mkdocstrings cannot read) fails the build.
 docs: $(VENV)/.selfsup-docs
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 docs-serve: $(VENV)/.selfsup-docs
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf $(VENV) .lock-venv build site *.egg-info src/*.egg-info .pytest_cache
