@@ -257,7 +257,7 @@ def render(root: type | None = None, option_help: dict[str, str] | None = None) 
         for key in sec.keys:
             if key.section_note:
                 out += ["", _cell(key.section_note), "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-            out.append(f"| `{key.name}` | `{_cell(key.type)}` | {_show(key.default)} | {_cell(key.meaning)} |")
+            out.append(f"| `{key.name}` | {_cell(key.type)} | {_show(key.default)} | {_cell(key.meaning)} |")
         out.append("")
     out += ["## Values per method", "",
             "What each method resolves to in three setups (the recipe is chosen from the encoder and image "
