@@ -60,14 +60,30 @@ def render_top_level() -> str:
     return "\n".join(lines)
 
 
+def export_target(module: str, name: str) -> str:
+    """Where ``module.name`` is defined (``selfsup.losses.nt_xent`` -> ``selfsup.losses.nt_xent.nt_xent``).
+
+    A function or class is documented at its definition: a package's export may share its name with a
+    submodule (``selfsup.losses.nt_xent`` is both), which a static reader resolves to the submodule.
+    Constants, and modules that cannot be imported here (an optional extra missing), keep the public path.
+    """
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return f"{module}.{name}"
+    home, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not (isinstance(home, str) and isinstance(qualname, str) and home.startswith("selfsup")) or "<" in qualname:
+        return f"{module}.{name}"
+    return f"{home}.{qualname}"
+
+
 def render_package(package: str) -> str:
-    names = exported(package)
-    lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      show_root_heading: false"]
-    if names:
-        lines += ["      members:"] + [f"        - {n}" for n in names]
-    else:
-        lines += ["      members: false"]
-    return "\n".join(lines) + "\n"
+    """The module docstring, then every name of ``__all__`` at its definition, headed by its public name."""
+    lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      members: false",
+             "      show_root_heading: false", ""]
+    for name in exported(package):
+        lines += [f"::: {export_target(package, name)}", "    options:", "      show_root_full_path: false", ""]
+    return "\n".join(lines)
 
 
 def pages() -> dict[str, str]:
