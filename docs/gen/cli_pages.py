@@ -83,14 +83,23 @@ def options_table(parser: argparse.ArgumentParser, config_meanings: dict[str, st
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
-    return " ".join(parser.format_usage().split()).removeprefix("usage: ")
+    """The usage lines as ``--help`` prints them, wrapped at 100 columns (the same page on every machine:
+    argparse wraps at the terminal's width, read from ``COLUMNS``), without the ``usage:`` label."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        return parser.format_usage().removeprefix("usage: ").rstrip()
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def render(config_meanings: dict[str, str] | None = None) -> str:
     """The whole page; ``config_meanings`` (``{config key: meaning}``) fills options that have no help text."""
     from selfsup.cli import build_parser
 
-    os.environ.setdefault("COLUMNS", "100")  # argparse wraps usage lines at the terminal width
     root = build_parser()
     commands = subcommands(root)
     studies = study_parsers()
