@@ -21,7 +21,7 @@ from pathlib import Path
 # "A" is resnet18_narrow_plain (no 1x1 expansion), "Ax1024" the final default resnet18_narrow.
 # name: (steps in 10 CPU minutes at batch 256, --set overrides). Steps from measured CPU images/s:
 # resnet18_narrow ~480 img/s -> ~1100 steps; resnet10_narrow ~280 img/s -> ~650; resnet18 w0.25
-# with a stride-1 stem ~100 img/s -> ~230 (see docs/benchmarks.md).
+# with a stride-1 stem ~100 img/s -> ~230 (benchmarks/README.md).
 CONFIGS = {
     # round 1 (temperature 0.2, LARS base lr 1.0)
     "A_t0.2_lars1.0": (1100, {}),

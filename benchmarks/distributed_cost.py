@@ -1,6 +1,6 @@
 """What multi-process training costs, and when NT-Xent's global batch becomes the expensive part.
 
-Two parts (docs/benchmarks.md, "Distributed"):
+Two parts (docs/results/speed.md, "Several processes"):
 
 ``comm``  measured with 2 gloo processes on this CPU: per training step of SimCLR (CPU default encoder,
           per-rank batch b), the time of one step with global negatives and synchronised batch norm, the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU (see docs/benchmarks.md). About 8 minutes on one H200 (7 with SKIP_SEARCH=1).
+# The one prepared run for a lent GPU (docs/results/speed.md). About 8 minutes on one H200 (7 with SKIP_SEARCH=1).
 #   1. the CPU-default search at fixed step budgets (accuracy does not depend on the device)
 #   2. throughput (a)/(b)/(c) for ResNet-50 at 224 px and ResNet-18 at 32 px, bf16
 #   3. a torchrun (NCCL) smoke run of the distributed path on one GPU

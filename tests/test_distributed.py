@@ -1,5 +1,5 @@
 """Multi-process training on CPU with gloo: exact equivalence with one process, resume across world
-sizes, and a crashing rank ending the job (issue 7, docs/distributed.md).
+sizes, and a crashing rank ending the job (docs/how-to/distributed.md).
 
 Each test starts real processes (``torch.multiprocessing.spawn`` or ``torchrun``), which costs a few
 seconds each, so the checks are grouped to start as few as possible.

@@ -182,7 +182,7 @@ def test_c_grid_widens_while_the_best_sits_at_an_end():
 
 def test_c_choice_follows_the_validation_curve_not_a_near_tie():
     r10 = math.sqrt(10)
-    # The SimCLR features' case (docs/benchmarks.md): 10^-1.5 beats 10^-1 by 0.03 points, a tie at a
+    # The SimCLR features' case (docs/results/accuracy.md): 10^-1.5 beats 10^-1 by 0.03 points, a tie at a
     # 0.4-point standard error; the curve around them says the peak is at 10^-1.
     curve = {0.01: 87.00, 0.1 / r10: 87.30, 0.1: 87.27, 0.1 * r10: 87.25, 1.0: 86.90}
     assert choose_c(curve) == 0.1

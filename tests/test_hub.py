@@ -63,7 +63,7 @@ def test_load_encoder_from_the_folder_alone_and_through_torch_hub(run_and_hub, t
 
 def test_push_one_liner_binds_to_huggingface_hub():
     hf = pytest.importorskip("huggingface_hub")
-    guide = (ROOT / "docs" / "user_guide.md").read_text()
+    guide = (ROOT / "docs" / "how-to" / "export.md").read_text()
     assert 'HfApi().upload_folder(repo_id="USER/NAME", folder_path="hub/pets", repo_type="model")' in guide
     assert 'HfApi().create_repo("USER/NAME", exist_ok=True)' in guide
     inspect.signature(hf.HfApi.create_repo).bind(hf.HfApi(), "USER/NAME", exist_ok=True)

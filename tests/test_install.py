@@ -40,7 +40,7 @@ def _declared(extras: list[str]) -> list[Requirement]:
     return _requirements() + [Requirement(r) for e in extras for r in project["optional-dependencies"][e]]
 
 
-@pytest.mark.parametrize("lock, extras", [("demo", ["demo"]), ("test", ["demo", "test"])])
+@pytest.mark.parametrize("lock, extras", [("demo", ["demo"]), ("test", ["demo", "test"]), ("docs", ["demo", "docs"])])
 def test_the_lock_satisfies_pyproject(lock, extras):
     # A range in pyproject.toml that excludes a locked version, or a declared dependency the lock lacks,
     # means the lock is stale: `make lock` regenerates it.
@@ -53,8 +53,11 @@ def test_the_lock_satisfies_pyproject(lock, extras):
 
 
 def test_the_demo_lock_is_the_test_locks_subset_and_torch_is_a_range():
-    demo, test = _lock("demo"), _lock("test")
+    demo, test, docs = _lock("demo"), _lock("test"), _lock("docs")
     assert {n: v for n, v in demo.items() if test.get(n) != v} == {}
+    # make docs installs the docs lock into the .venv that make test filled: the two agree where they overlap
+    assert {n: (v, test[n]) for n, v in docs.items() if n in test and test[n] != v} == {}
+    assert {n: v for n, v in demo.items() if docs.get(n) != v} == {}
     reqs = {r.name: r for r in _requirements()}
     for name, version in USER_TORCH.items():
         assert not any(s.operator in ("==", "===") for s in reqs[name].specifier), reqs[name]
@@ -62,6 +65,7 @@ def test_the_demo_lock_is_the_test_locks_subset_and_torch_is_a_range():
     # make installs the locks without resolving anything
     makefile = (ROOT / "Makefile").read_text()
     assert "requirements/demo.txt" in makefile and "requirements/test.txt" in makefile and "--no-deps" in makefile
+    assert "-o requirements/docs.txt" in makefile and "-r requirements/docs.txt" in makefile
 
 
 def _fake_dist(site: Path, name: str, version: str) -> None:

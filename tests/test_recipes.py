@@ -106,9 +106,9 @@ def test_explicit_keys_win_and_recipe_can_be_named():
     assert not resolved("simclr", {**IMAGENET, "backbone": "timm:resnet18"}).zero_init_residual
 
 
-def test_warning_fires_for_the_user_guides_old_resnet50_example():
-    # docs/user_guide.md: torchrun ... --backbone resnet50 --batch-size 4096 --epochs 100 --set image_size=224,
-    # with the CPU default's lr: SimCLR 2.0 x 16 = 32 (paper 4.8), BYOL 3.0 x 16 = 48 (paper 3.2).
+def test_warning_fires_for_the_cpu_recipe_on_a_resnet50_at_batch_4096():
+    # docs/reference/recipes.md: --backbone resnet50 --batch-size 4096 --set image_size=224 with the CPU
+    # recipe's lr: SimCLR 2.0 x 16 = 32 (paper 4.8), BYOL 3.0 x 16 = 48 (paper 3.2).
     simclr = resolved("simclr", IMAGENET, recipe="cpu")
     byol = resolved("byol", IMAGENET, recipe="cpu")
     assert "effective learning rate 32 " in lr_warning(simclr) and "--recipe simclr" in lr_warning(simclr)

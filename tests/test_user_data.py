@@ -1,8 +1,10 @@
-"""Own images end to end: the user guide's commands on a tiny generated folder, embeddings, the HTML report, timm.
+"""Own images end to end: the how-to guides' commands on a tiny generated folder, embeddings, the HTML report, timm.
 
-One module-scoped workspace runs the guide's "tested end to end" blocks once (pre-training on a flat
-and on a labeled folder of mixed sizes, modes and formats, evaluation, embed, export, report); the
-tests below inspect what those commands wrote.
+One module-scoped workspace runs the "tested end to end" blocks of the documentation once, page by page
+in the order of the site's navigation (pre-training on a flat and on a labeled folder of mixed sizes,
+modes and formats, evaluation, embed, export, report, the semi-supervised flow, --init, trackers, Hub
+folders, Lightning); the tests below inspect what those commands wrote. tests/test_docs.py checks that
+every command of every page parses.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from selfsup.cli import app as cli
 from selfsup.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDE = ROOT / "docs" / "user_guide.md"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -84,13 +86,26 @@ def make_workspace(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading the guide
+# Reading the guides
 
 
-def guide_blocks() -> list[tuple[str, str, bool]]:
-    """``(language, body, tested_end_to_end)`` of every fenced bash/python block of the user guide."""
+def guide_pages() -> list[Path]:
+    """The site's pages in the order of mkdocs.yml's nav (later blocks use what earlier ones wrote)."""
+    def walk(node):
+        if isinstance(node, str):
+            yield node
+        for item in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            yield from walk(item)
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    return [ROOT / "docs" / p for p in walk(nav) if (ROOT / "docs" / p).is_file()]
+
+
+def guide_blocks() -> list[tuple[str, str, bool, str]]:
+    """``(language, body, tested_end_to_end, page name)`` of every fenced bash/python block of the pages."""
     pattern = re.compile(r"(<!-- test: end-to-end -->\n)?```(bash|python)\n(.*?)```", re.S)
-    return [(lang, body, bool(marker)) for marker, lang, body in pattern.findall(GUIDE.read_text())]
+    return [(lang, body, bool(marker), page.name)
+            for page in guide_pages() for marker, lang, body in pattern.findall(page.read_text())]
 
 
 def command_lines(body: str) -> list[str]:
@@ -101,53 +116,7 @@ def command_lines(body: str) -> list[str]:
 
 def selfsup_argv(line: str) -> list[str] | None:
     words = shlex.split(line)
-    if words[0] == "selfsup":
-        return words[1:]
-    if words[0] == "torchrun":
-        i = words.index("-m")
-        assert words[i + 1] == "selfsup", line
-        return words[i + 2:]
-    return None
-
-
-def optional_dependencies() -> set[str]:
-    text = (ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:
-        section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
-        return set(re.findall(r"^([\w-]+)\s*=", section, re.M))
-    return set(tomllib.loads(text)["project"]["optional-dependencies"])
-
-
-def test_every_command_in_the_guide_is_valid():
-    """Each selfsup/torchrun line parses with the real parser; pip extras and make targets exist."""
-    parser = cli.build_parser()
-    extras = optional_dependencies()
-    makefile = (ROOT / "Makefile").read_text()
-    counts = {"selfsup": 0, "torchrun": 0, "pip": 0, "make": 0}
-    for lang, body, _ in guide_blocks():
-        if lang != "bash":
-            continue
-        for line in command_lines(body):
-            words = shlex.split(line)
-            argv = selfsup_argv(line)
-            if argv is not None:
-                try:
-                    parser.parse_args(argv)
-                except SystemExit:
-                    pytest.fail(f"the user guide shows a command the CLI rejects: {line}")
-                counts[words[0]] += 1
-            elif words[:3] == ["pip", "install", "-e"]:
-                extra = re.fullmatch(r"\.\[([\w-]+)\]", words[3]).group(1)
-                assert extra in extras, f"guide installs extra {extra!r}, pyproject.toml has {sorted(extras)}"
-                counts["pip"] += 1
-            elif words[0] == "make":
-                assert re.search(rf"^{words[1]}:", makefile, re.M), f"Makefile has no target {words[1]!r}"
-                counts["make"] += 1
-            else:
-                pytest.fail(f"the guide shows a command this test does not know how to check: {line}")
-    assert counts["selfsup"] >= 25 and counts["torchrun"] == 2 and counts["pip"] == 8 and counts["make"] == 1, counts
+    return words[1:] if words[0] == "selfsup" else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,18 +131,21 @@ def workspace(tmp_path_factory):
     old = os.getcwd()
     os.chdir(root)
     try:
-        for lang, body, tested in guide_blocks():
+        ran = 0
+        for lang, body, tested, page in guide_blocks():
             if not tested:
                 continue
+            ran += 1
             if lang == "bash":
                 for line in command_lines(body):
                     argv = selfsup_argv(line)
                     assert argv is not None, f"tested blocks hold selfsup commands only: {line}"
                     if _needs_missing_extra(line):
                         continue
-                    assert cli.main(argv) == 0, f"guide command failed: {line}"
+                    assert cli.main(argv) == 0, f"{page}: command failed: {line}"
             elif not _needs_missing_extra(body):
-                exec(compile(body, f"{GUIDE.name} python block", "exec"), {})
+                exec(compile(body, f"{page} python block", "exec"), {})
+        assert ran >= 12, f"only {ran} tested blocks found in the docs"
     finally:
         os.chdir(old)
     return root

@@ -2,7 +2,7 @@
 
 The same loss code runs in a CPU unit test and under DDP launched by ``torchrun``: every helper
 checks whether a process group exists and otherwise returns the trivial answer. How they fit together
-(process group from torchrun's environment, DDP, synchronised batch norm, failures): docs/distributed.md.
+(process group from torchrun's environment, DDP, synchronised batch norm, failures): docs/how-to/distributed.md.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``selfsup prepare imagefolder:PATH --out STORE`` (see :mod:`selfsup.data.prepare`) writes a store;
 ``--dataset store:STORE`` reads it here. The store is MosaicML Streaming's MDS format (the
 ``mosaicml-streaming`` package, ``pip install 'selfsup[store]'``), so the same folder can later be
-streamed from object storage by ``streaming.StreamingDataset``; docs/user_guide.md says why this
+streamed from object storage by ``streaming.StreamingDataset``; docs/how-to/own-images.md says why this
 engine was chosen over LitData and WebDataset. Layout::
 
     STORE/manifest.json            what was prepared: size, format, classes, counts, bytes, checksums

@@ -173,7 +173,7 @@ def choose_c(val_top1: dict[float, float]) -> float:
 
     A 6,000-image validation top-1 has a standard error of ~0.4 points, so two neighbouring C values
     within a few hundredths of each other are a tie, and the raw arg-max between them moves the test
-    figure by up to the slope of the curve (0.35 points on SimCLR features, docs/benchmarks.md). Each
+    figure by up to the slope of the curve (0.35 points on SimCLR features). Each
     half-decade C whose two neighbours (C / sqrt(10), C x sqrt(10)) were fitted is scored by the mean
     of the three validation top-1s, which follows the curve's peak rather than its noise; the C with
     the best score wins (exact ties: the smaller C, more regularisation). With no such C (a grid of

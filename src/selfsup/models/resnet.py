@@ -40,7 +40,7 @@ class Conv2d(nn.Conv2d):
     matrix multiply of the flattened map, ``(N, 4*C_in) @ (4*C_in, 4*C_out)``, with the matrix
     gathered from the kernel (a 3x3 kernel on a 2x2 map touches each input position with one tap),
     and a 1x1 convolution is a linear layer over positions. On this project's CPU default encoder
-    both together make a training step ~10% faster (``docs/benchmarks.md``). The results agree with
+    both together make a training step ~10% faster (``docs/results/speed.md``). The results agree with
     the convolution's to fp32 rounding (summation order). Only training steps take these paths: in
     eval mode, without gradients, on other devices and while tracing, exporting or compiling it is
     the plain convolution, so extracted features equal torchvision's bit for bit.

@@ -46,6 +46,16 @@ class ViewConfig:
     Colour jitter strengths default to SimCLR's ``0.8 s`` (brightness, contrast, saturation) and
     ``0.2 s`` (hue); the ``jitter_*`` overrides replace one component (BYOL uses .4/.4/.2/.1).
     The config is validated on construction and by ``BatchAugment``.
+
+    Attributes:
+        crop_scale: area fraction of the random resized crop, drawn uniformly from (low, high) (SimCLR: 0.08-1).
+        crop_ratio: aspect ratio of the crop, drawn log-uniformly from (low, high) (SimCLR: 3/4-4/3).
+        flip_p: probability of a horizontal flip.
+        jitter_p: probability of colour jitter (brightness, contrast, saturation, hue in random order).
+        grayscale_p: probability of converting the view to gray.
+        blur_p: probability of a Gaussian blur (SimCLR ImageNet: 0.5; off at 32 px and below).
+        solarize_p: probability of solarisation (BYOL's second view: 0.2).
+        solarize_threshold: solarisation inverts the pixels at or above this value (on the [0, 1] scale).
     """
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
