@@ -159,6 +159,8 @@ def sections(root: type | None = None, option_help: dict[str, str] | None = None
         out.append(section)
         nested = []
         for f in dataclasses.fields(cls):
+            if f.metadata.get("section"):  # the method's own section: listed per method below
+                continue
             meaning, note = comments.get(f.name, ("", ""))
             meaning = f.metadata.get("help") or f.metadata.get("doc") or meaning or attributes.get(f.name, "")
             if not meaning:
@@ -177,6 +179,12 @@ def sections(root: type | None = None, option_help: dict[str, str] | None = None
             walk(inner, f"{prefix}{f.name}.", doc)
 
     walk(root, "", _first_paragraph(root.__doc__))
+    if root is root_config():  # each method's own section, named after the method (``byol.base_tau``)
+        from selfsup.methods import METHODS
+
+        for spec in METHODS.values():
+            walk(spec.config, f"{spec.name}.", f"{spec.title}'s own keys, used with `method: {spec.name}` "
+                 f"({spec.paper}). {_first_paragraph(spec.config.__doc__)}")
     return out
 
 
@@ -190,7 +198,9 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
     out = {}
     for f in dataclasses.fields(value):
         v = getattr(value, f.name)
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        if f.metadata.get("section") and v is not None:  # written under the method's name
+            out.update(flatten(v, f"{prefix}{value.method}."))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
             out.update(flatten(v, f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = v
