@@ -1,5 +1,5 @@
 """Artifacts made from a finished run: export (torchvision / timm / hub folders), embeddings, reports, the Lightning checkpoint reader."""
-import importlib
+from selfsup.lazy import lazy_exports
 
 # name -> the module that defines it, imported on first use (PEP 562) so importing one module stays light.
 _HOMES = {
@@ -11,8 +11,4 @@ _HOMES = {
 }
 __all__ = list(_HOMES)
 
-
-def __getattr__(name):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOMES)

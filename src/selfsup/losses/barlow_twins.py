@@ -6,7 +6,7 @@ import math
 import torch
 
 from selfsup.distributed import all_reduce_sum, gather_with_grad, world_size
-from selfsup.losses._precision import autocast_off
+from selfsup.losses._precision import autocast_off, check_embedding_pair
 
 BATCH_NORM_EPS = 1e-5  # the official code standardises with nn.BatchNorm1d(affine=False), whose eps this is
 
@@ -43,15 +43,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float 
     W GPUs is ``W * wd`` here; the biases and batch-norm parameters take plain steps ``lr_b * g`` (no
     LARS, no decay), so its ``lr_b`` is ``lr_b / W`` here. (2) It runs under fp16 autocast; here fp32.
     """
-    if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"barlow_twins_loss expects two (N, d) tensors of equal shape, got "
-                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    check_embedding_pair("barlow_twins_loss", z1, z2, world_size(), "to standardise each dimension")
     n, d = z1.shape
-    if d < 1:
-        raise ValueError("barlow_twins_loss needs embeddings with at least one dimension, got d = 0")
-    if n < 1 or n * world_size() < 2:
-        raise ValueError(f"barlow_twins_loss needs at least 2 images in the (global) batch to standardise each "
-                         f"dimension, got {n} on each of {world_size()} process(es)")
     if not (math.isfinite(lambda_offdiag) and lambda_offdiag >= 0):
         raise ValueError(f"lambda_offdiag must be a finite number >= 0 (the paper's is 5e-3), got {lambda_offdiag}")
     with autocast_off(z1):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.distributed import gather_with_grad, world_size
-from selfsup.losses._precision import autocast_off
+from selfsup.losses._precision import autocast_off, check_embedding_pair
 
 VARIANCE_EPS = 1e-4  # epsilon of the regularised standard deviation S(x, eps) (Eq. 1)
 STD_TARGET = 1.0  # gamma, the hinge's target standard deviation (Eq. 1)
@@ -42,15 +42,8 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     the rows each rank owns). Computed in fp32 with autocast off (the official code runs under fp16
     autocast).
     """
-    if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"vicreg_loss expects two (N, d) tensors of equal shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}")
+    check_embedding_pair("vicreg_loss", z1, z2, world_size(), "for a variance")
     n, d = z1.shape
-    if d < 1:
-        raise ValueError("vicreg_loss needs embeddings with at least one dimension, got d = 0")
-    if n < 1 or n * world_size() < 2:
-        raise ValueError(f"vicreg_loss needs at least 2 images in the (global) batch for a variance, got {n} on each "
-                         f"of {world_size()} process(es)")
     for name, v in (("sim_coeff", sim_coeff), ("std_coeff", std_coeff), ("cov_coeff", cov_coeff)):
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0 (the paper's are 25, 25, 1), got {v}")

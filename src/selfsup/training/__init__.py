@@ -1,7 +1,7 @@
 """Training: the config (resolved once: ``resolve_config``), the pre-training loop (``pretrain``) and its phases, the
 optimisation step shared with the Lightning modules, checkpoints and run folders, optimisers (LARS), schedules, timed
 runs, trackers, ``--init``, dry runs."""
-import importlib
+from selfsup.lazy import lazy_exports
 
 # name -> the module that defines it, imported on first use (PEP 562) so importing one module stays light.
 _HOMES = {
@@ -19,8 +19,4 @@ _HOMES = {
 }
 __all__ = list(_HOMES)
 
-
-def __getattr__(name):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOMES)
