@@ -27,7 +27,7 @@ def add_common_args(p: argparse.ArgumentParser, study: str, *, steps: int | None
     p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
     p.add_argument("--image-size", type=int, default=image_size,
                    help=f"side of the training/eval images (default {image_size or 'the data set'}; 0 = the data set's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed of the study's runs (default 0)")
     if not trains:
         return
     p.add_argument("--backbone", help=f"encoder from the registry (default {STUDY_BACKBONE} at width "

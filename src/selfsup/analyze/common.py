@@ -141,7 +141,7 @@ class StudyContext:
     # --- pre-training ---------------------------------------------------------------------------
     def base_layer(self) -> dict:
         a = self.args
-        # The studies were measured with the CPU default's values (docs/results.md); --set recipe=NAME for another.
+        # The studies were measured with the CPU default's values (docs/results/studies.md); --set recipe=NAME for another.
         layer = {"recipe": "cpu", "dataset": self.dataset, "backbone": self.backbone, "batch_size": getattr(a, "batch_size", None) or 256,
                  "steps": getattr(a, "steps", None) or 1, "seed": self.seed, "device": a.device, "knn_monitor": False, "checkpoint_every": STUDY_CHECKPOINT_EVERY,
                  "num_workers": 0, "log_every": 10}

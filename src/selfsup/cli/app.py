@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to create")
     _add_length_args(p)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the weights, data order and views (default 0)")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--on-bad-image", choices=("error", "skip"),
                    help="image folders: error (default; name bad files before training) or skip (leave them out, counted)")
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate raw pixels, or the encoder of --run (else the default config's) at random "
                         "initialisation, with the same protocol; written beside the run as eval_KIND_BASELINE.json")
     p.add_argument("--dataset", help="labelled data set (default: the run's, else fashion-mnist)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
     p.add_argument("--protocol", dest="linear_protocol", choices=("logreg", "sgd"), default="logreg",
                    help="linear: logreg (default; logistic regression on frozen features, C chosen on a held-out 10%%) "
                         "or sgd (the papers' protocol: SGD on crop+flip views of the frozen encoder)")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=("error", "skip"),
                    help="image folders: error or skip bad files (default: the run's own policy)")
     p.add_argument("--out", help="write the result JSON here (default: into the run folder)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
     p.add_argument("--temperature", type=float, default=0.1, help="kNN temperature (default 0.1)")
     p.add_argument("--no-progress", action="store_true")
@@ -242,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pre-train SimCLR on Fashion-MNIST (or the embedded sample), evaluate, report")
     p.add_argument("--minutes", type=float, default=9.0,
                    help="the whole demo's budget (default 9): pre-training stops in time for the evaluations after it")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--data-dir")
+    p.add_argument("--out", default="runs/demo", help="run folder of the demo (default runs/demo)")
+    p.add_argument("--data-dir", help="where data sets live (else $SELFSUP_DATA)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key of the demo's pre-training run (repeatable)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_to_launcher(e: BaseException) -> None:
-    """Under torchrun, make this rank's error the one its end-of-job summary shows (docs/distributed.md)."""
+    """Under torchrun, make this rank's error the one its end-of-job summary shows (docs/how-to/distributed.md)."""
     report_to_launcher(e)
 
 

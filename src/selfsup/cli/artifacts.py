@@ -52,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, type=Path, help="folder of images (recursive) or one image")
     p.add_argument("--out", required=True, type=Path, help="FILE.npy, FILE.csv or FILE.parquet")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
     p.add_argument("--on-bad-image", choices=("error", "skip"),
                    help="images that cannot be decoded: error (name the file) or skip (leave them out); default: the "
@@ -64,7 +64,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the encoder for torchvision, timm, safetensors, ONNX or a Hub-style folder",
                        description="Export the run's encoder f (no projection head).")
     p.add_argument("--run", required=True, help="run folder (or a Lightning .ckpt from selfsup.lightning)")
-    p.add_argument("--to", required=True, choices=EXPORT_TARGETS + ("hub",))
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS + ("hub",),
+                   help="the format: " + ", ".join(EXPORT_TARGETS + ("hub",)))
     p.add_argument("--out", required=True, type=Path, help="file to write (.safetensors, .pt or .onnx); a folder for --to hub")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     p.add_argument("--onnx-dynamo", action="store_true", help="use torch's dynamo ONNX exporter (slower)")

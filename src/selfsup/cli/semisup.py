@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, help="passes over the (labeled / unlabeled) training images")
     g.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the run's weights, data order and views")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--config", type=Path, help="YAML file of config keys")

@@ -46,7 +46,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     # small-image stem has stride 2 (28 px -> 14 px maps, 4x fewer FLOPs than stride 1), ending in a
     # 1x1 expansion to 1024 channels before pooling, so h is 1024-d for ~7% more FLOPs. Chosen by
     # benchmarks/cpu_default_search.py for Fashion-MNIST in 10 minutes on 2 CPU cores: the expansion
-    # was worth +2.2 points of linear-probe accuracy at equal time (docs/benchmarks.md).
+    # was worth +2.2 points of linear-probe accuracy at equal time (docs/results/speed.md).
     "resnet18_narrow": _resnet_builder(18, width=0.25, stem_stride=2, expand_features=1024),
     "resnet18_narrow_plain": _resnet_builder(18, width=0.25, stem_stride=2),
     "resnet18_narrow_x2048": _resnet_builder(18, width=0.25, stem_stride=2, expand_features=2048),

@@ -101,7 +101,7 @@ def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, prep: P
 
     Returns ``(result, feature_dim, main)``; ``main``: this process writes the result.
     """
-    owns_group = dist.init_from_env(device_arg)  # under torchrun each rank embeds a shard (docs/distributed.md)
+    owns_group = dist.init_from_env(device_arg)  # under torchrun each rank embeds a shard (docs/how-to/distributed.md)
     ftr, ytr = extract_features_sharded(encoder, train, dev, prep.image_size, batch_size=batch_size, precision=precision,
                                         progress=progress and dist.is_main_process(), preprocess=prep)
     fte, yte = extract_features_sharded(encoder, test, dev, prep.image_size, batch_size=batch_size, precision=precision,

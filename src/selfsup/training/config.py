@@ -38,11 +38,11 @@ from selfsup.views.config import MultiCropConfig, ViewConfig
 class OptimConfig:
     """Optimiser and learning-rate schedule (SimCLR Sec. B.1: LARS, lr = base x B/256, warm-up + cosine)."""
 
-    name: str = "lars"
+    name: str = "lars"  # lars (the papers'), sgd (Nesterov momentum) or adamw
     lr: float = 0.3  # base learning rate, scaled by lr_scaling with the global batch size
     lr_scaling: str = "linear"  # linear: lr x B/256; sqrt: lr x sqrt(B); none
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
+    weight_decay: float = 1e-6  # L2 penalty on weights (never on biases and norm parameters)
+    momentum: float = 0.9  # LARS / SGD momentum (unused by adamw)
     warmup_fraction: float = 0.05  # share of the run spent in linear warm-up (paper: 10 of 100+ epochs)
     warmup_epochs: float | None = None  # warm-up in epochs (the papers' recipes: 10); wins over warmup_fraction
     final_lr_fraction: float = 0.0  # cosine decays to lr x this
@@ -107,17 +107,17 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32
     channels_last: bool = True  # faster on CPUs (oneDNN) and on GPUs under bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (slower start, faster steps on GPUs)
     accumulate: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
     sync_bn: bool = True  # under torchrun: batch-norm statistics over the global batch (SimCLR Sec. B.1)
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    knn_monitor: bool = True
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    seed: int = 0  # weights, data order and views are functions of it (the same seed, the same run)
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps
+    checkpoint_every: int = 500  # steps between checkpoints (a timed run also saves when it re-plans)
+    keep_last: int = 2  # checkpoints kept in the run folder
+    log_every: int = 10  # steps between lines of metrics.jsonl (and the trackers)
+    knn_monitor: bool = True  # log a kNN accuracy once per epoch (10k bank, 2k queries) on labelled data
+    knn_k: int = 200  # neighbours of the kNN monitor (Wu et al. 2018)
+    knn_temperature: float = 0.1  # temperature of the kNN monitor's weighted vote
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     num_workers: int = 2  # DataLoader workers for data streamed from disk
     on_bad_image: str = "error"  # image folders: error (name the bad files, before training) or skip (count them)

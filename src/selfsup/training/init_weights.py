@@ -77,7 +77,7 @@ def read_init_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tensor]
     source = Path(source).expanduser()
     if not source.exists():
         raise InitError(f"--init {source}: no such file or folder (selfsup never downloads weights; save them first, "
-                        "see docs/user_guide.md 'Start from pretrained weights')")
+                        "see docs/how-to/pretrained-weights.md)")
     path = _weights_file(source)
     if path.suffix in PICKLE_SUFFIXES:
         return path, _read_pickle_state(path)

@@ -78,7 +78,7 @@ def begin_run(cfg: PretrainConfig, run_dir: Path, resume: bool) -> Run:
     if not resume:
         check_length(cfg)
     check_trackers(cfg.logger)  # a --logger whose package is missing fails here, before any work
-    owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/distributed.md)
+    owns_group = dist.init_from_env(cfg.device)  # under torchrun: join the process group (docs/how-to/distributed.md)
     main = dist.is_main_process()
     if main:
         check_run_folder(run_dir, resume)
