@@ -44,7 +44,10 @@ def exported(module: str) -> list[str]:
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-            return list(ast.literal_eval(node.value))
+            try:
+                return list(ast.literal_eval(node.value))
+            except ValueError:  # computed (a package's lazy exports): import it to read the list
+                return list(importlib.import_module(module).__all__)
     return []
 
 

@@ -190,7 +190,8 @@ MODULES: dict[str, type[SelfSupModule]] = {name: _module_class(name) for name in
 globals().update({cls.__name__: cls for cls in MODULES.values()})
 SimCLRModule, SimCLRv2Module, BYOLModule = MODULES["simclr"], MODULES["simclrv2"], MODULES["byol"]
 
-__all__ = ["SelfSupModule", "MODULES", "step_dataloader", *(cls.__name__ for cls in MODULES.values())]
+# Every method's class (SimCLRModule, BYOLModule, ...) is made from its spec, kept in MODULES and importable by its name.
+__all__ = ["SelfSupModule", "MODULES", "step_dataloader"]
 
 
 def step_dataloader(dataset, config: PretrainConfig, total_steps: int, num_workers: int = 0) -> DataLoader:
