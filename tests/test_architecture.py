@@ -37,7 +37,7 @@ PUBLIC = [
     ("selfsup.evaluation", "knn_eval", "selfsup.evaluation.frozen"),
     ("selfsup.protocols", "FinetuneConfig", "selfsup.protocols.finetune"),
     ("selfsup.protocols", "DistillConfig", "selfsup.protocols.distill"),
-    ("selfsup.artifacts", "from_pretrained", "selfsup.artifacts.hub"),
+    ("selfsup.artifacts", "load_encoder", "selfsup.artifacts.hub"),
     ("selfsup.cli", "main", "selfsup.cli.app"),
     ("selfsup", "pretrain", "selfsup.training.loop"),
     ("selfsup", "PretrainConfig", "selfsup.training.config"),

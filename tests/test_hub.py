@@ -38,7 +38,7 @@ def test_folder_holds_weights_config_and_model_card(run_and_hub):
     assert config["mean"] == [0.286] and config["std"] == [0.353]
     card = (hub / "README.md").read_text()
     knn = json.loads((run / "eval_knn.json").read_text())
-    assert "SimCLR (Chen et al. 2020)" in card and "batch size 16" in card and "- steps: 2" in card
+    assert "pre-trained with SimCLR (Chen, Kornblith, Norouzi and Hinton 2020" in card and "batch size 16" in card and "- steps: 2" in card
     assert f"weighted kNN on frozen features (k=200, temperature 0.1) | embedded | {knn['top1']:.2f}" in card
     assert "licence: a 12,000-image subset of Fashion-MNIST, MIT licence" in card
 

@@ -4,7 +4,6 @@ from selfsup.lazy import lazy_exports
 # name -> the module that defines it, imported on first use (PEP 562) so importing one module stays light.
 _HOMES = {
     "load_encoder": "selfsup.artifacts.hub",
-    "from_pretrained": "selfsup.artifacts.hub",
     "export_hub": "selfsup.artifacts.hub",
     "export_run": "selfsup.artifacts.export",
     "embed_run": "selfsup.artifacts.embed",
