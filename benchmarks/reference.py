@@ -441,10 +441,7 @@ def launch(root: Path, cell: Cell, commit: str | None) -> subprocess.Popen:
     journal.update(spec=cell.spec, free=[str(a) for a in cell.free], resume=[str(a) for a in cell.resume],
                    cell=cell.record(), commit=commit)
     cells.write_json(path, journal)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    src = Path(__file__).resolve().parent.parent / "src"
-    if (src / "selfsup").is_dir():  # a source checkout: the worker imports this tree's selfsup
-        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread per cell
     log = open(root / "logs" / f"{cell.id}.log", "a")
     log.write(f"=== {now()} worker for {cell.id}\n")
     log.flush()
@@ -667,11 +664,16 @@ def fmt(mean: float | None, sd: float | None, n: int) -> str:
 
 
 def table_cells(data: dict) -> dict:
-    """(row, budget) -> the grid cells at the grid's batch size, for the main tables and the plots."""
+    """(row, budget) -> the grid rows' pre-training cells in the grid's columns (their steps at the grid's batch
+    size and --steps-scale; a root may also hold cells of other scales), for the main tables and the plots.
+    Seeds that a claim adds to a grid cell (BYOL and SimCLR at the longest budget) count too."""
     out: dict = {}
-    batch = data["grid"]["batch_size"]
+    batch, columns = data["grid"]["batch_size"], data["grid"]["columns"]
+    rows = {r["name"] for r in data["grid"]["rows"]} | {c["row"] for c in data["cells"] if "grid" in c.get("groups", ())}
     for c in data["cells"]:
-        if c["kind"] == "pretrain" and c.get("batch_size") == batch:
+        column = columns.get(str(c["budget"]))
+        if (c["kind"] == "pretrain" and c["row"] in rows and c.get("batch_size") == batch and column
+                and c["steps"] == column["steps"]):
             out.setdefault((c["row"], c["budget"]), []).append(c)
     return out
 
@@ -719,7 +721,7 @@ def claim_table(claim: dict, by_id: dict, expected: int) -> tuple[str, str]:
             elif warned:
                 verdict = f"collapse in {len(warned)} of {len(col)} runs (warned at step {', '.join(map(str, warned))})"
             else:
-                verdict = f"no collapse in {len(col)} runs"
+                verdict = f"no warning in {len(col)} of {len(col)} runs"
             finals = [c["final"] for c in col]
             m, s = cells.mean_sd(finals)
             thr = col[0]["threshold"] if col else None
@@ -760,6 +762,9 @@ def plot(data: dict, table: dict, metric: str, path: Path) -> None:
         if vals:
             ax.axhline(cells.mean_sd(vals)[0], color="gray", linestyle=style, label=name)
     ax.set_xscale("log")
+    ticks = sorted({cs[0]["steps"] for cs in table.values()})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(f"pre-training steps (batch {data['grid']['batch_size']})")
     ax.set_ylabel(f"{'linear probe' if metric == 'linear' else 'kNN'} top-1 %")
     ax.set_title(f"{data['grid']['dataset']}: {'linear probe' if metric == 'linear' else 'kNN (k 200, t 0.1)'}; "
@@ -790,7 +795,10 @@ def report(json_path: Path, md_path: Path, plot_prefix: str) -> str:
                                                                   if data["grid"]["sets"] else "")
              + ". Linear: `selfsup eval linear` (logistic regression on the frozen features, C chosen on a held-out "
              "10%); kNN: `selfsup eval knn` (k 200, t 0.1). Mean ± sample sd over seeds 0, 1, 2 where there are "
-             "three (else the number of seeds is given).", ""]
+             "three (else the number of seeds is given).", "",
+             "Rows: " + "; ".join(f"`{r['name']}`: {r.get('about') or r['method']}" + (f" (`--set {' '.join(r['sets'])}`)"
+                                                                                      if r.get("sets") else "")
+                                  for r in data["grid"]["rows"]) + ".", ""]
     machines = sorted({(c["machine"]["cpu_model"], c["machine"]["cpu_bf16"], c["machine"].get("gpu") or c["machine"]["device"])
                        for c in data["cells"]})
     lines += ["Machines: " + "; ".join(f"`lscpu` model {m!r}, native bf16 {'yes' if bf else 'no'}, device {d}"
@@ -910,7 +918,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cell-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell_worker:
-        return work(args.cell_worker)
+        try:
+            return work(args.cell_worker)
+        except cells.CommandFailed as e:  # the command's own error line is just above, in the same log
+            print(f"[reference] {args.cell_worker}: {e}", flush=True)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     json_path = args.json or args.root / "results.json"
     if args.report:
         if not json_path.is_file():

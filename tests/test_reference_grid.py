@@ -135,6 +135,7 @@ def test_report_states_each_claim_with_mean_sd_and_difference_in_sds(tmp_path):
                                ref.values({s: f"{y}_s{s}" for s in a}, "linear")) for x, y in (("a", "b"), ("b", "a"), ("a", "c"))]
     data = {"updated": "now", "command": ["python", "benchmarks/reference.py"], "cells": cells, "pending": [],
             "grid": {"dataset": "fashion-mnist", "batch_size": 256, "sets": [], "claim_seeds": [0, 1, 2],
+                     "columns": {"1000": {"steps": 1000, "seeds": [0, 1, 2]}},
                      "rows": [{"name": n, "method": n} for n in "abc"]},
             "claims": [{"id": "x", "title": "t", "paper": "p", "comparisons": comparisons[:1]},
                        {"id": "y", "title": "t", "paper": "p", "comparisons": comparisons[1:]}]}
