@@ -200,7 +200,12 @@ class Plan:
         return ["--data-dir", self.g.data_dir] if self.g.data_dir else []
 
     def steps_of(self, budget: int, batch: int) -> int:
+        """Pre-training steps of a column: ``budget`` steps of the grid's batch, times --steps-scale, at ``batch``
+        (a smaller batch trains proportionally more steps: the same images seen)."""
         return max(1, round(budget * self.g.scale)) * (self.g.batch // batch)
+
+    def steps_label(self, batch: int | None = None) -> str:
+        return f"{self.steps_of(CLAIM_BUDGET, batch or self.g.batch):,} steps"
 
     def _pretrain_free(self, steps: int) -> tuple[list, list]:
         every = self.g.checkpoint_every or max(1, min(MAX_CHECKPOINT_EVERY, steps // CHECKPOINTS_PER_RUN))
@@ -294,7 +299,7 @@ class Plan:
     def claim_a(self) -> None:
         byol, simclr = ({s: self.pretrain(r, LONGEST, s, "a") for s in CLAIM_SEEDS} for r in (ROWS[2], ROWS[0]))
         self.claims.append({
-            "id": "a", "title": f"BYOL against SimCLR at {LONGEST:,} steps",
+            "id": "a", "title": f"BYOL against SimCLR at {self.steps_of(LONGEST, self.g.batch):,} steps",
             "paper": "BYOL Table 1 (ImageNet, ResNet-50, linear evaluation): BYOL 74.3, SimCLR 69.3.",
             "comparisons": [
                 compare(f"{name}: BYOL above SimCLR", "BYOL", values(byol, metric), "SimCLR", values(simclr, metric))
@@ -307,21 +312,22 @@ class Plan:
                 for m, r in (("SimCLR", ROWS[0]), ("BYOL", ROWS[2]))}
         drop = {m: {s: ["drop", runs[m][self.g.batch][s], runs[m][small][s], "linear"] for s in CLAIM_SEEDS} for m in runs}
         self.claims.append({
-            "id": "b", "title": f"batch {self.g.batch} against {small} at equal images seen "
-                                f"({self.steps_of(CLAIM_BUDGET, self.g.batch):,} against {self.steps_of(CLAIM_BUDGET, small):,} steps)",
+            "id": "b", "title": f"batch {self.g.batch} against {small} at equal images seen ({self.steps_label()} "
+                                f"against {self.steps_label(small)})",
             "paper": "BYOL Table 16 (ImageNet, 300 epochs): from batch 4096 to 256 BYOL loses 0.7 points of linear top-1, "
                      "SimCLR 3.6; BYOL needs no negatives.",
             "context": [{"label": f"{m}, batch {b}: linear top-1 %", "per_seed": values(runs[m][b], "linear")}
                         for m in runs for b in (self.g.batch, small)],
-            "comparisons": [compare(f"relative drop of linear top-1 from batch {self.g.batch} to {small} (% of the batch-"
-                                    f"{self.g.batch} value): SimCLR's above BYOL's", "SimCLR", drop["SimCLR"], "BYOL", drop["BYOL"])],
+            "comparisons": [compare(f"relative drop of linear top-1 from batch {self.g.batch} to {small} (% of the "
+                                    f"batch-{self.g.batch} value): SimCLR's above BYOL's", "SimCLR", drop["SimCLR"],
+                                    "BYOL", drop["BYOL"])],
         })
 
     def claim_c(self) -> None:
         variants = {"BYOL": ROWS[2], "no predictor": BYOL_NO_PREDICTOR, "fixed target (tau = 1)": BYOL_FIXED_TARGET}
         runs = {name: {s: self.pretrain(r, CLAIM_BUDGET, s, "c") for s in CLAIM_SEEDS} for name, r in variants.items()}
         self.claims.append({
-            "id": "c", "title": f"BYOL's predictor and slow-moving target ({self.steps_of(CLAIM_BUDGET, self.g.batch):,} steps)",
+            "id": "c", "title": f"BYOL's predictor and slow-moving target ({self.steps_label()})",
             "paper": "BYOL Table 5: without the predictor the representation collapses (5b); with a fixed random target "
                      "(tau_base = 1) linear top-1 falls to 18.8 against 72.5 (5a; ImageNet, 300 epochs).",
             "comparisons": [compare(f"linear top-1 %: BYOL above {name}", "BYOL", values(runs["BYOL"], "linear"), name,
@@ -336,7 +342,8 @@ class Plan:
         small_w = self.base_width * SMALL_WIDTH
         pre = {s: self.pretrain(v2, CLAIM_BUDGET, s, "d") for s in CLAIM_SEEDS}
         pre_big = {s: self.pretrain(big, CLAIM_BUDGET, s, "d") for s in CLAIM_SEEDS}
-        ft = {(k, f): {s: self.finetune(pre[s], k, f, "d") for s in CLAIM_SEEDS} for k, f in ((0, .01), (1, .01), (1, .1), (1, 1.0))}
+        ft = {(k, f): {s: self.finetune(pre[s], k, f, "d") for s in CLAIM_SEEDS}
+              for k, f in ((0, .01), (1, .01), (1, .1), (1, 1.0))}
         ft_big = {f: {s: self.finetune(pre_big[s], 1, f, "d") for s in CLAIM_SEEDS} for f in (.01, 1.0)}
         comparisons = [compare("1% labels, fine-tuned top-1 %: from head layer 1 above layer 0", "layer 1",
                                values(ft[1, .01], "top1"), "layer 0", values(ft[0, .01], "top1"))]
@@ -352,10 +359,10 @@ class Plan:
         gain = {f: {s: ["gain", ft_big[f][s], ft[1, f][s], "top1"] for s in CLAIM_SEEDS} for f in (.01, 1.0)}
         comparisons.append(compare(f"gain of the {BIG_WIDTH:g}x wider encoder (fine-tuned top-1 points): at 1% labels above "
                                    "at 100%", "1%", gain[.01], "100%", gain[1.0]))
-        context += [{"label": f"{BIG_WIDTH:g}x wider, layer 1, {100 * f:g}% labels: top-1 %", "per_seed": values(ft_big[f], "top1")}
-                    for f in (.01, 1.0)]
+        context += [{"label": f"{BIG_WIDTH:g}x wider, layer 1, {100 * f:g}% labels: top-1 %",
+                     "per_seed": values(ft_big[f], "top1")} for f in (.01, 1.0)]
         self.claims.append({
-            "id": "d", "title": f"SimCLRv2 semi-supervised ({self.steps_of(CLAIM_BUDGET, self.g.batch):,} steps of pre-training)",
+            "id": "d", "title": f"SimCLRv2 semi-supervised ({self.steps_label()} of pre-training)",
             "paper": "SimCLRv2: fine-tuning from the first layer of the 3-layer head beats layer 0, most with 1% labels "
                      "(Sec. 4.2, Fig. 5); distillation on unlabelled images beats the same student trained on the labels "
                      "(Table 3); a bigger encoder gains more with fewer labels (Fig. 1).",
@@ -483,8 +490,8 @@ def run_cells(plan: Plan, selected: list[Cell], jobs: int, results_path: Path) -
                     todo.remove(c)
                 elif all((root / d / "cell.json").is_file() for d in c.deps):
                     state, detail = cell_state(root, c)
-                    print(f"[reference] {c.id}: start ({state}{': ' + detail if detail else ''}); log {root / 'logs' / c.id}.log",
-                          flush=True)
+                    about = f"{state}: {detail}" if detail else state
+                    print(f"[reference] {c.id}: start ({about}); log {root / 'logs' / c.id}.log", flush=True)
                     running[c.id] = (c, launch(root, c, commit), time.perf_counter())
                     todo.remove(c)
             if not running:
@@ -506,8 +513,8 @@ def run_cells(plan: Plan, selected: list[Cell], jobs: int, results_path: Path) -
                 else:
                     failed.add(cid)
                     tail = (root / "logs" / f"{cid}.log").read_text().splitlines()[-3:]
-                    print(f"[reference] {cid}: FAILED (status {proc.returncode}); last lines of {root / 'logs' / cid}.log:\n  "
-                          + "\n  ".join(tail), flush=True)
+                    print(f"[reference] {cid}: FAILED (status {proc.returncode}); last lines of "
+                          f"{root / 'logs' / cid}.log:\n  " + "\n  ".join(tail), flush=True)
     except KeyboardInterrupt:
         for c, proc, _ in running.values():
             proc.terminate()
@@ -517,12 +524,14 @@ def run_cells(plan: Plan, selected: list[Cell], jobs: int, results_path: Path) -
             except subprocess.TimeoutExpired:
                 proc.kill()
         write_results(plan, results_path)
-        print(f"[reference] interrupted; {len(running)} cell(s) stopped. Rerun the same command to continue them.", flush=True)
+        print(f"[reference] interrupted; {len(running)} cell(s) stopped. Rerun the same command to continue them.",
+              flush=True)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     write_results(plan, results_path)
-    print(f"[reference] {len(selected) - len(failed)} of {len(selected)} cells finished; results in {results_path}", flush=True)
+    print(f"[reference] {len(selected) - len(failed)} of {len(selected)} cells finished; results in {results_path}",
+          flush=True)
     return 1 if failed else 0
 
 
@@ -596,8 +605,10 @@ def write_results(plan: Plan, path: Path) -> dict:
         "commit": git_commit(),
         "grid": {"dataset": plan.g.dataset, "batch_size": plan.g.batch, "steps_scale": plan.g.scale,
                  "sets": list(plan.g.sets), "device": plan.g.device,
-                 "rows": [{"name": r.name, "method": r.method, "sets": list(r.sets), "about": r.about} for r in plan.g.rows],
-                 "columns": {str(b): {"steps": plan.steps_of(b, plan.g.batch), "seeds": list(s)} for b, s in COLUMNS.items()},
+                 "rows": [{"name": r.name, "method": r.method, "sets": list(r.sets), "about": r.about}
+                          for r in plan.g.rows],
+                 "columns": {str(b): {"steps": plan.steps_of(b, plan.g.batch), "seeds": list(s)}
+                             for b, s in COLUMNS.items()},
                  "claim_seeds": list(CLAIM_SEEDS), "keys": KEYS},
         "claims": plan.claims,
         "pending": sorted(planned - {r["id"] for r in done}),
@@ -697,7 +708,8 @@ def claim_table(claim: dict, by_id: dict, expected: int) -> tuple[str, str]:
     rows, verdicts = [], []
     for comp in claim["comparisons"]:
         seeds = [s for s in comp["first"]["per_seed"] if s in comp["second"]["per_seed"]]
-        pairs = [(quantity(comp["first"]["per_seed"][s], by_id), quantity(comp["second"]["per_seed"][s], by_id)) for s in seeds]
+        pairs = [(quantity(comp["first"]["per_seed"][s], by_id), quantity(comp["second"]["per_seed"][s], by_id))
+                 for s in seeds]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         j = judge([a for a, _ in pairs], [b for _, b in pairs], expected)
         verdicts.append(j["verdict"])
@@ -787,7 +799,8 @@ def report(json_path: Path, md_path: Path, plot_prefix: str) -> str:
     steps_at = {b: cs[0]["steps"] for (_, b), cs in sorted(table.items())}
     md_dir = Path(md_path).parent
     lines = ["# Reference results", "",
-             f"<!-- written by `python benchmarks/reference.py --report --json {json_path}`; edit the grid, not this page -->",
+             f"<!-- written by `python benchmarks/reference.py --report --json {json_path}`; "
+             "edit the grid, not this page -->",
              "", f"Every number on this page comes from one JSON ({len(data['cells'])} finished cells, updated "
              f"{data['updated']}), written by", "", "```bash", " ".join(data["command"]), "```", "",
              f"Data set `{data['grid']['dataset']}`, batch {data['grid']['batch_size']}, each run with its method's recipe "
@@ -799,8 +812,8 @@ def report(json_path: Path, md_path: Path, plot_prefix: str) -> str:
              "Rows: " + "; ".join(f"`{r['name']}`: {r.get('about') or r['method']}" + (f" (`--set {' '.join(r['sets'])}`)"
                                                                                       if r.get("sets") else "")
                                   for r in data["grid"]["rows"]) + ".", ""]
-    machines = sorted({(c["machine"]["cpu_model"], c["machine"]["cpu_bf16"], c["machine"].get("gpu") or c["machine"]["device"])
-                       for c in data["cells"]})
+    machines = sorted({(m["cpu_model"], m["cpu_bf16"], m.get("gpu") or m["device"])
+                       for m in (c["machine"] for c in data["cells"])})
     lines += ["Machines: " + "; ".join(f"`lscpu` model {m!r}, native bf16 {'yes' if bf else 'no'}, device {d}"
                                        for m, bf, d in machines) + ".", ""]
     for metric, title in (("linear", "Linear probe top-1 %"), ("knn", "kNN top-1 %")):
@@ -905,7 +918,8 @@ def main(argv=None) -> int:
     ap.add_argument("--row", dest="extra_rows", action="append", nargs="+", default=[], metavar="NAME METHOD [KEY=VALUE",
                     help="one more row: a name, a registered method and its --set overrides (repeatable)")
     ap.add_argument("--checkpoint-every", type=int, help="pre-training checkpoint interval (default: min(500, steps / 4))")
-    ap.add_argument("--rows", help="run only these rows (comma-separated; also pixels, random, scratch, byol_no_predictor, ...)")
+    ap.add_argument("--rows", help="run only these rows (comma-separated; also pixels, random, scratch, "
+                    "byol_no_predictor, ...)")
     ap.add_argument("--steps", help="run only these columns (steps of batch 256 before --steps-scale, e.g. 1000,5000)")
     ap.add_argument("--seeds", help="run only these seeds (e.g. 0)")
     ap.add_argument("--groups", help="run only cells of these groups: grid, a, b, c, d (the claims)")
@@ -914,7 +928,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="write the markdown tables and plots from --json; run nothing")
     ap.add_argument("--json", type=Path, help="the results JSON (default ROOT/results.json)")
     ap.add_argument("--md", type=Path, default=Path("docs/results/reference.md"), help="--report: the markdown page")
-    ap.add_argument("--plots", default="docs/img/reference_", help="--report: plot path prefix (PREFIXlinear.png, PREFIXknn.png)")
+    ap.add_argument("--plots", default="docs/img/reference_",
+                    help="--report: plot path prefix (PREFIXlinear.png, PREFIXknn.png)")
     ap.add_argument("--cell-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell_worker:
