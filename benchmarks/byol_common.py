@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cells import markdown_table  # noqa: F401  (the BYOL benchmarks import it from here)
+
 
 def add_common_args(ap, out_default: str) -> None:
     """The options every BYOL benchmark takes: --seed, --set KEY=VALUE, --out, --reuse."""
@@ -86,19 +88,6 @@ def pretrain_and_probe(layer: dict, run_dir: Path, reuse: bool = False) -> dict:
     }
     result_path.write_text(json.dumps(result, indent=1))
     return result
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(title for _, title in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, sep]
-    for r in rows:
-        cells = []
-        for key, _ in columns:
-            v = r.get(key)
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def random_init_probe(dataset: str, backbone_width: float | None, seed: int = 0) -> float:

@@ -2,7 +2,8 @@
 
 Each cell is ``selfsup pretrain --method M --dataset fashion-mnist --steps N --seed S`` (the default
 recipe for the device; kNN monitor off) followed by ``selfsup eval linear`` and ``selfsup eval knn``
-on the run. Runs that already have both results are not redone, so an interrupted call resumes.
+on the run (``benchmarks/cells.py``). Finished runs are read back and an interrupted one continues from its
+newest checkpoint, so a rerun of the same command resumes.
 
     python benchmarks/seed_spread.py --methods simclr byol --steps 1000 --seeds 0 1 2 --root runs/seeds
     python benchmarks/seed_spread.py ... --data-dir DATA --device cuda     # on a GPU
@@ -12,27 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cells  # noqa: E402
+
 
 def cell(root: Path, method: str, steps: int, seed: int, data_dir: str | None, device: str) -> dict:
+    """Pre-train (or resume) one run and evaluate it; linear and kNN top-1."""
     run = root / f"{method}_{steps}_s{seed}"
     common = ["--data-dir", data_dir] if data_dir else []
-    if not (run / "model.safetensors").exists():
-        cmd = [sys.executable, "-m", "selfsup", "pretrain", "--method", method, "--dataset", "fashion-mnist",
-               "--steps", str(steps), "--seed", str(seed), "--out", str(run), "--no-progress",
-               "--set", "knn_monitor=false", "--set", f"device={device}", "--logger", "none", *common]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    out = {}
-    for kind in ("linear", "knn"):
-        path = run / f"eval_{kind}.json"
-        if not path.exists():
-            subprocess.run([sys.executable, "-m", "selfsup", "eval", kind, "--run", str(run), "--device", device,
-                            *common], check=True, stdout=subprocess.DEVNULL)
-        out[kind] = json.loads(path.read_text())["top1"]
-    return out
+    quiet = ["--no-progress", "--logger", "none", "--set", f"device={device}"]
+    argv = ["pretrain", "--method", method, "--dataset", "fashion-mnist", "--steps", steps, "--seed", seed,
+            "--set", "knn_monitor=false", *quiet, *common]
+    cells.pretrain(run, argv, steps, resume_argv=quiet)
+    return {kind: cells.evaluate(kind, run / f"eval_{kind}.json", ["--run", run, "--device", device, *common])[0]["top1"]
+            for kind in ("linear", "knn")}
 
 
 def main() -> None:
