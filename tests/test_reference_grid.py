@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "reference.py"
 TINY = ["--dataset", "embedded", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "recipe=cpu",
-        "--set", "image_size=16", "--set", "proj_out_dim=16",
+        "--set", "image_size=16",
         "--set", f"precision={os.environ.get('SELFSUP_TEST_PRECISION', 'fp32')}",
         "--batch-size", "64", "--steps-scale", "0.002", "--checkpoint-every", "2", "--jobs", "1"]
 SUBSET = ["--rows", "simclr,byol", "--steps", "20000", "--seeds", "0"]  # 20,000 x 0.002 = 40 steps, seed 0
@@ -98,7 +98,7 @@ def test_tiny_grid_skips_finished_cells_resumes_unfinished_ones_and_reports(tmp_
         assert c["machine"]["device"] == "cpu" and c["machine"]["cpu_model"] and c["machine"]["torch_threads"] == 1
         assert isinstance(c["machine"]["cpu_bf16"], bool)
         assert c["wall_seconds"] > 0
-    assert by_id[BYOL]["collapse"]["threshold"] == pytest.approx(0.4 / 16 ** 0.5)
+    assert by_id[BYOL]["collapse"]["threshold"] == pytest.approx(0.4 / 128 ** 0.5)  # byol.proj_out_dim 128
     assert data["claims"] and len(data["pending"]) > 0
 
     md = tmp_path / "docs" / "results" / "reference.md"
