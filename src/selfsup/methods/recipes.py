@@ -27,11 +27,14 @@ from typing import Callable
 
 from selfsup.data.containers import DEFAULT_IMAGEFOLDER_SIZE, IMAGEFOLDER_PREFIX, canonical_dataset_name
 from selfsup.methods import METHODS
-from selfsup.methods.spec import MethodSpec, RecipeLayer
+from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.backbones import BACKBONES, CPU_DEFAULT_BACKBONE
 
-# Native image side of the built-in data sets, so a recipe can be resolved without reading pixels.
+# Native image side and number of pre-training images of the built-in data sets (STL-10: train+unlabeled), so a
+# recipe can be resolved without reading pixels.
 NATIVE_SIZES = {"fashion-mnist": 28, "mnist": 28, "embedded": 28, "cifar10": 32, "cifar100": 32, "stl10": 96}
+NUM_TRAIN_IMAGES = {"fashion-mnist": 60000, "mnist": 60000, "embedded": 10000, "cifar10": 50000, "cifar100": 50000,
+                    "stl10": 105000}
 
 # Image folders trained with a narrow CPU encoder default to this side (224, the ImageNet size, for other
 # encoders): the CPU recipe was tuned on small images, and folders of up to 20,000 images at <= 64 px are
@@ -49,33 +52,51 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """``values(spec, image_size, batch_size) -> RecipeLayer``; ``summary``: the line a run prints."""
+    """``values(spec, image_size, batch_size, epochs) -> RecipeLayer`` (``epochs`` None: not known before the run);
+    ``summary``: the line a run prints."""
 
     name: str
     summary: str
-    values: Callable[[MethodSpec, int, int], RecipeLayer]
+    values: Callable[[MethodSpec, int, int, float | None], RecipeLayer]
 
 
-def _cpu(spec: MethodSpec, size: int, batch: int) -> RecipeLayer:
+def _cpu(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> RecipeLayer:
     return spec.cpu
+
+
+def _paper(recipe: PaperRecipe) -> Callable[[MethodSpec, int, int, float | None], RecipeLayer]:
+    def values(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> RecipeLayer:
+        layer = recipe.values(size, batch)
+        if recipe.by_length is None:
+            return layer
+        longer = recipe.by_length(epochs)
+        return RecipeLayer(shared=_merge(layer.shared, longer.shared), section={**layer.section, **longer.section})
+
+    return values
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 RECIPES: dict[str, Recipe] = {
     "cpu": Recipe("cpu", "CPU default for the narrow encoders (each method's measured values over the defaults: "
                   "LARS 2.0 x B/256 SimCLR / 3.0 BYOL, temperature 0.2, 5% warm-up)", _cpu),
-    **{r.name: Recipe(r.name, r.summary, lambda spec, size, batch, r=r: r.values(size, batch))
-       for spec in METHODS.values() for r in spec.recipes},
+    **{r.name: Recipe(r.name, r.summary, _paper(r)) for spec in METHODS.values() for r in spec.recipes},
 }
 
 
-def recipe_layer(name: str, method: str, image_size: int, batch_size: int) -> dict:
+def recipe_layer(name: str, method: str, image_size: int, batch_size: int, epochs: float | None = None) -> dict:
     """The config layer of recipe ``name`` for ``method``: its shared keys, and its method keys under the method's
     section (only those the method has: the supervised baseline takes SimCLR's optimiser, not its temperature)."""
     spec = METHODS[method]
     if name not in spec.accepts:
         raise RecipeError(f"recipe: {name!r} is not defined for {method!r}; use --recipe {spec.paper_recipe} or "
                           "--recipe cpu")
-    layer = RECIPES[name].values(spec, image_size, batch_size)
+    layer = RECIPES[name].values(spec, image_size, batch_size, epochs)
     out = copy.deepcopy(layer.shared)
     section = {k: v for k, v in layer.section.items() if k in spec.keys()}
     if section:
@@ -145,3 +166,15 @@ def native_image_size(dataset: str, image_size: int | None) -> int:
         return DEFAULT_IMAGEFOLDER_SIZE
     name = canonical_dataset_name(dataset)
     return NATIVE_SIZES.get("stl10" if name.startswith("stl10") else name, DEFAULT_IMAGEFOLDER_SIZE)
+
+
+def run_epochs(dataset: str, batch_size: int, epochs: float | None, steps: int | None) -> float | None:
+    """The run's length in epochs, known before the run: ``epochs``, or ``steps`` over a built-in data set's
+    size; None for ``--minutes`` and for steps over data whose size is not in the table (read from disk)."""
+    if epochs is not None:
+        return float(epochs)
+    name = canonical_dataset_name(dataset) if not dataset.startswith(IMAGEFOLDER_PREFIX) else ""
+    n = NUM_TRAIN_IMAGES.get("stl10" if name.startswith("stl10") else name)
+    if steps is None or n is None or batch_size < 1:
+        return None
+    return steps / max(1, n // batch_size)

@@ -28,11 +28,18 @@ class RecipeLayer:
 
 @dataclass(frozen=True)
 class PaperRecipe:
-    """A method's paper recipe: ``values(image_size, batch_size) -> RecipeLayer`` and the line a run prints."""
+    """A method's paper recipe: ``values(image_size, batch_size) -> RecipeLayer`` and the line a run prints.
+
+    ``by_length(epochs) -> RecipeLayer``, where the paper's values depend on the run's length (BYOL's
+    official configs choose lr, weight decay and base tau by the number of epochs), goes over ``values``;
+    ``epochs`` is None where the length is not known before the run (``--minutes``, an image folder given
+    in steps), and the function then gives the paper's main setting.
+    """
 
     name: str
     summary: str
     values: Callable[[int, int], RecipeLayer]
+    by_length: Callable[[float | None], RecipeLayer] | None = None
 
 
 def _no_target(section: Any, step: int, total_steps: int) -> float | None:

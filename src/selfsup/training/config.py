@@ -302,7 +302,11 @@ def resolve_layers(data: dict) -> dict:
     size = recipes.native_image_size(dataset if isinstance(dataset, str) else "", given)
     batch = get("batch_size")
     batch = batch if isinstance(batch, int) and batch >= 1 else 256
-    layer = recipes.recipe_layer(name, method, size, batch)
+    epochs, steps = data.get("epochs"), data.get("steps")
+    epochs = recipes.run_epochs(dataset if isinstance(dataset, str) else "", batch,
+                                epochs if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else None,
+                                steps if isinstance(steps, int) and not isinstance(steps, bool) else None)
+    layer = recipes.recipe_layer(name, method, size, batch, epochs)
     if backbone.startswith("timm:"):
         layer.pop("zero_init_residual", None)  # a selfsup ResNet option; timm models have their own init
     # A warm-up given as a fraction wins over the recipe's warm-up in epochs.

@@ -20,11 +20,6 @@ from selfsup.training.config import PretrainConfig, check_length, effective_lr, 
 from selfsup.training.config_io import to_dict
 from selfsup.training.step import warmup_steps_for
 
-# Training images of the built-in data sets (pre-training split; STL-10 uses train+unlabeled).
-NUM_TRAIN_IMAGES = {"fashion-mnist": 60000, "mnist": 60000, "embedded": 10000, "cifar10": 50000, "cifar100": 50000,
-                    "stl10": 105000}
-
-
 def count_train_images(dataset: str) -> int | None:
     """Number of pre-training images, from a table or by listing an image folder (no file is opened)."""
     if dataset.startswith(IMAGEFOLDER_PREFIX):
@@ -34,7 +29,7 @@ def count_train_images(dataset: str) -> int | None:
         folder, _ = resolve_split_folder(path, "train")
         return len(images_under(folder))
     name = canonical_dataset_name(dataset)
-    return NUM_TRAIN_IMAGES.get("stl10" if name.startswith("stl10") else name)
+    return recipes.NUM_TRAIN_IMAGES.get("stl10" if name.startswith("stl10") else name)
 
 
 def derived(cfg: PretrainConfig) -> dict:
