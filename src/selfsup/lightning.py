@@ -125,6 +125,9 @@ class SelfSupModule(L.LightningModule):
         return self.schedule().lr(step)
 
     # -- hooks ----------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._optim_step, self._schedule = None, None  # each fit has its own optimiser and length
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Check the batch: images ``(B, C, H, W)``, uint8 in [0, 255] or float in [0, 1], or ``(images, labels)``.
         The views are drawn in the step, on the device, with the loop's per-step seed."""
