@@ -219,3 +219,20 @@ def test_evaluation_crops_the_centre_above_32_px():
     x = prepare_images(img, (0.0,), (1.0,), 96, eval_crop(96))
     assert x.shape == (1, 1, 96, 96) and float(x.min()) == 1.0
     assert float(prepare_images(img, (0.0,), (1.0,), 96).min()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_dry_run_prints_exactly_the_config_the_run_writes(tmp_path, capsys, method):
+    """The config is resolved once: what --dry-run prints is config.yaml of the run, key for key."""
+    from selfsup.cli.app import main
+
+    args = ["pretrain", "--method", method, "--dataset", "embedded", "--steps", "1", "--batch-size", "16",
+            "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "knn_monitor=false",
+            "--set", f"{method}.proj_out_dim=8", "--set", "view.blur_p=0.3", "--no-progress", "--logger", ""]
+    assert main(args + ["--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written == printed
+    assert printed[method]["proj_out_dim"] == 8 and printed["view"]["blur_p"] == 0.3
+    assert not {m for m in ("simclr", "simclrv2", "byol", "supervised") if m != method} & set(printed)
