@@ -83,7 +83,7 @@ def test_linear_eval_within_0_3_points_of_the_best_scikit_learn_logistic_regress
     best = choose_c(val_acc)
     assert best == pytest.approx(ours["C"], rel=1e-9), (best, ours["C"])
     ref = 100 * LogisticRegression(C=best, max_iter=10000).fit(s_tr.numpy(), ytr.numpy()).score(s_te.numpy(), yte.numpy())
-    assert abs(ours["top1"] - ref) <= 0.3, (ours["top1"], ref, ours["C"], best)
+    assert abs(ours["top1"] - ref) <= 0.3 + 1e-4, (ours["top1"], ref, ours["C"], best)  # float32 accuracy
     # The record reproduces the figure: refitting scikit-learn at the recorded C gives the same top-1.
     again = 100 * LogisticRegression(C=ours["C"], max_iter=10000).fit(s_tr.numpy(), ytr.numpy()).score(s_te.numpy(), yte.numpy())
     assert abs(again - ours["top1"]) <= 0.1 + 1e-4

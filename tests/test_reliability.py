@@ -330,8 +330,8 @@ def _inject(monkeypatch, nan_input_calls=(), inf_grad_calls=()):
     real_build = train_mod.build_model
     counter = {"n": 0}
 
-    def build(cfg, in_channels, image_size, **kw):
-        model = real_build(cfg, in_channels, image_size, **kw)
+    def build(cfg, in_channels, image_size, *args, **kw):
+        model = real_build(cfg, in_channels, image_size, *args, **kw)
         forward = model.forward
         first = next(model.parameters())
 

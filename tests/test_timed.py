@@ -194,7 +194,7 @@ def test_budget_counts_from_the_start_of_pretrain(tmp_path, tiny_cfg, monkeypatc
 
 
 def test_knn_cost_is_measured_by_embedding_a_sample(monkeypatch):
-    from selfsup.training import knn_monitor
+    from selfsup.training import monitors as knn_monitor
 
     clock = FakeClock(0.0)
     embedded = []
