@@ -5,7 +5,7 @@ On the same standardised frozen features (a run's encoder with ``--run RUN``, ra
 its dataset, and ends with one line each), prints our probe's test top-1 (``selfsup.evaluation.frozen.linear_eval``, the default
 solver) beside scikit-learn's ``LogisticRegression`` (lbfgs, ``max_iter=10000``, cold start) with C
 chosen on the same held-out split (stratified 10%, seed 0) from every half-decade 1e-4..1e1, refitted
-on the whole training set; and the difference (issue 12's target: within 0.3 points). Two references:
+on the whole training set; and the difference (the target: within 0.3 points). Two references:
 C by the plain arg-max of scikit-learn's validation top-1 (what a user does by hand), and C by our
 probe's rule (``choose_c``: the curve averaged over neighbouring half-decades) applied to
 scikit-learn's own validation curve, which isolates the solvers from the selection rule.

@@ -48,7 +48,7 @@ BUDGETS = {
               "batch_size": 128},
     "medium": {"pretrain_minutes": 8.0, "finetune_steps": 150, "distill_steps": 150, "distill_epochs": None,
                "batch_size": 128},
-    # the 10-minute pre-training of the issue-2 target run, the paper's fine-tuning epochs, 1 distillation epoch
+    # a 10-minute pre-training run, the paper's fine-tuning epochs, 1 distillation epoch
     "ten": {"pretrain_minutes": 10.0, "finetune_steps": None, "distill_steps": None, "distill_epochs": 1.0,
             "batch_size": 128},
     "full": {"pretrain_minutes": 60.0, "finetune_steps": None, "distill_steps": None, "distill_epochs": 10.0,

@@ -1,4 +1,4 @@
-"""`selfsup finetune --run RUN` takes its fine-tuning values from a recipe chosen from the pre-training run (issue 13).
+"""`selfsup finetune --run RUN` takes its fine-tuning values from a recipe chosen from the pre-training run.
 
 SimCLRv2 (Chen et al. 2020b, App. B) fine-tunes wide and SK encoders with LARS, lr 0.005 x sqrt(B) at batch 1024,
 no weight decay, from the head's first layer, 60 epochs with 1% of the labels and 30 with 10%. The numbers below are

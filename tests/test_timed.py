@@ -30,7 +30,7 @@ def _equal(a, b):
 
 def test_replan_is_a_pure_function_of_budget_elapsed_and_pace():
     plan = TimePlan(budget_s=600.0, total_steps=1874, warmup_steps=94)
-    # The BYOL case: planned at 296 ms/step, runs at 163 ms/step. At step 200 (32.6 s of steps
+    # A BYOL case: planned at 296 ms/step, runs at 163 ms/step. At step 200 (32.6 s of steps
     # + 5 s of calibration) the remaining 562.4 s hold 3450 more steps.
     new = replan(plan, 200, 37.6, 0.163)
     assert new == 200 + steps_for(600.0 - 37.6, 0.163) == 3650

@@ -6,8 +6,8 @@ image with what was applied (from ``BatchAugment(..., return_params=True)``), an
 classifier (``selfsup.evaluation.frozen.linear_eval``) on frozen h and on z = g(h) to predict it. The paper
 finds z forgets much of it (rotation 67.6% from h vs 25.6% from z; orig. vs Sobel 96.6 vs 56.3).
 
-Deviations, written down: the paper trains an MLP on the features; this is a linear probe (as the
-issue asks). Grayscale is a probe only for 3-channel images (a no-op on 1-channel data such as
+Deviations, written down: the paper trains an MLP on the features; this is a linear probe (the
+protocol every other evaluation here uses). Grayscale is a probe only for 3-channel images (a no-op on 1-channel data such as
 Fashion-MNIST). Blur sigma is 0.1-2.0 px at the run's image size (``blur_sigma_ref_size``), so
 blurred images are visibly blurred at 16-28 px. Only the probed transformation is applied (no crop).
 """
