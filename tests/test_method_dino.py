@@ -104,7 +104,7 @@ def test_update_target_moves_teacher_by_ema_and_centre_by_eq4():
             p.add_(0.1)
     glob, loc = _views()
     model(*glob, *loc)
-    model(*glob)  # a second micro-batch: the centre takes the mean over both
+    model(*loc[::-1])  # a second micro-batch (other images): the centre takes the mean over both
     rows = torch.cat(model.pending_teacher_out)
     c0 = model.center.clone()
     t0 = {k: v.clone() for k, v in model.teacher_backbone.named_parameters()}
