@@ -230,3 +230,28 @@ def test_lightning_fits_two_steps(tmp_path, tiny_cfg):
     assert trainer.global_step == 2
     assert any(not torch.equal(v, teacher0[k]) for k, v in module.model.teacher_backbone.named_parameters())
     assert module.model.center.abs().sum() > 0  # the centre moved in the post-step call
+
+
+def test_resume_restores_teacher_and_centre_exactly(tmp_path, tiny_cfg):
+    from selfsup.training.checkpoint import list_checkpoints, load_weights
+
+    cfg = tiny_cfg(method="dino", precision="fp32", multicrop={"num_local": 2, "local_size": 8},
+                   dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 0.01,
+                         "teacher_temp": 0.07, "freeze_last_layer": 0.01})
+    full = pretrain(cfg, tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def bomb(step):
+        if step == 4:  # after the checkpoint at step 3
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(cfg, tmp_path / "cut", progress=False, on_step=bomb)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_00000003"]
+    resumed = pretrain(cfg, tmp_path / "cut", resume=True, progress=False)
+    a, b = load_weights(full), load_weights(resumed)
+    assert "center" in a and any(k.startswith("teacher_") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["center"].abs().sum() > 0
