@@ -193,19 +193,19 @@ def _knn(encoder, train, test) -> float:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "measured: on the 1/16-width ResNet-18 (32-d features) at 16 px, 150 steps, DINO's normalised bottleneck "
+    "measured: on the 1/16-width ResNet-18 (32-d features) at 16 px, 100-150 steps, DINO's normalised bottleneck "
     "collapses to a constant within the first 10 steps (collapse_std < 0.01 of a healthy 0.125) and the teacher "
     "goes uniform, for LARS lr 0.25-0.75, SGD, AdamW, teacher temperature 0.02-0.04, BN in the head and a 40% "
     "warm-up alike; the narrow CPU encoder on Fashion-MNIST does learn (selfsup.methods.dino, the CPU recipe)"))
 def test_a_short_run_learns_features_and_lowers_the_loss(tmp_path, tiny_cfg):
-    cfg = tiny_cfg(method="dino", image_size=16, batch_size=64, steps=150, checkpoint_every=1000, log_every=10,
+    cfg = tiny_cfg(method="dino", image_size=16, batch_size=32, steps=100, checkpoint_every=1000, log_every=10,
                    precision="fp32", channels_last=False, multicrop={"num_local": 2, "local_size": 8},
                    optim={"lr": 1.0, "warmup_fraction": 0.05},
                    dino={"out_dim": 1024, "hidden_dim": 128, "bottleneck_dim": 64, "teacher_temp": 0.04,
                          "freeze_last_layer": 0.1})
     pretrain(cfg, tmp_path / "r", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 15 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < min(losses[:3]) - 0.2, losses
     train, test = load_dataset("embedded", "train"), load_dataset("embedded", "test")
     trained = load_encoder(load_run(tmp_path / "r"))
