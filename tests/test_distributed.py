@@ -59,6 +59,9 @@ def _tiny_method(name: str) -> torch.nn.Module:
         return SimCLR(backbone, ProjectionHead(backbone.num_features, 32, 16), temperature=0.2).double()
     from selfsup.training.config import PretrainConfig
 
+    if name == "dino":  # a head with batch norm, so synchronised BN is exercised in the head too
+        section = METHODS[name].config(out_dim=16, hidden_dim=32, bottleneck_dim=8, use_bn_in_head=True)
+        return METHODS[name].build(section, backbone).double()
     cfg = PretrainConfig(method=name, section=METHODS[name].config(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32))
     return METHODS[name].build(cfg.section, backbone).double()
 
@@ -70,7 +73,7 @@ def _global_views():
 
 
 def _methods_under_test() -> list[str]:
-    return [m for m in ("simclr", "byol") if m in METHODS]  # BYOL's check runs once methods/byol.py is registered
+    return [m for m in ("simclr", "byol", "dino") if m in METHODS]  # BYOL's check runs once methods/byol.py is registered
 
 
 def _worker(rank: int, ports: list[int], out_dir: str) -> None:
@@ -171,6 +174,12 @@ def test_ddp_with_sync_bn_equals_one_process_with_twice_the_batch(name, equivale
         assert not any(k.startswith("target_") for k in grads)
         target = {k for k in list(dict(model.named_parameters())) + list(buffers) if k.startswith("target_")}
         assert target and all(target <= res["byol"]["ddp_ignored"] for res in equivalence_results)
+    if name == "dino":
+        # The teacher is trained by EMA only and the centre is all-reduced by the method: both outside DDP.
+        assert not any(k.startswith("teacher_") for k in grads)
+        kept_out = {k for k in list(dict(model.named_parameters())) + list(buffers)
+                    if k.startswith("teacher_") or k == "center"}
+        assert kept_out and all(kept_out <= res["dino"]["ddp_ignored"] for res in equivalence_results)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (5, 4, 3, 2)])

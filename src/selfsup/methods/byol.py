@@ -84,16 +84,31 @@ class BYOL(nn.Module):
         yield from self.target_backbone.parameters()
         yield from self.target_projector.parameters()
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
+        """The loss of two global views and any number of local crops after them (multi-crop).
+
+        Two views: the paper's ``byol_loss(p1, t2) + byol_loss(p2, t1)`` (Eq. 2). With ``V`` local crops the
+        target network sees the global views only (SwAV, Caron et al. 2020, Sec. 3.2: every crop is compared
+        with the global views only; as DINO's teacher, Caron et al. 2021, Sec. 3.1); each global view's
+        prediction regresses onto the other global view's target projection, and each local crop's prediction
+        onto both global views' target projections. The loss is ``2 x`` the mean of these ``2 + 2V`` terms, so
+        it keeps the two-view loss's scale (``L + L~``, in [0, 8]) and with no local crops is exactly it.
+        """
         x = torch.cat([view1, view2], dim=0)
-        z = self.projector(self.backbone(x))
+        h = self.backbone(x)
+        if local_views:  # another resolution: its own encoder pass, one head pass on every crop
+            h = torch.cat([h, self.backbone(torch.cat(local_views, dim=0))], dim=0)
+        z = self.projector(h)
         p = self.predictor(z)
         with torch.no_grad():
             z_target = self.target_projector(self.target_backbone(x))
-        p1, p2 = p.chunk(2, dim=0)
+        p1, p2, *p_local = p.chunk(2 + len(local_views), dim=0)
         t1, t2 = z_target.chunk(2, dim=0)
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        logs = {"collapse_std": collapse_std(z), "target_collapse_std": collapse_std(z_target)}
+        if p_local:
+            terms = [byol_loss(pv, t) for pv in p_local for t in (t1, t2)]
+            loss = 2 * (loss + torch.stack(terms).sum()) / (2 + len(terms))
+        logs = {"collapse_std": collapse_std(z[:x.shape[0]]), "target_collapse_std": collapse_std(z_target)}
         return loss, logs
 
     @torch.no_grad()
@@ -149,5 +164,5 @@ SPEC = MethodSpec(
                          "10 warm-up epochs)", byol_recipe),),
     paper_recipe="byol", accepts=("cpu", "byol"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
     describe=lambda section: f"base tau {section.base_tau:g}" + ("" if section.predictor else ", no predictor"),
-    target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim,
+    target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim, multicrop=True,
 )

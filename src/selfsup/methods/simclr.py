@@ -66,14 +66,31 @@ class SimCLR(nn.Module):
         self.head = head
         self.temperature = temperature
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
-        # One forward over both views: batch norm then sees 2N samples, as in the paper's implementation.
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
+        """The loss of two global views and any number of local crops after them (multi-crop).
+
+        Two views: ``nt_xent(z1, z2)``, the paper's loss. With ``V`` local crops (SwAV, Caron et al. 2020,
+        Sec. 3.2: each crop is compared with the global views only; its App. applies multi-crop to SimCLR) the loss
+        is the mean of ``1 + 2V`` NT-Xent terms, each over the batch and both directions: the global pair
+        ``(z1, z2)`` and every pair ``(z_v, z_g)`` of a local crop ``v`` with a global view ``g``; local crops
+        are never paired with each other. The negatives of a term are the other images' crops of that term's
+        two crops. The mean over pairs follows DINO's loss (Caron et al. 2021, Eq. 3), which averages over
+        every (global, other crop) pair. With no local crops the computation is exactly the two-view one.
+        """
+        # One forward over both views: batch norm then sees 2N samples, as in the paper's implementation. Local
+        # crops (another resolution) get their own encoder pass, and the head runs once on every crop, as in
+        # DINO's MultiCropWrapper.
         h = self.backbone(torch.cat([view1, view2], dim=0))
+        if local_views:
+            h = torch.cat([h, self.backbone(torch.cat(local_views, dim=0))], dim=0)
         z = self.head(h)
-        z1, z2 = z.chunk(2, dim=0)
+        z1, z2, *z_local = z.chunk(2 + len(local_views), dim=0)
         loss = nt_xent(z1, z2, self.temperature)
+        if z_local:
+            terms = [nt_xent(zv, zg, self.temperature) for zv in z_local for zg in (z1, z2)]
+            loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
         with torch.no_grad():
-            zn = torch.nn.functional.normalize(z.float(), dim=1)
+            zn = torch.nn.functional.normalize(z[:2 * view1.shape[0]].float(), dim=1)
             logs = {"z_std": zn.std(dim=0).mean()}
         return loss, logs
 
@@ -121,5 +138,5 @@ SPEC = MethodSpec(
     recipes=(PaperRecipe("simclr", "SimCLR paper (LARS 0.075 x sqrt(B) below batch 4096, 0.3 x B/256 from 4096, "
                          "wd 1e-6, temperature 0.1 / 0.5 at <= 32 px, 10 warm-up epochs)", simclr_recipe),),
     paper_recipe="simclr", accepts=("cpu", "simclr", "simclrv2"), paper_lr=simclr_paper_lr,
-    describe=lambda section: f"temperature {section.temperature:g}", min_batch=2,
+    describe=lambda section: f"temperature {section.temperature:g}", min_batch=2, multicrop=True,
 )
