@@ -70,7 +70,7 @@ def _global_views():
 
 
 def _methods_under_test() -> list[str]:
-    return [m for m in ("simclr", "byol") if m in METHODS]  # BYOL's check runs once methods/byol.py is registered
+    return [m for m in ("simclr", "byol", "moco") if m in METHODS]  # each check runs once its method is registered
 
 
 def _worker(rank: int, ports: list[int], out_dir: str) -> None:
@@ -166,11 +166,11 @@ def test_ddp_with_sync_bn_equals_one_process_with_twice_the_batch(name, equivale
         # Running statistics of every BN layer were updated with the global batch's mean and variance.
         for k, b in buffers.items():
             torch.testing.assert_close(got["buffers"][k], b, rtol=0, atol=1e-10, msg=k)
-    if name == "byol":
+    if name in ("byol", "moco"):
         # The target network is trained by EMA only: no gradients, and kept out of DDP entirely.
         assert not any(k.startswith("target_") for k in grads)
         target = {k for k in list(dict(model.named_parameters())) + list(buffers) if k.startswith("target_")}
-        assert target and all(target <= res["byol"]["ddp_ignored"] for res in equivalence_results)
+        assert target and all(target <= res[name]["ddp_ignored"] for res in equivalence_results)
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (5, 4, 3, 2)])
