@@ -70,7 +70,7 @@ def _global_views():
 
 
 def _methods_under_test() -> list[str]:
-    return [m for m in ("simclr", "byol", "moco") if m in METHODS]  # each check runs once its method is registered
+    return [m for m in ("simclr", "byol", "moco", "simsiam") if m in METHODS]  # each check runs once its method is registered
 
 
 def _worker(rank: int, ports: list[int], out_dir: str) -> None:
