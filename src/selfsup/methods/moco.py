@@ -62,13 +62,14 @@ MAX_QUEUE = 1 << 20  # keys; MoCo v2 keeps 65536
 
 @dataclass
 class MoCoConfig:
-    """MoCo v3's keys (section ``moco``). Defaults: the CPU recipe's heads, the official ResNet values otherwise."""
+    """MoCo v3's keys (section ``moco``). Defaults: the CPU recipe's heads and temperature (the ``moco`` recipe sets
+    the official ones), the official ResNet values otherwise."""
 
     proj_hidden_dim: int | None = None  # None: the backbone's num_features (official ResNet-50: 4096)
     proj_out_dim: int = 128  # official: 256
     proj_layers: int = 2  # official ResNet code: 2 (the ViT projector has 3)
     pred_hidden_dim: int | None = None  # None: proj_hidden_dim (official: 4096)
-    temperature: float = 1.0  # official ResNet-50 (--moco-t); ViT: 0.2
+    temperature: float = 0.2  # the CPU recipe's; official ResNet-50 1.0 (--moco-t, the moco recipe), ViT 0.2
     base_tau: float = 0.99  # momentum at step 0, cosine to 1 (--moco-m 0.99 --moco-m-cos)
     queue_size: int = 0  # past keys as extra negatives (MoCo v2: 65536); 0: off (MoCo v3)
 
@@ -216,7 +217,7 @@ SPEC = MethodSpec(
     paper="Chen, Xie and He 2021, An Empirical Study of Training Self-Supervised Vision Transformers "
           "(arXiv 2104.02057)",
     config=MoCoConfig, build=build_moco, views=moco_views,
-    cpu=RecipeLayer(shared={"optim": {"lr": 2.0}}, section={"temperature": 0.2}),  # measured: module docstring
+    cpu=RecipeLayer(shared={"optim": {"lr": 2.0}}),  # with the section's temperature 0.2; measured: module docstring
     recipes=(PaperRecipe("moco", "MoCo v3 official ResNet-50 (LARS 0.6 x B/256, wd 1e-6, momentum 0.99 -> 1, "
                          "temperature 1.0, 10 warm-up epochs; CIFAR size: solo-learn's 0.3 x B/256, temperature 0.2)",
                          moco_recipe),),
