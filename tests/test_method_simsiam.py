@@ -51,7 +51,7 @@ def test_forward_loss_and_gradient_are_algorithm_1_with_stop_gradient():
 
 def test_official_heads_fixed_predictor_lr_and_config(tiny_cfg):
     backbone = build_backbone("resnet18", in_channels=1, image_size=16, width=0.0625)
-    model = build_simsiam(SimSiamConfig(proj_out_dim=64), backbone)
+    model = build_simsiam(SimSiamConfig(proj_out_dim=64, proj_layers=3), backbone)  # the ImageNet projector
     proj, pred = model.projector.layers, model.predictor.layers
     assert len(proj) == 3 and len(pred) == 2  # 3-layer projector, 2-layer bottleneck predictor
     assert proj[0][0].out_features == backbone.num_features  # hidden = the backbone's width (official prev_dim)

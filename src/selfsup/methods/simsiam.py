@@ -24,6 +24,11 @@ Deviations, written down:
   (the official SGD decays every parameter).
 - ``D`` is computed through ``selfsup.losses.byol_loss`` (``2 - 2 cos``, fp32, target detached):
   ``D(p, sg(z)) = byol_loss(p, z) / 2 - 1``, the same value and gradient.
+- CPU defaults (the ``cpu`` recipe, measured on Fashion-MNIST with the narrow ResNet-18, batch 256, 1,000 steps,
+  one CPU thread): SGD lr 0.4 x B/256 with weight decay 5e-4 (the CIFAR value) and the 2-layer CIFAR projector
+  gave linear top-1 86.85 / kNN 80.40 (collapse_std 0.0215 at the end, healthy 1/sqrt(2048) = 0.0221); the
+  paper's ImageNet values (0.05 x B/256, wd 1e-4, 3 layers) gave 79.41 / 72.27: 1,000 steps of a small batch need a
+  larger step than 0.05 (as BYOL's and SimCLR's CPU defaults). No warm-up, as the paper.
 """
 from __future__ import annotations
 
@@ -44,11 +49,12 @@ from selfsup.views.config import ViewConfig
 
 @dataclass
 class SimSiamConfig:
-    """SimSiam's keys (section ``simsiam``); defaults are the paper's ImageNet heads."""
+    """SimSiam's keys (section ``simsiam``). Defaults: the CPU recipe's 2-layer projector (the paper's CIFAR one;
+    the ``simsiam`` recipe sets 3 at ImageNet size), the paper's widths otherwise."""
 
     proj_hidden_dim: int | None = None  # None: the backbone's num_features (official: prev_dim, 2048 on ResNet-50)
     proj_out_dim: int = 2048  # official --dim
-    proj_layers: int = 3  # Sec. 3 / official code; the CIFAR section: 2
+    proj_layers: int = 2  # the CIFAR section's (and the CPU recipe's); ImageNet (Sec. 3, official code): 3
     pred_hidden_dim: int | None = None  # the bottleneck; None: proj_out_dim // 4 (official --pred-dim 512)
     fix_pred_lr: bool = True  # the predictor keeps its starting lr (Sec. 4.1, official --fix-pred-lr)
 
@@ -128,7 +134,8 @@ SPEC = MethodSpec(
     name="simsiam", title="SimSiam",
     paper="Chen and He 2021, Exploring Simple Siamese Representation Learning (arXiv 2011.10566)",
     config=SimSiamConfig, build=build_simsiam, views=simsiam_views,
-    cpu=RecipeLayer(shared={"optim": {"name": "sgd", "lr": 0.05, "weight_decay": 1e-4, "warmup_fraction": 0.0}}),
+    # SGD 0.4 x B/256, wd 5e-4, no warm-up, with the section's 2-layer projector; measured: module docstring
+    cpu=RecipeLayer(shared={"optim": {"name": "sgd", "lr": 0.4, "weight_decay": 5e-4, "warmup_fraction": 0.0}}),
     recipes=(PaperRecipe("simsiam", "SimSiam paper (SGD 0.05 x B/256, wd 1e-4, no warm-up, fixed predictor lr; "
                          "CIFAR size: 0.03 x B/256, wd 5e-4, 2-layer projector)", simsiam_recipe),),
     paper_recipe="simsiam", accepts=("cpu", "simsiam"), paper_lr=lambda batch_size: 0.05 * batch_size / 256,
