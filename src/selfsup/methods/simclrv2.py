@@ -7,13 +7,13 @@ and distillation, ``selfsup.protocols``).
 
 Memory buffer (Sec. 2, "we also incorporate the memory mechanism from MoCo"): a queue of 64K past negatives
 whose keys come from a momentum encoder with momentum 0.999, worth about 1% in linear evaluation at small
-batch sizes and little at 4096. With ``queue_size > 0`` the model is :class:`SimCLRv2Buffer`: the queries are
+batch sizes. With ``queue_size > 0`` the model is :class:`SimCLRv2Buffer`: the queries are
 the online head's outputs z, the keys the momentum copy's, and the loss is InfoNCE over the other view's key,
 the rest of the global batch's keys and the queue (``selfsup.losses.infonce_loss``), each direction's plain
 cross-entropy averaged over the two directions, the scale of NT-Xent. The paper does not say more; the
 deviations from NT-Xent follow MoCo: the negatives are keys (the other view's momentum outputs), not the
 online z of the same view, and the momentum is constant (the paper's 0.999, no schedule). The buffer is
-off in the ``simclrv2`` recipe, as in the official code's defaults.
+off by default and in the ``simclrv2`` recipe (``--set simclrv2.queue_size=65536`` turns it on).
 """
 from __future__ import annotations
 
