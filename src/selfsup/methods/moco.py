@@ -27,9 +27,9 @@ Deviations from the official code, written down:
   updates is the same except that each uses the rate one iteration earlier.
 - CPU defaults (the ``cpu`` recipe): heads follow the encoder (hidden width = ``num_features``, 128 out)
   instead of 4096 / 256, as for SimCLR and BYOL here, LARS base lr 2.0 x B/256 (SimCLR's CPU value) and
-  temperature 0.2 (solo-learn's CIFAR value) instead of 1.0. One 1,000-step run on Fashion-MNIST (narrow
-  ResNet-18, batch 256, one CPU thread) gave linear top-1 87.42 and kNN top-1 80.79, level with SimCLR's CPU
-  default at 1,000 steps (86.68 / 79.86, docs/benchmarks.md); a run at temperature 1.0 was not measured.
+  temperature 0.2 (solo-learn's CIFAR value) instead of 1.0. 1,000 steps on Fashion-MNIST (narrow ResNet-18,
+  batch 256, one CPU thread): linear / kNN top-1 87.42 / 80.79 at temperature 0.2, 86.26 / 79.03 at the
+  official 1.0; SimCLR's CPU default gives 86.68 / 79.86 at 1,000 steps (docs/benchmarks.md).
 
 Queue (``queue_size > 0``, off by default; MoCo v2's 65536 keys): a buffer of past keys (saved in checkpoints,
 so a resumed run continues with the same negatives) appended to the negatives of every query
