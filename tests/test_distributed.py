@@ -57,6 +57,11 @@ def _tiny_method(name: str) -> torch.nn.Module:
         from selfsup.methods.simclr import SimCLR
 
         return SimCLR(backbone, ProjectionHead(backbone.num_features, 32, 16), temperature=0.2).double()
+    if name == "simclrv2+queue":  # SimCLRv2's memory buffer: momentum keys and a queue of past keys as negatives
+        from selfsup.methods.simclrv2 import SimCLRv2Config, build_simclrv2
+
+        section = SimCLRv2Config(proj_hidden_dim=32, proj_out_dim=16, temperature=0.2, queue_size=24)
+        return build_simclrv2(section, backbone).double()
     from selfsup.training.config import PretrainConfig
 
     if name == "dino":  # a head with batch norm, so synchronised BN is exercised in the head too
@@ -73,7 +78,8 @@ def _global_views():
 
 
 def _methods_under_test() -> list[str]:
-    return [m for m in ("simclr", "byol", "dino") if m in METHODS]  # BYOL's check runs once methods/byol.py is registered
+    names = [m for m in ("simclr", "byol", "dino", "moco", "simsiam") if m in METHODS]  # each runs once registered
+    return names + ["simclrv2+queue"]
 
 
 def _worker(rank: int, ports: list[int], out_dir: str) -> None:
@@ -169,11 +175,11 @@ def test_ddp_with_sync_bn_equals_one_process_with_twice_the_batch(name, equivale
         # Running statistics of every BN layer were updated with the global batch's mean and variance.
         for k, b in buffers.items():
             torch.testing.assert_close(got["buffers"][k], b, rtol=0, atol=1e-10, msg=k)
-    if name == "byol":
+    if name in ("byol", "moco", "simclrv2+queue"):
         # The target network is trained by EMA only: no gradients, and kept out of DDP entirely.
         assert not any(k.startswith("target_") for k in grads)
         target = {k for k in list(dict(model.named_parameters())) + list(buffers) if k.startswith("target_")}
-        assert target and all(target <= res["byol"]["ddp_ignored"] for res in equivalence_results)
+        assert target and all(target <= res[name]["ddp_ignored"] for res in equivalence_results)
     if name == "dino":
         # The teacher is trained by EMA only and the centre is all-reduced by the method: both outside DDP.
         assert not any(k.startswith("teacher_") for k in grads)
