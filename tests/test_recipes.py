@@ -56,10 +56,10 @@ EXPECTED = {
     ("simclrv2", "cpu"): {"recipe": "cpu", "optim": ("lars", 2.0, "linear", 1e-6, 0.05, None), "effective_lr": 2.0,
                           "temperature": 0.2, "heads": (None, 128, 3, None), "official": (False, True, False, True),
                           "base_tau": None},
-    ("simclrv2", "cifar"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, 10.0),
+    ("simclrv2", "cifar"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, None),
                             "effective_lr": round(0.1 * math.sqrt(512), 4), "temperature": 0.5,
                             "heads": (None, 128, 3, None), "official": (True, True, True, True), "base_tau": None},
-    ("simclrv2", "imagenet"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, 10.0), "effective_lr": 6.4,
+    ("simclrv2", "imagenet"): {"recipe": "simclrv2", "optim": ("lars", 0.1, "sqrt", 1e-4, 0.05, None), "effective_lr": 6.4,
                                "temperature": 0.1, "heads": (None, 128, 3, None), "official": (True, True, True, False),
                                "base_tau": None},
 }
@@ -171,9 +171,11 @@ def test_dry_run_prints_the_resolved_config_without_reading_data(tmp_path, capsy
                  "--set", "image_size=224"]) == 0
     out = capsys.readouterr().out
     data = yaml.safe_load(out)
-    assert data["recipe"] == "byol" and data["optim"]["lr"] == 0.2 and data["byol"]["proj_hidden_dim"] == 4096
+    # 100 epochs: the official config's 100-epoch values (lr 0.45, base tau 0.99)
+    assert data["recipe"] == "byol" and data["optim"]["lr"] == 0.45 and data["byol"]["proj_hidden_dim"] == 4096
+    assert data["byol"]["base_tau"] == 0.99
     assert "simclr" not in data and "temperature" not in data  # only the chosen method's keys
-    assert "# effective_lr: 3.2" in out and "# total_steps: 1200" in out and "# warmup_steps: 120" in out
+    assert "# effective_lr: 7.2" in out and "# total_steps: 1200" in out and "# warmup_steps: 120" in out
     again = build_config(PretrainConfig, data)  # the output is a loadable config
     assert to_dict(again) == data
     assert not (tmp_path / "nothing-here").exists()
@@ -238,3 +240,26 @@ def test_dry_run_prints_exactly_the_config_the_run_writes(tmp_path, capsys, meth
     assert written == printed
     assert printed[method]["proj_out_dim"] == 8 and printed["view"]["blur_p"] == 0.3
     assert not {m for m in ("simclr", "simclrv2", "byol", "supervised") if m != method} & set(printed)
+
+
+@pytest.mark.parametrize("epochs,values", [(40, (0.45, 1e-6, 0.97)), (100, (0.45, 1e-6, 0.99)), (300, (0.3, 1e-6, 0.99)),
+                                           (1000, (0.2, 1.5e-6, 0.996)), (60, (0.45, 1e-6, 0.97)),
+                                           (700, (0.2, 1.5e-6, 0.996))])
+def test_byol_recipe_takes_the_official_configs_values_by_run_length(epochs, values):
+    """deepmind-research byol/configs/byol.py: lr, weight decay and base tau chosen by the number of epochs (the
+    preset nearest in log scale between them); given in steps, the length is counted in epochs of the data set."""
+    cfg = resolved("byol", CIFAR, epochs=float(epochs))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.byol.base_tau) == values
+    in_steps = resolved("byol", CIFAR, steps=epochs * (50000 // 512))
+    assert (in_steps.optim.lr, in_steps.optim.weight_decay, in_steps.byol.base_tau) == values
+    given = resolved("byol", CIFAR, epochs=float(epochs), byol={"base_tau": 0.9}, optim={"lr": 0.1})
+    assert (given.optim.lr, given.byol.base_tau) == (0.1, 0.9)  # keys given explicitly still win
+
+
+def test_simclrv2_warms_up_over_a_fraction_of_the_run():
+    """SimCLRv2 Sec. 3: the learning rate rises linearly over the first 5% of the epochs."""
+    from selfsup.training.step import warmup_steps_for
+
+    cfg = resolved("simclrv2", IMAGENET, epochs=800.0)
+    assert cfg.optim.warmup_epochs is None and cfg.optim.warmup_fraction == 0.05
+    assert warmup_steps_for(cfg, 800 * 312, 312) == round(0.05 * 800 * 312)

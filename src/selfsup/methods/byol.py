@@ -20,6 +20,7 @@ Deviations from the paper, written down:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,21 @@ def byol_recipe(image_size: int, batch_size: int) -> RecipeLayer:
                  "base_tau": 0.996})
 
 
+# The official configs' values by run length (deepmind-research byol/configs/byol.py: _LR_PRESETS,
+# _WD_PRESETS, _EMA_PRESETS): epochs -> (base lr x B/256, weight decay, base tau).
+LENGTH_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
+
+
+def byol_length_preset(epochs: float | None) -> RecipeLayer:
+    """The official config's lr, weight decay and base tau for a run of ``epochs`` epochs: the preset nearest in
+    log scale (the official code accepts only 40, 100, 300 and 1,000); the 1,000-epoch one (the paper's main
+    setting) when the length is not known before the run."""
+    nearest = 1000 if epochs is None or epochs <= 0 else min(
+        LENGTH_PRESETS, key=lambda e: abs(math.log(e) - math.log(epochs)))
+    lr, wd, tau = LENGTH_PRESETS[nearest]
+    return RecipeLayer(shared={"optim": {"lr": lr, "weight_decay": wd}}, section={"base_tau": tau})
+
+
 def byol_target_tau(section: BYOLConfig, step: int, total_steps: int | None) -> float:
     """The cosine schedule of Sec. 3.2 over the run (``base_tau`` itself while a timed run measures its pace)."""
     return ema_tau(step, total_steps, section.base_tau) if total_steps else section.base_tau
@@ -161,7 +177,8 @@ SPEC = MethodSpec(
     # LARS base lr 3.0 x B/256 with the paper's weight decay (see the module docstring)
     cpu=RecipeLayer(shared={"optim": {"lr": 3.0, "weight_decay": 1.5e-6}}),
     recipes=(PaperRecipe("byol", "BYOL paper (LARS 0.2 x B/256, wd 1.5e-6, tau 0.996, heads 4096-256, "
-                         "10 warm-up epochs)", byol_recipe),),
+                         "10 warm-up epochs; lr, wd and tau by run length as the official configs)", byol_recipe,
+                         by_length=byol_length_preset),),
     paper_recipe="byol", accepts=("cpu", "byol"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
     describe=lambda section: f"base tau {section.base_tau:g}" + ("" if section.predictor else ", no predictor"),
     target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim, multicrop=True,

@@ -117,13 +117,14 @@ def _clear_keys(model: nn.Module, step: int, schedule) -> None:
 
 
 def simclrv2_recipe(image_size: int, batch_size: int) -> RecipeLayer:
-    """SimCLRv2 Sec. 2 / App.: LARS lr 0.1 x sqrt(B) (6.4 at 4096), weight decay 1e-4, temperature 0.1 (0.5 at
-    CIFAR size, taken from SimCLR App. B.9; the v2 paper is silent), 3-layer head ending in BN with a scale
-    (official code), 10 warm-up epochs (the official code uses 5)."""
+    """SimCLRv2 Sec. 3 ("Settings"): LARS, the learning rate increased linearly over the first 5% of the epochs to
+    0.1 x sqrt(B) (6.4 at 4096), then cosine decay; weight decay 1e-4, temperature 0.1 (0.5 at CIFAR size, taken
+    from SimCLR App. B.9; the v2 paper is silent), 3-layer head ending in BN with a scale (official code). The
+    warm-up is a fraction of the run (``optim.warmup_fraction``), so it scales with the run's length."""
     return RecipeLayer(
         shared={"zero_init_residual": True,
                 "optim": {"name": "lars", "lr": 0.1, "lr_scaling": "sqrt", "weight_decay": 1e-4, "momentum": 0.9,
-                          "warmup_epochs": 10.0, "final_lr_fraction": 0.0}},
+                          "warmup_fraction": 0.05, "warmup_epochs": None, "final_lr_fraction": 0.0}},
         section={"temperature": 0.5 if image_size <= SMALL_IMAGE_MAX else 0.1, "proj_out_dim": 128,
                  "proj_hidden_dim": None, "proj_layers": 3, "proj_last_bn": True})
 
@@ -135,7 +136,7 @@ SPEC = MethodSpec(
     config=SimCLRv2Config, build=build_simclrv2, views=simclr_views,
     cpu=RecipeLayer(shared={"optim": {"lr": 2.0}}),  # SimCLR's CPU default
     recipes=(PaperRecipe("simclrv2", "SimCLRv2 paper (LARS 0.1 x sqrt(B), wd 1e-4, temperature 0.1 / 0.5 at <= 32 px, "
-                         "3-layer head, 10 warm-up epochs)", simclrv2_recipe),),
+                         "3-layer head, warm-up 5% of the run)", simclrv2_recipe),),
     paper_recipe="simclrv2", accepts=("cpu", "simclr", "simclrv2"),
     paper_lr=lambda batch_size: 0.1 * math.sqrt(batch_size),
     describe=lambda section: f"temperature {section.temperature:g}"
