@@ -83,7 +83,8 @@ class SelfSupModule(L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.base_lr = scaled_lr(self.cfg.optim.lr, self.cfg.batch_size, self.cfg.optim.lr_scaling)
         dim = self.cfg.spec.collapse_dim(self.cfg.section)
-        self.collapse = CollapseMonitor.for_dim(dim or 1, self.cfg.collapse_threshold if dim else 0.0)
+        self.collapse = CollapseMonitor.for_dim(dim or 1, self.cfg.collapse_threshold if dim else 0.0,
+                                                hint=self.cfg.spec.collapse_hint)
         self.automatic_optimization = False  # the step is OptimStep's, the loop's own
         self._optim_step: OptimStep | None = None
         self._schedule: Schedule | None = None

@@ -181,5 +181,6 @@ SPEC = MethodSpec(
                          by_length=byol_length_preset),),
     paper_recipe="byol", accepts=("cpu", "byol"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
     describe=lambda section: f"base tau {section.base_tau:g}" + ("" if section.predictor else ", no predictor"),
-    target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim, multicrop=True,
+    target_tau=byol_target_tau, collapse_dim=lambda section: section.proj_out_dim,
+    collapse_hint="keep byol.predictor=true and 0 < byol.base_tau < 1 (paper: 0.996), or lower optim.lr", multicrop=True,
 )

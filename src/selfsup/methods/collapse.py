@@ -34,16 +34,17 @@ class CollapseMonitor:
     (a fraction of the healthy value). ``fraction = 0`` disables the monitor.
     """
 
-    def __init__(self, threshold: float, after_step: int = 0):
+    def __init__(self, threshold: float, after_step: int = 0, hint: str = "lower optim.lr"):
         if threshold < 0 or not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
         self.threshold = threshold
         self.after_step = after_step
+        self.hint = hint  # what to change, from the method's spec (``MethodSpec.collapse_hint``)
         self.warned_at: int | None = None
 
     @classmethod
-    def for_dim(cls, dim: int, fraction: float, after_step: int = 0) -> "CollapseMonitor":
-        return cls(fraction / math.sqrt(dim), after_step)
+    def for_dim(cls, dim: int, fraction: float, after_step: int = 0, hint: str = "lower optim.lr") -> "CollapseMonitor":
+        return cls(fraction / math.sqrt(dim), after_step, hint)
 
     def check(self, step: int, value: float | None) -> bool:
         """True (and one ``CollapseWarning``, also printed to stderr) the first time the value is too low."""
@@ -54,8 +55,8 @@ class CollapseMonitor:
         self.warned_at = step
         msg = (f"representation collapse: collapse_std = {value:.4g} at step {step} is below the threshold "
                f"{self.threshold:.4g} (healthy is about 1/sqrt(d)); the online projections are nearly constant "
-               "and the encoder is no longer learning useful features. For BYOL keep predictor=true and "
-               "0 < base_tau < 1 (paper: 0.996), or lower optim.lr; the threshold is collapse_threshold.")
+               f"and the encoder is no longer learning useful features. To avoid it: {self.hint}; the threshold is "
+               "collapse_threshold.")
         warnings.warn(msg, CollapseWarning, stacklevel=2)
         print(f"[selfsup] warning: {msg}", file=sys.stderr)
         return True

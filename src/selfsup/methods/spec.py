@@ -66,6 +66,7 @@ class MethodSpec:
       ``step`` (the model has ``update_target(tau)``), or None for methods without one.
     - ``collapse_dim(section)``: the dimension of the outputs the collapse monitor watches (its
       ``collapse_std`` log), or None where collapse is not the failure mode.
+    - ``collapse_hint``: what the collapse warning advises changing (e.g. BYOL's predictor and target rate).
     - ``min_batch``: the fewest images per batch the loss is defined for (contrastive: 2).
     - ``check(section)``: cross-key validation beyond the section's own (raise ``ConfigError``).
     - ``describe(section)``: the method's key values for the first line of a run and the model card.
@@ -92,6 +93,7 @@ class MethodSpec:
     needs_labels: bool = False
     target_tau: Callable[[Any, int, int], float | None] = _no_target
     collapse_dim: Callable[[Any], int | None] = lambda section: None
+    collapse_hint: str = "lower optim.lr"
     min_batch: int = 1
     check: Callable[[Any], None] = lambda section: None
     multicrop: bool = False

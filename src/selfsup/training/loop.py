@@ -258,7 +258,7 @@ def _open_outputs(run: Run, cfg: PretrainConfig, length: Length, progress: bool)
     prog = Progress(step=length.start_step, bad_total=(run.state or {}).get("bad_steps", 0),
                     last_ckpt=checkpoints[-1] if checkpoints else None,
                     collapse=CollapseMonitor.for_dim(dim or 1, cfg.collapse_threshold if dim else 0.0,
-                                                     after_step=length.warmup_steps),
+                                                     after_step=length.warmup_steps, hint=cfg.spec.collapse_hint),
                     logger=MetricsLogger(run.run_dir, run.main, trackers))
     if run.main and progress:
         prog.bar = tqdm(total=length.total_steps, initial=length.start_step, desc=f"{cfg.method} pre-training",
