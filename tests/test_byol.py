@@ -262,6 +262,11 @@ def test_collapse_std_and_monitor_warns_once_after_warmup():
         assert not monitor.check(13, 0.0)  # only once
     assert monitor.warned_at == 12
     assert not CollapseMonitor.for_dim(d, 0.0).check(100, 0.0)  # threshold 0: off
+    from selfsup.methods import METHODS
+
+    byol = CollapseMonitor.for_dim(d, 0.2, hint=METHODS["byol"].collapse_hint)
+    with pytest.warns(CollapseWarning, match="byol.predictor=true"):  # the method's own advice
+        byol.check(1, 0.0)
 
 
 def test_minutes_budget_with_byol(tmp_path, tiny_cfg):
