@@ -6,7 +6,7 @@ view2, labels)`` where the spec ``needs_labels``) returns ``(loss, logs)``, ``lo
 """
 from __future__ import annotations
 
-from selfsup.methods import byol, simclr, simclrv2, supervised
+from selfsup.methods import barlow_twins, byol, simclr, simclrv2, supervised, vicreg
 from selfsup.methods.byol import BYOL, BYOLConfig
 from selfsup.methods.simclr import SimCLR, SimCLRConfig
 from selfsup.methods.simclrv2 import SimCLRv2Config
@@ -18,6 +18,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     simclr.SPEC,
     simclrv2.SPEC,
     byol.SPEC,
+    barlow_twins.SPEC,
+    vicreg.SPEC,
     supervised.SPEC,  # the baseline: the same encoder trained with labels (the ceiling)
 )}
 
