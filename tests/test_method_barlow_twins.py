@@ -170,3 +170,22 @@ def test_lightning_fits_two_steps():
     assert trainer.global_step == 2
     after = module.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("projector."))
+
+
+def test_recipes_resolve_at_cpu_cifar_and_imagenet_size():
+    from selfsup.training.config import PretrainConfig
+    from selfsup.training.config_io import build_config
+
+    def resolved(**setting):
+        return build_config(PretrainConfig, {"method": "barlow_twins", **setting})
+
+    cpu = resolved(dataset="fashion-mnist")
+    assert cpu.recipe == "cpu" and cpu.optim.lr == 1.6 and cpu.optim.weight_decay == 1e-6
+    assert (cpu.section.proj_hidden_dim, cpu.section.proj_out_dim, cpu.section.proj_layers) == (2048, 2048, 3)
+    cifar = resolved(dataset="cifar10", backbone="resnet18", batch_size=512)
+    assert cifar.recipe == "barlow_twins" and cifar.small_stem and cifar.section.proj_out_dim == 2048
+    assert cifar.optim.lr == 0.2 and cifar.optim.warmup_epochs == 10 and cifar.zero_init_residual
+    imagenet = resolved(dataset="imagefolder:photos", backbone="resnet50", batch_size=2048, image_size=224)
+    assert imagenet.section.proj_out_dim == 8192 and imagenet.optim.final_lr_fraction == 0.001
+    assert getattr(imagenet.section, "bias_lr_ratio") == SPEC.recipes[0].values(224, 2048).section["bias_lr_ratio"]
+    assert imagenet.view.blur_p == 1.0 and imagenet.view2.solarize_p == 0.2  # BYOL's asymmetric views
