@@ -122,7 +122,7 @@ def build_barlow_twins(section: BarlowTwinsConfig, backbone: nn.Module, num_clas
 
 
 def barlow_twins_views(image_size: int) -> tuple[ViewConfig, ViewConfig]:
-    """Sec. 4 / App.: BYOL's asymmetric augmentations (blur 1.0 / 0.1, solarize 0 / 0.2; official ``Transform``)."""
+    """Sec. 4: BYOL's asymmetric augmentations (official ``Transform``: blur 1.0 / 0.1, solarize 0 / 0.2)."""
     return ViewConfig.byol(image_size, 1), ViewConfig.byol(image_size, 2)
 
 

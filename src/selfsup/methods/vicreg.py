@@ -89,13 +89,13 @@ def build_vicreg(section: VICRegConfig, backbone: nn.Module, num_classes: int | 
 
 
 def vicreg_views(image_size: int) -> tuple[ViewConfig, ViewConfig]:
-    """Sec. 4.2 / App. C.1: BYOL's asymmetric augmentations (official ``augmentations.TrainTransform``: blur
-    1.0 / 0.1, solarize 0 / 0.2)."""
+    """BYOL's asymmetric augmentations, as the official ``augmentations.TrainTransform`` (jitter .4/.4/.2/.1 with
+    p 0.8, grayscale 0.2, blur 1.0 / 0.1, solarize 0 / 0.2)."""
     return barlow_twins_views(image_size)
 
 
 def vicreg_recipe(image_size: int, batch_size: int) -> RecipeLayer:
-    """Sec. 4.2 / App. C and the official ``main_vicreg.py``: LARS, lr ``--base-lr`` 0.2 x B/256 (the README's
+    """Sec. 4.2 and the official ``main_vicreg.py`` / README: LARS, lr ``--base-lr`` 0.2 x B/256 (the README's
     1000-epoch command at batch 2048), weight decay 1e-6, 10 warm-up epochs then cosine down to 1/1000 of the
     rate, batch 2048, lambda = mu = 25, nu = 1, expander 8192-8192-8192 without a last bias, zero-initialised
     residual BN scales (``zero_init_residual=True``).
