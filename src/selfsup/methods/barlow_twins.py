@@ -31,10 +31,13 @@ Deviations, written down:
 
 - The two views go through the network one after the other, as in the official code (batch norm
   sees each view's own statistics), not in one batch of 2N as this library's SimCLR and BYOL do.
-- CPU default (the ``cpu`` layer, the narrow encoders): a 2048-wide projector instead of 8192 (the
-  CPU search in ``docs/benchmarks.md``: 1024 vs 2048) with the core's single learning rate
-  (``bias_lr_ratio`` 1) and LARS base lr 1.6 x B/256, the paper's rate at its batch of 2048
-  (0.2 x 2048/256), since a CPU run has a thousand small-batch steps; see ``SPEC.cpu``.
+- CPU default (the ``cpu`` layer, the narrow encoders): a 2048-wide projector instead of 8192 (2x the
+  default encoder's 1024 features; 8192 would cost ~20x the encoder's parameters) with the core's
+  single learning rate (``bias_lr_ratio`` 1) and LARS base lr 1.6 x B/256, the paper's rate at its batch
+  of 2048 (0.2 x 2048/256), since a CPU run has a thousand small-batch steps. Measured: 1,000 steps on
+  Fashion-MNIST at batch 256 give kNN top-1 78.71% (k 200; the same encoder at random init 72.45%,
+  SimCLR's CPU default 79.54%, BYOL's 75.65%), ``collapse_std`` 0.0217 = 0.98/sqrt(2048) throughout.
+  A narrower (1024) projector was not measured.
 - Computed in fp32 (the official code runs the loss under fp16 autocast).
 """
 from __future__ import annotations
@@ -161,6 +164,7 @@ SPEC = MethodSpec(
           "Reduction (arXiv 2103.03230)",
     config=BarlowTwinsConfig, build=build_barlow_twins, views=barlow_twins_views,
     # LARS base lr 1.6 x B/256 (the paper's 0.2 x 2048/256: its per-step rate at its batch), 2048-d projector
+    # (the config's defaults); measured in the module docstring
     cpu=RecipeLayer(shared={"optim": {"lr": 1.6}}),
     recipes=(PaperRecipe("barlow_twins", "Barlow Twins paper (LARS 0.2 x B/256, biases 0.0048 x B/256, wd 1.5e-6 "
                          "on 32 GPUs, lambda 0.0051, projector 8192 / 2048 at <= 32 px, 10 warm-up epochs, "
