@@ -17,9 +17,12 @@ unchanged. The official LARS has one learning rate for every parameter, as the c
 
 Deviations, written down:
 
-- CPU default (the ``cpu`` layer, the narrow encoders): a 2048-wide expander instead of 8192 (the CPU
-  search in the report: 1024 vs 2048) and LARS base lr 1.6 x B/256, the paper's rate at its batch of
-  2048 (0.2 x 2048/256), since a CPU run has a thousand small-batch steps; see ``SPEC.cpu``.
+- CPU default (the ``cpu`` layer, the narrow encoders): a 2048-wide expander instead of 8192 (2x the
+  default encoder's 1024 features) and LARS base lr 1.6 x B/256, the paper's rate at its batch of 2048
+  (0.2 x 2048/256), since a CPU run has a thousand small-batch steps. Measured: 1,000 steps on
+  Fashion-MNIST at batch 256 give kNN top-1 80.35% (k 200; the same encoder at random init 72.45%,
+  SimCLR's CPU default 79.54%, Barlow Twins' 78.71%), ``collapse_std`` 0.0216-0.0217 throughout. A
+  narrower (1024) expander was not measured.
 - Computed in fp32 (the official code runs under fp16 autocast).
 """
 from __future__ import annotations
@@ -126,6 +129,7 @@ SPEC = MethodSpec(
           "Self-Supervised Learning (arXiv 2105.04906)",
     config=VICRegConfig, build=build_vicreg, views=vicreg_views,
     # LARS base lr 1.6 x B/256 (the paper's 0.2 x 2048/256: its per-step rate at its batch), 2048-d expander
+    # (the config's defaults); measured in the module docstring
     cpu=RecipeLayer(shared={"optim": {"lr": 1.6}}),
     recipes=(PaperRecipe("vicreg", "VICReg paper (LARS 0.2 x B/256, wd 1e-6, coefficients 25 / 25 / 1, expander "
                          "8192 / 2048 at <= 32 px, 10 warm-up epochs, batch 2048)", vicreg_recipe),),
