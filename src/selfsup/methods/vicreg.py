@@ -20,7 +20,8 @@ Deviations, written down:
 - CPU default (the ``cpu`` layer, the narrow encoders): a 2048-wide expander instead of 8192 (2x the
   default encoder's 1024 features) and LARS base lr 1.6 x B/256, the paper's rate at its batch of 2048
   (0.2 x 2048/256), since a CPU run has a thousand small-batch steps. Measured: 1,000 steps on
-  Fashion-MNIST at batch 256 give kNN top-1 80.35% (k 200; the same encoder at random init 72.45%,
+  Fashion-MNIST at batch 256 give linear top-1 87.19% (random init 81.00%, SimCLR 86.70%) and kNN top-1
+  80.35% (k 200; the same encoder at random init 72.45%,
   SimCLR's CPU default 79.54%, Barlow Twins' 78.71%), loss 22.3 -> 19.3, ``collapse_std`` from 0.018 at
   the start to 0.0217 (never near the warning threshold). A
   narrower (1024) expander was not measured.
