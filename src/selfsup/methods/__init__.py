@@ -6,7 +6,7 @@ view2, labels)`` where the spec ``needs_labels``) returns ``(loss, logs)``, ``lo
 """
 from __future__ import annotations
 
-from selfsup.methods import byol, dino, moco, simclr, simclrv2, simsiam, supervised
+from selfsup.methods import barlow_twins, byol, dino, moco, simclr, simclrv2, simsiam, supervised, vicreg
 from selfsup.methods.byol import BYOL, BYOLConfig
 from selfsup.methods.simclr import SimCLR, SimCLRConfig
 from selfsup.methods.simclrv2 import SimCLRv2Config
@@ -21,6 +21,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     dino.SPEC,
     moco.SPEC,
     simsiam.SPEC,
+    barlow_twins.SPEC,
+    vicreg.SPEC,
     supervised.SPEC,  # the baseline: the same encoder trained with labels (the ceiling)
 )}
 
