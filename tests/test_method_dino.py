@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
-from selfsup.evaluation.frozen import extract_features, knn_eval
 from selfsup.methods import METHODS
 from selfsup.methods.dino import (
     DINOConfig, build_dino, clip_gradients, dino_before_optimizer_step, dino_before_step, teacher_temp_at,
@@ -21,6 +20,7 @@ from selfsup.training.loop import pretrain
 from selfsup.training.runs import load_encoder, load_run
 from selfsup.training.setup import build_model
 from selfsup.training.step import Schedule
+from method_checks import knn_top1
 
 
 def tiny_dino(seed: int = 0, **kw):
@@ -186,10 +186,6 @@ def test_recipes_resolve_to_the_cited_values_and_turn_local_crops_on():
     assert METHODS["dino"].multicrop and METHODS["simclr"].multicrop and METHODS["byol"].multicrop
 
 
-def _knn(encoder, train, test) -> float:
-    tr = extract_features(encoder, train, "cpu", 16, indices=torch.arange(2000))
-    te = extract_features(encoder, test, "cpu", 16, indices=torch.arange(1000))
-    return knn_eval(*tr, *te, num_classes=10, k=20)["top1"]
 
 
 @pytest.mark.xfail(strict=False, reason=(
@@ -211,7 +207,7 @@ def test_a_short_run_learns_features_and_lowers_the_loss(tmp_path, tiny_cfg):
     trained = load_encoder(load_run(tmp_path / "r"))
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg, 1, 16).backbone  # the loop's starting weights (same seed)
-    before, after = _knn(untrained, train, test), _knn(trained, train, test)
+    before, after = knn_top1(untrained, train, test, 2000, 1000), knn_top1(trained, train, test, 2000, 1000)
     assert after > before + 3.0, (before, after)
 
 

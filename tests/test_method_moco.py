@@ -10,7 +10,6 @@ from torch import nn
 
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
-from selfsup.evaluation.frozen import extract_features, knn_eval
 from selfsup.methods import METHODS
 from selfsup.methods.ema import ema_tau
 from selfsup.methods.moco import MoCo, MoCoConfig, build_moco
@@ -18,6 +17,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import list_checkpoints, load_weights
 from selfsup.training.loop import pretrain
 from selfsup.training.setup import build_model
+from method_checks import knn_top1
 
 
 def _naive_ctr(q: torch.Tensor, k: torch.Tensor, t: float, queue: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,10 +149,6 @@ def test_loop_updates_key_encoder_by_the_cosine_momentum(tmp_path, tiny_cfg):
     torch.testing.assert_close(final["target_" + w], tau * init[w] + (1 - tau) * final[w], rtol=0, atol=1e-6)
 
 
-def _knn_top1(backbone: nn.Module, train, test) -> float:
-    tr, ytr = extract_features(backbone, train, "cpu", 16, indices=torch.arange(1000))
-    te, yte = extract_features(backbone, test, "cpu", 16, indices=torch.arange(500))
-    return knn_eval(tr, ytr, te, yte, train.num_classes, k=20)["top1"]
 
 
 def test_short_run_learns_features_and_the_loss_falls(tmp_path, tiny_cfg):
@@ -164,7 +160,7 @@ def test_short_run_learns_features_and_the_loss_falls(tmp_path, tiny_cfg):
     trained = build_model(cfg, 1, 16).backbone
     trained.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
     train, test = load_dataset("embedded", "train", image_size=16), load_dataset("embedded", "test", image_size=16)
-    before, after = _knn_top1(untrained, train, test), _knn_top1(trained, train, test)
+    before, after = knn_top1(untrained, train, test, 1000, 500), knn_top1(trained, train, test, 1000, 500)
     import json
 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

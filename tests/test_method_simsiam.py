@@ -10,7 +10,6 @@ from torch import nn
 
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
-from selfsup.evaluation.frozen import extract_features, knn_eval
 from selfsup.methods import METHODS
 from selfsup.methods.simsiam import SimSiam, SimSiamConfig, build_simsiam
 from selfsup.models.backbones import build_backbone
@@ -18,6 +17,7 @@ from selfsup.training.checkpoint import load_weights
 from selfsup.training.loop import pretrain
 from selfsup.training.optim import split_decay_groups
 from selfsup.training.setup import build_model
+from method_checks import knn_top1
 
 
 def _linear_simsiam() -> SimSiam:
@@ -80,10 +80,6 @@ def test_collapse_std_is_zero_for_constant_outputs():
     assert float(logs["collapse_std"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def _knn_top1(backbone: nn.Module, train, test) -> float:
-    tr, ytr = extract_features(backbone, train, "cpu", 16, indices=torch.arange(1000))
-    te, yte = extract_features(backbone, test, "cpu", 16, indices=torch.arange(500))
-    return knn_eval(tr, ytr, te, yte, train.num_classes, k=20)["top1"]
 
 
 def test_short_run_learns_features_and_the_loss_falls(tmp_path, tiny_cfg):
@@ -98,7 +94,7 @@ def test_short_run_learns_features_and_the_loss_falls(tmp_path, tiny_cfg):
     trained = build_model(cfg, 1, 16).backbone
     trained.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
     train, test = load_dataset("embedded", "train", image_size=16), load_dataset("embedded", "test", image_size=16)
-    before, after = _knn_top1(untrained, train, test), _knn_top1(trained, train, test)
+    before, after = knn_top1(untrained, train, test, 1000, 500), knn_top1(trained, train, test, 1000, 500)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r and math.isfinite(r["loss"])]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

@@ -1,0 +1,20 @@
+"""What the method tests share: the kNN top-1 of an encoder on a fixed part of the embedded sample."""
+from __future__ import annotations
+
+import torch
+
+from selfsup.evaluation.frozen import extract_features, knn_eval
+
+
+def knn_top1(encoder: torch.nn.Module, train, test, n_train: int, n_test: int, shuffled: bool = False,
+             image_size: int = 16, k: int = 20) -> float:
+    """kNN top-1 (k 20) of ``encoder``'s features: the first ``n_train`` / ``n_test`` images, or a fixed random
+    draw of them (``shuffled``, seed 0), at ``image_size``."""
+    if shuffled:
+        g = torch.Generator().manual_seed(0)
+        tr, te = torch.randperm(len(train), generator=g)[:n_train], torch.randperm(len(test), generator=g)[:n_test]
+    else:
+        tr, te = torch.arange(n_train), torch.arange(n_test)
+    f_tr, y_tr = extract_features(encoder, train, "cpu", image_size, indices=tr)
+    f_te, y_te = extract_features(encoder, test, "cpu", image_size, indices=te)
+    return knn_eval(f_tr, y_tr, f_te, y_te, num_classes=10, k=k)["top1"]
