@@ -222,7 +222,7 @@ def per_method_values(root: type | None = None) -> dict[str, dict[str, dict[str,
     for method in METHODS:
         table[method] = {}
         for label, setup in SETUPS.items():
-            cfg = selfsup.build_config(root, {"method": method, "steps": 1, **setup})
+            cfg = selfsup.build_config(root, {"method": method, **setup})  # no length: the papers' main setting
             table[method][f"{label}: recipe `{cfg.recipe}`"] = flatten(cfg)
     return table
 
