@@ -35,7 +35,8 @@ Deviations, written down:
   default encoder's 1024 features; 8192 would cost ~20x the encoder's parameters) with the core's
   single learning rate (``bias_lr_ratio`` 1) and LARS base lr 1.6 x B/256, the paper's rate at its batch
   of 2048 (0.2 x 2048/256), since a CPU run has a thousand small-batch steps. Measured: 1,000 steps on
-  Fashion-MNIST at batch 256 give kNN top-1 78.71% (k 200; the same encoder at random init 72.45%,
+  Fashion-MNIST at batch 256 give linear top-1 85.01% (random init 81.00%, SimCLR 86.70%, BYOL 84.75%)
+  and kNN top-1 78.71% (k 200; the same encoder at random init 72.45%,
   SimCLR's CPU default 79.54%, BYOL's 75.65%), loss 1482 -> 520, ``collapse_std`` from 0.016 at the
   start to 0.0217 = 0.98/sqrt(2048) (never near the warning threshold, 0.4/sqrt(d)).
   A narrower (1024) projector was not measured.
