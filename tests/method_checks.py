@@ -18,3 +18,30 @@ def knn_top1(encoder: torch.nn.Module, train, test, n_train: int, n_test: int, s
     f_tr, y_tr = extract_features(encoder, train, "cpu", image_size, indices=tr)
     f_te, y_te = extract_features(encoder, test, "cpu", image_size, indices=te)
     return knn_eval(f_tr, y_tr, f_te, y_te, num_classes=10, k=k)["top1"]
+
+
+def interrupt_and_resume(cfg, root, stop_at: int = 3) -> tuple[dict, dict, dict]:
+    """``(full, saved, resumed)`` weights: an uninterrupted run of ``cfg``; the newest checkpoint of a run stopped
+    after step ``stop_at``; and that run's final weights once resumed from it (equal to ``full`` for an exact
+    resume)."""
+    from selfsup.training.checkpoint import list_checkpoints, load_weights
+    from selfsup.training.loop import pretrain
+
+    full = load_weights(pretrain(cfg, root / "full", progress=False))
+
+    class Stop(Exception):
+        pass
+
+    def bomb(step):
+        if step == stop_at:
+            raise Stop
+
+    try:
+        pretrain(cfg, root / "cut", progress=False, on_step=bomb)
+    except Stop:
+        pass
+    else:
+        raise AssertionError(f"the run was not stopped at step {stop_at}")
+    saved = load_weights(list_checkpoints(root / "cut")[-1] / "model.safetensors")
+    resumed = load_weights(pretrain(cfg, root / "cut", resume=True, progress=False))
+    return full, saved, resumed

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.models.backbones import build_backbone
-from selfsup.training.checkpoint import list_checkpoints, load_weights
+from selfsup.training.checkpoint import load_weights
 from selfsup.methods.collapse import CollapseMonitor, CollapseWarning, collapse_std
 from selfsup.errors import ConfigError
 from selfsup.training.config import PretrainConfig
@@ -21,6 +21,7 @@ from selfsup.training.optim import build_optimizer
 from selfsup.methods.ema import ema_tau
 from selfsup.training.setup import build_model
 from selfsup.training.loop import pretrain
+from method_checks import interrupt_and_resume
 
 
 def tiny_byol(predictor: bool = True, seed: int = 0) -> BYOL:
@@ -221,20 +222,8 @@ def test_loop_updates_target_by_the_ema_rule_only(tmp_path, tiny_cfg):
 
 def test_resume_restores_target_exactly(tmp_path, tiny_cfg):
     cfg = tiny_cfg(method="byol", steps=4, checkpoint_every=2, proj_hidden_dim=32)
-    full = load_weights(pretrain(cfg, tmp_path / "full", progress=False))
-
-    class Stop(Exception):
-        pass
-
-    def bomb(step):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        pretrain(cfg, tmp_path / "cut", progress=False, on_step=bomb)
-    saved = load_weights(list_checkpoints(tmp_path / "cut")[-1] / "model.safetensors")
+    full, saved, resumed = interrupt_and_resume(cfg, tmp_path)
     assert any(k.startswith("target_backbone.") for k in saved) and any(k.startswith("target_projector.") for k in saved)
-    resumed = load_weights(pretrain(cfg, tmp_path / "cut", resume=True, progress=False))
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k

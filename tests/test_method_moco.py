@@ -14,10 +14,10 @@ from selfsup.methods import METHODS
 from selfsup.methods.ema import ema_tau
 from selfsup.methods.moco import MoCo, MoCoConfig, build_moco
 from selfsup.models.backbones import build_backbone
-from selfsup.training.checkpoint import list_checkpoints, load_weights
+from selfsup.training.checkpoint import load_weights
 from selfsup.training.loop import pretrain
 from selfsup.training.setup import build_model
-from method_checks import knn_top1
+from method_checks import interrupt_and_resume, knn_top1
 
 
 def _naive_ctr(q: torch.Tensor, k: torch.Tensor, t: float, queue: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,23 +117,11 @@ def test_official_resnet_heads_and_config(tiny_cfg):
 
 def test_queue_is_saved_and_resume_is_exact(tmp_path, tiny_cfg):
     cfg = tiny_cfg(method="moco", steps=4, checkpoint_every=2, proj_hidden_dim=32, queue_size=80)
-    full = load_weights(pretrain(cfg, tmp_path / "full", progress=False))
-
-    class Stop(Exception):
-        pass
-
-    def bomb(step):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        pretrain(cfg, tmp_path / "cut", progress=False, on_step=bomb)
-    saved = load_weights(list_checkpoints(tmp_path / "cut")[-1] / "model.safetensors")
+    full, saved, resumed = interrupt_and_resume(cfg, tmp_path)
     torch.manual_seed(cfg.seed)
     init_queue = build_model(cfg, 1, 28).queue
     assert not torch.equal(saved["queue"], init_queue)  # two steps of 2 x 16 keys went in
     torch.testing.assert_close(saved["queue"][64:], init_queue[:16])
-    resumed = load_weights(pretrain(cfg, tmp_path / "cut", resume=True, progress=False))
     assert full.keys() == resumed.keys() and "queue" in full
     for k in full:
         assert torch.equal(full[k], resumed[k]), k

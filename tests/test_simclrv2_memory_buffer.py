@@ -12,9 +12,8 @@ from selfsup.methods import METHODS
 from selfsup.methods.simclr import SimCLR, build_simclr
 from selfsup.methods.simclrv2 import SimCLRv2Buffer, SimCLRv2Config
 from selfsup.models.backbones import build_backbone
-from selfsup.training.checkpoint import list_checkpoints, load_weights
-from selfsup.training.loop import pretrain
 from selfsup.training.setup import build_model
+from method_checks import interrupt_and_resume
 
 
 def _backbone():
@@ -77,22 +76,10 @@ def test_config_and_spec(tiny_cfg):
 
 def test_queue_is_saved_and_resume_is_exact(tmp_path, tiny_cfg):
     cfg = tiny_cfg(method="simclrv2", steps=4, checkpoint_every=2, queue_size=80, momentum=0.9)
-    full = load_weights(pretrain(cfg, tmp_path / "full", progress=False))
-
-    class Stop(Exception):
-        pass
-
-    def bomb(step):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        pretrain(cfg, tmp_path / "cut", progress=False, on_step=bomb)
-    saved = load_weights(list_checkpoints(tmp_path / "cut")[-1] / "model.safetensors")
+    full, saved, resumed = interrupt_and_resume(cfg, tmp_path)
     torch.manual_seed(cfg.seed)
     init = build_model(cfg, 1, 28).state_dict()
     torch.testing.assert_close(saved["queue"][64:], init["queue"][:16])  # 2 steps x 2 views x 16 keys went in
-    resumed = load_weights(pretrain(cfg, tmp_path / "cut", resume=True, progress=False))
     assert full.keys() == resumed.keys() and {"queue", "target_head.layers.0.0.weight"} <= set(full)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
