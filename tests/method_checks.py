@@ -45,3 +45,21 @@ def interrupt_and_resume(cfg, root, stop_at: int = 3) -> tuple[dict, dict, dict]
     saved = load_weights(list_checkpoints(root / "cut")[-1] / "model.safetensors")
     resumed = load_weights(pretrain(cfg, root / "cut", resume=True, progress=False))
     return full, saved, resumed
+
+
+def lightning_two_steps(method: str, **section) -> tuple[dict, torch.nn.Module, int]:
+    """Fit ``selfsup.lightning.MODULES[method]`` (tiny encoder, batch 16, fp32, the method's keys ``section``) for
+    two steps on the embedded sample: ``(parameters before, the trained model, the trainer's global step)``."""
+    import lightning as L
+
+    from selfsup.data.datasets import load_dataset
+    from selfsup.lightning import MODULES, step_dataloader
+
+    dataset = load_dataset("embedded", "train")
+    module = MODULES[method].for_dataset(dataset, backbone="resnet18", backbone_width=0.0625, batch_size=16,
+                                         precision="fp32", **{method: section})
+    before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, step_dataloader(dataset, module.cfg, 2))
+    return before, module.model, trainer.global_step

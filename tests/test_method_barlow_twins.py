@@ -13,7 +13,7 @@ from selfsup.methods import METHODS
 from selfsup.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig, scale_bias_gradients
 from selfsup.models.heads import ProjectionHead
 from selfsup.training.optim import LARS, build_optimizer, split_decay_groups
-from method_checks import knn_top1
+from method_checks import knn_top1, lightning_two_steps
 
 SPEC = METHODS["barlow_twins"]
 
@@ -147,21 +147,10 @@ def test_a_short_run_learns_features_and_its_loss_falls(tmp_path, tiny_cfg):
 
 
 def test_lightning_fits_two_steps():
-    L = pytest.importorskip("lightning")
-    from selfsup.data.datasets import load_dataset
-    from selfsup.lightning import MODULES, step_dataloader
-
-    dataset = load_dataset("embedded", "train")
-    module = MODULES["barlow_twins"].for_dataset(dataset, backbone="resnet18", backbone_width=0.0625, batch_size=16,
-                                                 precision="fp32", barlow_twins={"proj_hidden_dim": 32,
-                                                                                "proj_out_dim": 32,
-                                                                                "bias_lr_ratio": 0.1})
-    before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, step_dataloader(dataset, module.cfg, 2))
-    assert trainer.global_step == 2
-    after = dict(module.model.named_parameters())  # trained weights, not only batch-norm statistics
+    pytest.importorskip("lightning")
+    before, model, steps = lightning_two_steps("barlow_twins", proj_hidden_dim=32, proj_out_dim=32, bias_lr_ratio=0.1)
+    assert steps == 2
+    after = dict(model.named_parameters())  # trained weights, not only batch-norm statistics
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("projector."))
 
 

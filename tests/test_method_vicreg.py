@@ -12,7 +12,7 @@ from selfsup.errors import ConfigError
 from selfsup.methods import METHODS
 from selfsup.methods.vicreg import VICReg, VICRegConfig
 from selfsup.models.heads import ProjectionHead
-from method_checks import knn_top1
+from method_checks import knn_top1, lightning_two_steps
 
 SPEC = METHODS["vicreg"]
 
@@ -111,19 +111,10 @@ def test_a_short_run_learns_features_and_its_loss_falls(tmp_path, tiny_cfg):
 
 
 def test_lightning_fits_two_steps():
-    L = pytest.importorskip("lightning")
-    from selfsup.data.datasets import load_dataset
-    from selfsup.lightning import MODULES, step_dataloader
-
-    dataset = load_dataset("embedded", "train")
-    module = MODULES["vicreg"].for_dataset(dataset, backbone="resnet18", backbone_width=0.0625, batch_size=16,
-                                           precision="fp32", vicreg={"proj_hidden_dim": 32, "proj_out_dim": 32})
-    before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, step_dataloader(dataset, module.cfg, 2))
-    assert trainer.global_step == 2
-    after = dict(module.model.named_parameters())  # trained weights, not only batch-norm statistics
+    pytest.importorskip("lightning")
+    before, model, steps = lightning_two_steps("vicreg", proj_hidden_dim=32, proj_out_dim=32)
+    assert steps == 2
+    after = dict(model.named_parameters())  # trained weights, not only batch-norm statistics
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("expander."))
 
 
