@@ -52,34 +52,24 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """``values(spec, image_size, batch_size, epochs) -> RecipeLayer`` (``epochs`` None: not known before the run);
-    ``summary``: the line a run prints."""
+    """``values(spec, image_size, batch_size, epochs)``: the recipe's layers, a later one winning (``epochs`` None:
+    not known before the run); ``summary``: the line a run prints."""
 
     name: str
     summary: str
-    values: Callable[[MethodSpec, int, int, float | None], RecipeLayer]
+    values: Callable[[MethodSpec, int, int, float | None], tuple[RecipeLayer, ...]]
 
 
-def _cpu(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> RecipeLayer:
-    return spec.cpu
+def _cpu(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> tuple[RecipeLayer, ...]:
+    return (spec.cpu,)
 
 
-def _paper(recipe: PaperRecipe) -> Callable[[MethodSpec, int, int, float | None], RecipeLayer]:
-    def values(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> RecipeLayer:
-        layer = recipe.values(size, batch)
-        if recipe.by_length is None:
-            return layer
-        longer = recipe.by_length(epochs)
-        return RecipeLayer(shared=_merge(layer.shared, longer.shared), section={**layer.section, **longer.section})
+def _paper(recipe: PaperRecipe) -> Callable[[MethodSpec, int, int, float | None], tuple[RecipeLayer, ...]]:
+    def values(spec: MethodSpec, size: int, batch: int, epochs: float | None) -> tuple[RecipeLayer, ...]:
+        by_size = recipe.values(size, batch)
+        return (by_size,) if recipe.by_length is None else (by_size, recipe.by_length(epochs))
 
     return values
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 RECIPES: dict[str, Recipe] = {
@@ -89,18 +79,21 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_layer(name: str, method: str, image_size: int, batch_size: int, epochs: float | None = None) -> dict:
-    """The config layer of recipe ``name`` for ``method``: its shared keys, and its method keys under the method's
-    section (only those the method has: the supervised baseline takes SimCLR's optimiser, not its temperature)."""
+def recipe_layers(name: str, method: str, image_size: int, batch_size: int, epochs: float | None = None) -> list[dict]:
+    """The config layers of recipe ``name`` for ``method``, a later one winning (the values by image size and batch,
+    then those by run length): each its shared keys, and its method keys under the method's section (only those
+    the method has: the supervised baseline takes SimCLR's optimiser, not its temperature)."""
     spec = METHODS[method]
     if name not in spec.accepts:
         raise RecipeError(f"recipe: {name!r} is not defined for {method!r}; use --recipe {spec.paper_recipe} or "
                           "--recipe cpu")
-    layer = RECIPES[name].values(spec, image_size, batch_size, epochs)
-    out = copy.deepcopy(layer.shared)
-    section = {k: v for k, v in layer.section.items() if k in spec.keys()}
-    if section:
-        out[method] = copy.deepcopy(section)
+    out = []
+    for layer in RECIPES[name].values(spec, image_size, batch_size, epochs):
+        part = copy.deepcopy(layer.shared)
+        section = {k: v for k, v in layer.section.items() if k in spec.keys()}
+        if section:
+            part[method] = copy.deepcopy(section)
+        out.append(part)
     return out
 
 

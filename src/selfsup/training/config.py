@@ -306,7 +306,9 @@ def resolve_layers(data: dict) -> dict:
     epochs = recipes.run_epochs(dataset if isinstance(dataset, str) else "", batch,
                                 epochs if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else None,
                                 steps if isinstance(steps, int) and not isinstance(steps, bool) else None)
-    layer = recipes.recipe_layer(name, method, size, batch, epochs)
+    layer: dict = {}
+    for part in recipes.recipe_layers(name, method, size, batch, epochs):
+        layer = merge(layer, part)
     if backbone.startswith("timm:"):
         layer.pop("zero_init_residual", None)  # a selfsup ResNet option; timm models have their own init
     # A warm-up given as a fraction wins over the recipe's warm-up in epochs.
