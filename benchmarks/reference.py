@@ -434,11 +434,12 @@ def check_not_stale(root: Path, todo: list[Cell]) -> None:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit, or ``SELFSUP_COMMIT`` where the tree is a copy without git (a GPU machine's)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                               capture_output=True, text=True, check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("SELFSUP_COMMIT") or None
 
 
 def launch(root: Path, cell: Cell, commit: str | None) -> subprocess.Popen:
