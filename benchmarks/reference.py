@@ -476,7 +476,8 @@ def run_cells(plan: Plan, selected: list[Cell], jobs: int, results_path: Path) -
     running: dict[str, tuple[Cell, subprocess.Popen, float]] = {}
     failed: set[str] = set()
 
-    def stop(signum, frame):
+    def stop(signum, frame):  # once: a second SIGTERM must not break off the stopping of the cells
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
