@@ -406,3 +406,22 @@ def test_two_multicrop_steps_of_the_loop(tmp_path, tiny_cfg, method, section):
     pretrain(cfg, tmp_path / "run", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+
+
+@pytest.mark.parametrize("method", ["moco", "simclrv2"])
+def test_lightning_fits_two_multicrop_steps_and_fills_the_queue_with_global_keys(tmp_path, tiny_cfg, method):
+    L = pytest.importorskip("lightning")
+    from selfsup.data.datasets import load_dataset
+    from selfsup.lightning import MODULES, step_dataloader
+
+    cfg = tiny_cfg(method=method, precision="fp32", multicrop={"num_local": 2, "local_size": 8},
+                   **{method: {"proj_hidden_dim": 32, "queue_size": 80}})
+    dataset = load_dataset("embedded", "train")
+    module = MODULES[method].for_dataset(dataset, cfg)
+    queue0 = module.model.queue.clone()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, default_root_dir=str(tmp_path), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, step_dataloader(dataset, module.cfg, 2))
+    assert trainer.global_step == 2
+    # two steps of 2 global views x 16 images went in front; local crops bring no keys
+    torch.testing.assert_close(module.model.queue[64:], queue0[:16])
