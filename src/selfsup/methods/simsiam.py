@@ -91,7 +91,8 @@ class SimSiam(nn.Module):
         ``p_v`` is pulled towards the stop-gradient projections of both global views, ``D(p_v, sg(z_g))``; local
         crops are never targets. The loss is the mean of these ``2 + 2V`` terms, so it stays in [-1, 1] as the
         two-view loss (itself the mean of its two terms) and with no local crops is exactly it. The local crops
-        (another resolution) go through the network in one pass together.
+        (another resolution) go through the network in one pass together (batch norm sees all of them at once).
+        Multi-crop is this library's extension of SimSiam, SwAV's scheme applied as for SimCLR and BYOL.
         """
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
