@@ -425,3 +425,11 @@ def test_lightning_fits_two_multicrop_steps_and_fills_the_queue_with_global_keys
     assert trainer.global_step == 2
     # two steps of 2 global views x 16 images went in front; local crops bring no keys
     torch.testing.assert_close(module.model.queue[64:], queue0[:16])
+
+
+def test_the_supervised_baseline_still_refuses_local_crops(tiny_cfg):
+    from selfsup.errors import ConfigError
+
+    assert [name for name, spec in METHODS.items() if not spec.multicrop] == ["supervised"]
+    with pytest.raises(ConfigError, match="multicrop.num_local"):
+        tiny_cfg(method="supervised", multicrop={"num_local": 2, "local_size": 8})
