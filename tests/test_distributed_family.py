@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 from selfsup import distributed as dist
 from selfsup.losses import (barlow_twins_loss, dino_center_update, dino_loss, enqueue_keys, infonce_loss,
                             vicreg_loss)
+from selfsup.methods.barlow_twins import barlow_twins_multicrop_loss
+from selfsup.methods.vicreg import vicreg_multicrop_loss
 
 WORLD = 2
 B = 4  # per-rank batch
@@ -50,7 +52,8 @@ def _inputs() -> dict:
             "u1": u1, "u2": 0.6 * u1 + randn(n_uneven, D),
             "student": [randn(WORLD * B, 5) for _ in range(4)],
             "teacher": [0.3 * randn(WORLD * B, 5) for _ in range(2)],
-            "teacher_uneven": [randn(n_uneven, 5) for _ in range(2)], "center": 0.1 * randn(1, 5)}
+            "teacher_uneven": [randn(n_uneven, 5) for _ in range(2)], "center": 0.1 * randn(1, 5),
+            "local": [0.5 * z1 + randn(WORLD * B, D) * spread for _ in range(2)]}
 
 
 # name -> loss of (view-1 rows, view-2 rows, inputs); view 2 of InfoNCE is the keys (no gradient).
@@ -60,6 +63,21 @@ PAIR_LOSSES = {
     "infonce": lambda a, b, data: infonce_loss(a, b, 0.3),
     "infonce_queue": lambda a, b, data: infonce_loss(a, b, 0.3, queue=data["queue"]),
 }
+
+
+# name -> multi-crop loss of (global view 1 rows, global view 2 rows, local crops' rows): the methods' own mean
+# over (global, global) and (local, global) pairs.
+MULTICROP_LOSSES = {
+    "barlow_twins_multicrop": lambda a, b, local: barlow_twins_multicrop_loss(a, b, local, 0.1),
+    "vicreg_multicrop": lambda a, b, local: vicreg_multicrop_loss(a, b, local),
+}
+
+
+def _multicrop(fn, z1, z2, local):
+    inputs = [z.clone().requires_grad_() for z in (z1, z2, *local)]
+    loss = fn(inputs[0], inputs[1], inputs[2:])
+    loss.backward()
+    return loss.detach(), [z.grad for z in inputs]
 
 
 def _pair(fn, z1, z2, data):
@@ -83,6 +101,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     mine = slice(rank * B, (rank + 1) * B)
     out: dict[str, object] = {name: _pair(fn, data["z1"][mine], data["z2"][mine], data)
                               for name, fn in PAIR_LOSSES.items()}
+    for name, fn in MULTICROP_LOSSES.items():
+        out[name] = _multicrop(fn, data["z1"][mine], data["z2"][mine], [z[mine] for z in data["local"]])
     teacher = [t[mine] for t in data["teacher"]]
     out["dino"] = _dino([s[mine] for s in data["student"]], teacher, data["center"])
     out["center"] = dino_center_update(data["center"], teacher)
@@ -125,6 +145,17 @@ def test_pair_loss_over_ranks_equals_one_process_on_the_global_batch(ranks, name
             _assert_grad(res[name][2], g2[_rows(r)])
     if name == "barlow_twins":  # every rank returns the global loss itself
         assert all(res[name][0].item() == pytest.approx(ref.item(), rel=1e-6) for res in ranks)
+
+
+@pytest.mark.parametrize("name", list(MULTICROP_LOSSES))
+def test_multicrop_loss_over_ranks_equals_one_process_on_the_global_batch(ranks, name):
+    """The local-crop terms standardise / regularise over the global batch, as the two-view term does."""
+    data = _inputs()
+    ref, grads = _multicrop(MULTICROP_LOSSES[name], data["z1"], data["z2"], data["local"])
+    assert (sum(res[name][0] for res in ranks) / WORLD).item() == pytest.approx(ref.item(), rel=1e-6)
+    for r, res in enumerate(ranks):
+        for rank_grad, ref_grad in zip(res[name][1], grads):
+            _assert_grad(rank_grad, ref_grad[_rows(r)])
 
 
 def test_barlow_twins_with_different_batch_sizes_per_rank(ranks):

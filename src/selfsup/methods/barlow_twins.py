@@ -45,6 +45,7 @@ Deviations, written down:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,33 @@ def bias_lr_hook(model: nn.Module, step: int, schedule) -> None:
     scale_bias_gradients(model, schedule.cfg.section.bias_lr_ratio, schedule.cfg.optim.name)
 
 
+def barlow_twins_multicrop_loss(z1: torch.Tensor, z2: torch.Tensor, z_local: Sequence[torch.Tensor] = (),
+                                lambda_offdiag: float = 0.0051) -> torch.Tensor:
+    """Barlow Twins' loss with local crops: the mean of ``barlow_twins_loss`` over the ``1 + 2V`` pairs.
+
+    ``z1``, ``z2`` are the global views' projections, ``z_local`` the ``V`` local crops' (each (N, d), rows
+    aligned by image). The pairs are the global pair ``(z1, z2)`` and every ``(z_v, z_g)`` of a local crop with a
+    global view; local crops are never paired with each other (SwAV, Caron et al. 2020, Sec. 3.2), and every pair
+    weighs the same (DINO's mean over its pairs, Caron et al. 2021, Eq. 3). Each term is the whole Eq. 1 on its
+    own cross-correlation matrix, so the mean keeps the two-view loss's scale (0 at the optimum, ``d`` when
+    collapsed), which ``lambda_offdiag`` and the learning rates were tuned for; a sum would grow with ``V``.
+    With no local crops it is ``barlow_twins_loss(z1, z2)`` exactly. Across ranks every term standardises and
+    correlates over the global batch (``barlow_twins_loss``), and the mean of terms keeps that.
+    """
+    loss = barlow_twins_loss(z1, z2, lambda_offdiag)
+    if z_local:
+        terms = [barlow_twins_loss(zv, zg, lambda_offdiag) for zv in z_local for zg in (z1, z2)]
+        loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
+    return loss
+
+
 class BarlowTwins(nn.Module):
-    """``z = g(f(x))`` for each view; the loss is Barlow Twins' (Eq. 1) between the two views' z."""
+    """``z = g(f(x))`` for each view; the loss is Barlow Twins' (Eq. 1) between the two views' z.
+
+    Local crops after the two global views (``forward(g1, g2, *local_crops)``, multi-crop) go through the network
+    in one pass together (another resolution; batch norm sees all local crops at once) and the loss is
+    :func:`barlow_twins_multicrop_loss`.
+    """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, lambda_offdiag: float = 0.0051):
         super().__init__()
@@ -110,11 +136,14 @@ class BarlowTwins(nn.Module):
         self.projector = projector
         self.lambda_offdiag = lambda_offdiag
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
         # One view at a time, as the official code does (batch norm sees each view's statistics).
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
-        loss = barlow_twins_loss(z1, z2, self.lambda_offdiag)
+        z_local = ()
+        if local_views:
+            z_local = self.projector(self.backbone(torch.cat(local_views, dim=0))).chunk(len(local_views), dim=0)
+        loss = barlow_twins_multicrop_loss(z1, z2, z_local, self.lambda_offdiag)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2], dim=0))}
 
     def encoder(self) -> nn.Module:
@@ -173,5 +202,5 @@ SPEC = MethodSpec(
                          "batch 2048)", barlow_twins_recipe),),
     paper_recipe="barlow_twins", accepts=("cpu", "barlow_twins"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
     describe=describe, collapse_dim=lambda section: section.proj_out_dim, min_batch=2,
-    before_optimizer_step=bias_lr_hook,
+    before_optimizer_step=bias_lr_hook, multicrop=True,
 )

@@ -36,7 +36,16 @@ so a resumed run continues with the same negatives) appended to the negatives of
 (``infonce_loss(..., queue=)``). The step's keys are stashed by ``forward`` in a non-persistent attribute and
 enqueued by ``update_target`` after the optimiser step (an explicit call of the loop, never in ``forward``);
 the stash is emptied before every step (``SPEC.before_step``), so the keys of a skipped step never enter it.
-Both views' keys are enqueued (2N keys per step), since the loss is symmetric.
+Both global views' keys are enqueued (2N keys per step), since the loss is symmetric; local crops (multi-crop)
+have no keys, so they never enter the queue.
+
+Multi-crop (``forward(g1, g2, *local_crops)``; SwAV, Caron et al. 2020, Sec. 3.2: every crop is compared with the
+global views only): each local crop's query (the query encoder and predictor, one pass over all local crops, which
+have another resolution) is contrasted with the momentum encoder's keys of both global views, one InfoNCE term
+per (local crop, global view) pair with the same ``2t`` scale and the same negatives (the other keys of that
+global view over the global batch, then the queue). The key encoder sees the global views only. The loss is
+``2 x`` the mean of the ``2 + 2V`` terms (V local crops), so it keeps the two-view loss's scale (a sum of two
+terms) and with no local crops is exactly it. MoCo v3 itself has no multi-crop; this follows BYOL's here.
 """
 from __future__ import annotations
 
@@ -91,7 +100,9 @@ class MoCo(nn.Module):
     """Query ``backbone -> projector -> predictor``; key ``target_backbone -> target_projector`` (EMA copies).
 
     ``forward(view1, view2)`` returns ``infonce_loss(q1, k2) + infonce_loss(q2, k1)`` (MoCo v3 Algorithm 1),
-    each view through each encoder separately (as the official code: batch norm sees one view at a time).
+    each view through each encoder separately (as the official code: batch norm sees one view at a time);
+    local crops after them (``forward(view1, view2, *local_crops)``) go through the query encoder in one pass
+    together and give the multi-crop loss of the module docstring.
     The key encoder has ``requires_grad=False`` and changes only through ``update_target(tau)``, which the
     loop calls after every optimiser step, together with the enqueueing of the step's keys when there is a
     queue (``queue_size > 0``).
@@ -126,7 +137,10 @@ class MoCo(nn.Module):
         yield from self.target_backbone.parameters()
         yield from self.target_projector.parameters()
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
+        """The loss of two global views and any number of local crops after them (multi-crop, module docstring):
+        ``2 x`` the mean over the ``2 + 2V`` (query, key) pairs ``(q1, k2)``, ``(q2, k1)`` and ``(q_v, k_g)`` of
+        each local crop ``v`` with each global view ``g``; with no local crops, Algorithm 1's ``ctr`` exactly."""
         q1 = self.predictor(self.projector(self.backbone(view1)))
         q2 = self.predictor(self.projector(self.backbone(view2)))
         with torch.no_grad():
@@ -135,6 +149,11 @@ class MoCo(nn.Module):
         queue = self.queue if self.queue_size else None
         loss = (infonce_loss(q1, k2, self.temperature, queue=queue)
                 + infonce_loss(q2, k1, self.temperature, queue=queue))
+        if local_views:  # another resolution: one query-encoder pass over every local crop; no keys
+            q_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
+            terms = [infonce_loss(qv, k, self.temperature, queue=queue)
+                     for qv in q_local.chunk(len(local_views), dim=0) for k in (k1, k2)]
+            loss = 2 * (loss + torch.stack(terms).sum()) / (2 + len(terms))
         if self.queue_size and torch.is_grad_enabled():  # a training step's keys, for update_target
             self._pending_keys.append(torch.cat([k1, k2]).detach())
         with torch.no_grad():
@@ -222,5 +241,5 @@ SPEC = MethodSpec(
                          "temperature 1.0, 10 warm-up epochs; CIFAR size: solo-learn's 0.3 x B/256, temperature 0.2)",
                          moco_recipe),),
     paper_recipe="moco", accepts=("cpu", "moco"), paper_lr=lambda batch_size: 0.6 * batch_size / 256,
-    describe=_describe, target_tau=moco_target_tau, min_batch=2, before_step=_clear_keys,
+    describe=_describe, target_tau=moco_target_tau, min_batch=2, before_step=_clear_keys, multicrop=True,
 )

@@ -14,6 +14,14 @@ cross-entropy averaged over the two directions, the scale of NT-Xent. The paper 
 deviations from NT-Xent follow MoCo: the negatives are keys (the other view's momentum outputs), not the
 online z of the same view, and the momentum is constant (the paper's 0.999, no schedule). The buffer is
 off by default and in the ``simclrv2`` recipe (``--set simclrv2.queue_size=65536`` turns it on).
+
+Multi-crop (``forward(g1, g2, *local_crops)``): without a buffer, SimCLR's (each local crop paired with each
+global view, the mean of the NT-Xent terms). With the buffer the momentum copy sees the global views only, so
+only they have keys and only their keys enter the queue: each local crop's query (one encoder pass over all
+local crops, then the head on every crop, as SimCLR) is contrasted with each global view's keys, with the same
+negatives as a global query (the rest of that view's keys over the global batch, then the queue). The loss is
+the mean cross-entropy over the ``2 + 2V`` (query, key) pairs, the two-view loss's scale, and with no local crops
+exactly the two-view loss.
 """
 from __future__ import annotations
 
@@ -72,14 +80,21 @@ class SimCLRv2Buffer(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, key_dim), dim=1))  # MoCo: random keys
         self._pending_keys: list[torch.Tensor] = []
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
-        # Queries as SimCLR (both views in one batch); the keys of the momentum copy, likewise.
-        z1, z2 = self.head(self.backbone(torch.cat([view1, view2]))).chunk(2)
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
+        # Queries as SimCLR (both views in one batch; local crops in one pass of their own, the head on every
+        # crop); the keys of the momentum copy, of the global views only.
+        h = self.backbone(torch.cat([view1, view2]))
+        if local_views:
+            h = torch.cat([h, self.backbone(torch.cat(local_views))])
+        z1, z2, *z_local = self.head(h).chunk(2 + len(local_views))
         with torch.no_grad():
             k1, k2 = self.target_head(self.target_backbone(torch.cat([view1, view2]))).chunk(2)
         t = self.temperature
         # infonce_loss is the cross-entropy times 2t (MoCo v3's scale); / (4t) = the two directions' mean cross-entropy.
         loss = (infonce_loss(z1, k2, t, queue=self.queue) + infonce_loss(z2, k1, t, queue=self.queue)) / (4 * t)
+        if z_local:  # the mean cross-entropy over all 2 + 2V (query, key) pairs
+            terms = [infonce_loss(zv, k, t, queue=self.queue) for zv in z_local for k in (k1, k2)]
+            loss = (2 * loss + torch.stack(terms).sum() / (2 * t)) / (2 + len(terms))
         if torch.is_grad_enabled():
             self._pending_keys.append(torch.cat([k1, k2]).detach())
         with torch.no_grad():
@@ -142,6 +157,6 @@ SPEC = MethodSpec(
     describe=lambda section: f"temperature {section.temperature:g}"
                              + (f", memory buffer {section.queue_size} (momentum {section.momentum:g})"
                                 if section.queue_size else ""),
-    min_batch=2, before_step=_clear_keys,
+    min_batch=2, before_step=_clear_keys, multicrop=True,
     target_tau=lambda section, step, total_steps: section.momentum if section.queue_size else None,
 )

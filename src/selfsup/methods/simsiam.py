@@ -83,11 +83,25 @@ class SimSiam(nn.Module):
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.fixed_lr_modules = ("predictor",) if fix_pred_lr else ()
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
+        """The loss of two global views and any number of local crops after them (multi-crop).
+
+        Two views: Algorithm 1's ``D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2``. With ``V`` local crops (SwAV, Caron
+        et al. 2020, Sec. 3.2: every crop is compared with the global views only) each local crop's prediction
+        ``p_v`` is pulled towards the stop-gradient projections of both global views, ``D(p_v, sg(z_g))``; local
+        crops are never targets. The loss is the mean of these ``2 + 2V`` terms, so it stays in [-1, 1] as the
+        two-view loss (itself the mean of its two terms) and with no local crops is exactly it. The local crops
+        (another resolution) go through the network in one pass together (batch norm sees all of them at once).
+        Multi-crop is this library's extension of SimSiam, SwAV's scheme applied as for SimCLR and BYOL.
+        """
         z1 = self.projector(self.backbone(view1))
         z2 = self.projector(self.backbone(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+        if local_views:
+            p_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
+            terms = [negative_cosine(pv, z) for pv in p_local.chunk(len(local_views), dim=0) for z in (z1, z2)]
+            loss = (2 * loss + torch.stack(terms).sum()) / (2 + len(terms))
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2]))}
 
     def encoder(self) -> nn.Module:
@@ -141,5 +155,5 @@ SPEC = MethodSpec(
     paper_recipe="simsiam", accepts=("cpu", "simsiam"), paper_lr=lambda batch_size: 0.05 * batch_size / 256,
     describe=lambda section: f"{section.proj_layers}-layer projector to {section.proj_out_dim}"
                              + (", fixed predictor lr" if section.fix_pred_lr else ""),
-    collapse_dim=lambda section: section.proj_out_dim, min_batch=2,
+    collapse_dim=lambda section: section.proj_out_dim, min_batch=2, multicrop=True,
 )

@@ -30,6 +30,7 @@ Deviations, written down:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,34 @@ class VICRegConfig(ProjectionConfig):
             check_field(prefix + key, math.isfinite(v) and v >= 0, "must be a finite number >= 0 (paper: 25, 25, 1)")
 
 
+def vicreg_multicrop_loss(z1: torch.Tensor, z2: torch.Tensor, z_local: Sequence[torch.Tensor] = (),
+                          sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0) -> torch.Tensor:
+    """VICReg's loss with local crops: the mean of ``vicreg_loss`` over the ``1 + 2V`` pairs.
+
+    ``z1``, ``z2`` are the global views' embeddings, ``z_local`` the ``V`` local crops' (each (N, d), rows aligned
+    by image). The pairs are the global pair ``(z1, z2)`` and every ``(z_v, z_g)`` of a local crop with a global
+    view; local crops are never paired with each other (SwAV, Caron et al. 2020, Sec. 3.2), and every pair weighs
+    the same (DINO's mean over its pairs, Caron et al. 2021, Eq. 3). Each term is the whole Eq. 6 of its pair,
+    variance and covariance of both its embeddings included, so a global view's regularisers enter ``1 + V`` of
+    the terms and a local crop's 2. The mean keeps the two-view loss's scale (``25 x 0.99`` when collapsed) and
+    the balance of the three coefficients, which were tuned for it; a sum would grow with ``V``. With no local
+    crops it is ``vicreg_loss(z1, z2)`` exactly. Across ranks each term's variance and covariance are those of
+    the global batch and its invariance this rank's (``vicreg_loss``); the mean of terms keeps that.
+    """
+    loss = vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff)
+    if z_local:
+        terms = [vicreg_loss(zv, zg, sim_coeff, std_coeff, cov_coeff) for zv in z_local for zg in (z1, z2)]
+        loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
+    return loss
+
+
 class VICReg(nn.Module):
-    """``z = h(f(x))`` for each view; the loss is VICReg's (Eq. 6) between the two views' z."""
+    """``z = h(f(x))`` for each view; the loss is VICReg's (Eq. 6) between the two views' z.
+
+    Local crops after the two global views (``forward(g1, g2, *local_crops)``, multi-crop) go through the network
+    in one pass together (another resolution; batch norm sees all local crops at once) and the loss is
+    :func:`vicreg_multicrop_loss`.
+    """
 
     def __init__(self, backbone: nn.Module, expander: nn.Module, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                  cov_coeff: float = 1.0):
@@ -76,11 +103,14 @@ class VICReg(nn.Module):
         self.expander = expander
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *local_views: torch.Tensor):
         # One view at a time, as the official code does (batch norm sees each view's statistics).
         z1 = self.expander(self.backbone(view1))
         z2 = self.expander(self.backbone(view2))
-        loss = vicreg_loss(z1, z2, self.sim_coeff, self.std_coeff, self.cov_coeff)
+        z_local = ()
+        if local_views:
+            z_local = self.expander(self.backbone(torch.cat(local_views, dim=0))).chunk(len(local_views), dim=0)
+        loss = vicreg_multicrop_loss(z1, z2, z_local, self.sim_coeff, self.std_coeff, self.cov_coeff)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2], dim=0))}
 
     def encoder(self) -> nn.Module:
@@ -136,5 +166,5 @@ SPEC = MethodSpec(
     recipes=(PaperRecipe("vicreg", "VICReg paper (LARS 0.2 x B/256, wd 1e-6, coefficients 25 / 25 / 1, expander "
                          "8192 / 2048 at <= 32 px, 10 warm-up epochs, batch 2048)", vicreg_recipe),),
     paper_recipe="vicreg", accepts=("cpu", "vicreg"), paper_lr=lambda batch_size: 0.2 * batch_size / 256,
-    describe=describe, collapse_dim=lambda section: section.proj_out_dim, min_batch=2,
+    describe=describe, collapse_dim=lambda section: section.proj_out_dim, min_batch=2, multicrop=True,
 )
