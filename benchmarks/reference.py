@@ -801,7 +801,8 @@ def report(json_path: Path, md_path: Path, plot_prefix: str) -> str:
     steps_at = {b: cs[0]["steps"] for (_, b), cs in sorted(table.items())}
     md_dir = Path(md_path).parent
     lines = ["# Reference results", "",
-             f"<!-- written by `python benchmarks/reference.py --report --json {json_path}`; "
+             f"<!-- written by `python benchmarks/reference.py --report --json {json_path} --md {md_path} "
+             f"--plots {plot_prefix}`; "
              "edit the grid, not this page -->",
              "", f"Every number on this page comes from one JSON ({len(data['cells'])} finished cells, updated "
              f"{data['updated']}), written by", "", "```bash", " ".join(data["command"]), "```", "",
@@ -811,6 +812,10 @@ def report(json_path: Path, md_path: Path, plot_prefix: str) -> str:
              + ". Linear: `selfsup eval linear` (logistic regression on the frozen features, C chosen on a held-out "
              "10%); kNN: `selfsup eval knn` (k 200, t 0.1). Mean ± sample sd over seeds 0, 1, 2 where there are "
              "three (else the number of seeds is given).", "",
+             *([f"**{len(data['cells'])} of the grid's {len(data['cells']) + len(data['pending'])} cells are "
+                "measured so far.** A `-`, a missing row or a missing column is a cell not run yet, never a zero; "
+                "`python benchmarks/reference.py --list` shows each cell's state, and the command above without its "
+                "filters (`--rows`, `--steps`, `--seeds`, `--groups`) runs the rest.", ""] if data.get("pending") else []),
              "Rows: " + "; ".join(f"`{r['name']}`: {r.get('about') or r['method']}" + (f" (`--set {' '.join(r['sets'])}`)"
                                                                                       if r.get("sets") else "")
                                   for r in data["grid"]["rows"]) + ".", ""]
