@@ -4,7 +4,7 @@ Both methods are pre-trained for the same number of images at each batch size (l
 linearly, lr x B/256, as in both papers), then linear-probed. BYOL has no negatives, so its
 accuracy should drop less from the largest to the smallest batch than SimCLR's.
 
-    # short version (minutes on a shared CPU): embedded sample, a 1/16-width ResNet-18
+    # short version (minutes on a 2-core CPU): embedded sample, a 1/16-width ResNet-18
     python benchmarks/byol_batch_size.py
     # the full budget: Fashion-MNIST, CPU default backbone, 10 epochs at every batch size
     python benchmarks/byol_batch_size.py --full

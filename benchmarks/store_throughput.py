@@ -64,7 +64,7 @@ def _loader(name: str, image_size: int, batch_size: int, workers: int, steps: in
         n += images.shape[0]
     rate = n / (time.perf_counter() - t0)
     # CPU of this process and the (finished, so counted) workers over the whole stream, start-up included:
-    # the steadier figure on a shared CPU, where wall-clock rates swing with the other jobs.
+    # the steadier figure on a loaded CPU, where wall-clock rates swing with the load.
     return rate, 1e3 * (_cpu_seconds() - c0) / (n + warm * batch_size)
 
 
@@ -182,7 +182,7 @@ def _cpu_seconds() -> float:
 
 
 def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of ``fn()``: on a shared CPU the second is the steadier measure of work."""
+    """(wall seconds, CPU seconds) of ``fn()``: on a loaded CPU the second is the steadier measure of work."""
     t0, c0 = time.perf_counter(), _cpu_seconds()
     fn()
     return time.perf_counter() - t0, _cpu_seconds() - c0
