@@ -1,9 +1,25 @@
-"""What the method tests share: the kNN top-1 of an encoder on a fixed part of the embedded sample."""
+"""What the method tests share: the kNN top-1 of an encoder on a fixed part of the embedded sample, MoCo's
+InfoNCE as a naive loop, and the interrupt-and-resume and Lightning helpers."""
 from __future__ import annotations
 
 import torch
 
 from selfsup.evaluation.frozen import extract_features, knn_eval
+
+
+def naive_infonce(q: torch.Tensor, k: torch.Tensor, t: float, queue: torch.Tensor | None = None) -> torch.Tensor:
+    """MoCo v3's ctr(q, k) one query at a time in float64: 2t x mean_i -log softmax_i(q_i . [k; queue] / t), all
+    vectors l2-normalised."""
+    q, k = q.double(), k.double()
+    keys = [k[j] / k[j].norm() for j in range(k.shape[0])]
+    if queue is not None:
+        keys += [queue[j].double() / queue[j].double().norm() for j in range(queue.shape[0])]
+    total = 0.0
+    for i in range(q.shape[0]):
+        qi = q[i] / q[i].norm()
+        logits = torch.stack([qi @ kj / t for kj in keys])
+        total = total - (logits[i] - torch.logsumexp(logits, 0))
+    return 2 * t * total / q.shape[0]
 
 
 def knn_top1(encoder: torch.nn.Module, train, test, n_train: int, n_test: int, shuffled: bool = False,

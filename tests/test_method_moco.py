@@ -17,21 +17,7 @@ from selfsup.models.backbones import build_backbone
 from selfsup.training.checkpoint import load_weights
 from selfsup.training.loop import pretrain
 from selfsup.training.setup import build_model
-from method_checks import interrupt_and_resume, knn_top1
-
-
-def _naive_ctr(q: torch.Tensor, k: torch.Tensor, t: float, queue: torch.Tensor | None = None) -> torch.Tensor:
-    """Algorithm 1's ctr(q, k) one query at a time in float64: 2t x mean_i -log softmax_i(q_i . [k; queue] / t)."""
-    q, k = q.double(), k.double()
-    keys = [k[j] / k[j].norm() for j in range(k.shape[0])]
-    if queue is not None:
-        keys += [queue[j].double() / queue[j].double().norm() for j in range(queue.shape[0])]
-    total = 0.0
-    for i in range(q.shape[0]):
-        qi = q[i] / q[i].norm()
-        logits = torch.stack([qi @ kj / t for kj in keys])
-        total = total - (logits[i] - torch.logsumexp(logits, 0))
-    return 2 * t * total / q.shape[0]
+from method_checks import interrupt_and_resume, knn_top1, naive_infonce
 
 
 def _linear_moco(temperature: float, queue_size: int = 0) -> MoCo:
@@ -53,7 +39,7 @@ def test_forward_loss_is_algorithm_1_symmetric_ctr(temperature, queue_size):
     k1 = model.target_projector(model.target_backbone(x1))
     k2 = model.target_projector(model.target_backbone(x2))
     queue = model.queue if queue_size else None
-    want = _naive_ctr(q1, k2, temperature, queue) + _naive_ctr(q2, k1, temperature, queue)
+    want = naive_infonce(q1, k2, temperature, queue) + naive_infonce(q2, k1, temperature, queue)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     loss.backward()
     assert all(p.grad is None for p in model.target_parameters())  # keys are constants

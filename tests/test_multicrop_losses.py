@@ -18,6 +18,7 @@ from selfsup.methods.vicreg import VICReg
 from selfsup.models.backbones import build_backbone
 from selfsup.models.heads import ProjectionHead
 from selfsup.training.loop import pretrain
+from method_checks import naive_infonce
 
 
 def _backbone(seed: int = 0):
@@ -198,20 +199,6 @@ def _assert_close(model, loss, want):
 
 # Naive references, one entry at a time in float64, from each loss's formula.
 
-def _naive_infonce(q, k, t, queue=None):
-    """2t x mean_i -log( exp(q_i . k_i / t) / sum_j exp(q_i . key_j / t) ), keys = [k; queue], all unit vectors."""
-    q, k = q.double(), k.detach().double()
-    keys = [k[j] / k[j].norm() for j in range(k.shape[0])]
-    if queue is not None:
-        keys += [queue[j].double() / queue[j].double().norm() for j in range(queue.shape[0])]
-    total = 0.0
-    for i in range(q.shape[0]):
-        qi = q[i] / q[i].norm()
-        logits = torch.stack([qi @ kj / t for kj in keys])
-        total = total - (logits[i] - torch.logsumexp(logits, 0))
-    return 2 * t * total / q.shape[0]
-
-
 def _naive_neg_cos(p, z):
     """SimSiam's D(p, sg(z)) = -mean_i cos(p_i, z_i)."""
     z = z.detach()
@@ -280,8 +267,8 @@ def test_moco_local_queries_contrast_with_the_global_keys_only(queue_size):
     assert seen == [torch.Size([5, 1, 16, 16])] * 2  # the key encoder sees the two global views only
     (q1, q2), (k1, k2), q_local = _moco_parts(model, glob, loc)
     queue = model.queue if queue_size else None
-    terms = [_naive_infonce(q1, k2, T, queue), _naive_infonce(q2, k1, T, queue)]
-    terms += [_naive_infonce(qv, k, T, queue) for qv in q_local for k in (k1, k2)]
+    terms = [naive_infonce(q1, k2, T, queue), naive_infonce(q2, k1, T, queue)]
+    terms += [naive_infonce(qv, k, T, queue) for qv in q_local for k in (k1, k2)]
     _assert_close(model, loss, 2 * torch.stack(terms).mean())  # 2 x the mean: the two-view sum's scale
 
 
@@ -384,8 +371,8 @@ def test_simclrv2_buffer_local_queries_use_the_global_keys_and_the_buffer():
     assert seen == [torch.Size([10, 1, 16, 16])]  # the momentum copy sees the two global views, once
     z1, z2, z_local, k1, k2 = _simclrv2_parts(model, glob, loc)
     pairs = [(z1, k2), (z2, k1)] + [(zv, k) for zv in z_local for k in (k1, k2)]
-    # the mean cross-entropy over the (query, key) pairs; _naive_infonce carries MoCo's 2t factor
-    terms = [_naive_infonce(q, k, T, model.queue) / (2 * T) for q, k in pairs]
+    # the mean cross-entropy over the (query, key) pairs; naive_infonce carries MoCo's 2t factor
+    terms = [naive_infonce(q, k, T, model.queue) / (2 * T) for q, k in pairs]
     _assert_close(model, loss, torch.stack(terms).mean())
     model.update_target(1.0)  # momentum 1: the copy stays, so k1, k2 are the keys forward stashed
     torch.testing.assert_close(model.queue, F.normalize(torch.cat([k1, k2]), dim=1)[:7])  # 7 slots, 10 global keys
