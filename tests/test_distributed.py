@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,23 +26,12 @@ from selfsup.models.heads import ProjectionHead
 from selfsup.losses import nt_xent
 from selfsup.methods import METHODS
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
+from ranks import free_port, torchrun_env
 
 B = 4  # per-rank batch
 WORLD = 2
 TEST_PRECISION = os.environ.get("SELFSUP_TEST_PRECISION", "fp32")  # see conftest.py
 ENV = {"OMP_NUM_THREADS": "1", "SELFSUP_TEST_THREADS": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,12 +84,12 @@ def _worker(rank: int, ports: list[int], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_worker, args=([_free_port() for _ in range(3)], str(out)), nprocs=WORLD)
+    mp.spawn(_worker, args=([free_port() for _ in range(3)], str(out)), nprocs=WORLD)
     return out
 
 
 def _equivalence_worker(rank: int, port: int, out_dir: str) -> None:
-    _torchrun_env(rank, WORLD, port)
+    torchrun_env(rank, WORLD, port)
     assert dist.init_from_env()
     out: dict[str, object] = {}
     x1, x2 = _global_views()
@@ -256,14 +244,14 @@ def _training_worker(rank: int, ports: list[int], out_dir: str) -> None:
 
     out = Path(out_dir)
     cfg = _run_cfg()
-    _torchrun_env(rank, WORLD, ports[0])
+    torchrun_env(rank, WORLD, ports[0])
     pretrain(cfg, out / "full", progress=False)  # uninterrupted, 6 steps; owns and closes its process group
 
     def interrupt(step):
         if step == 4:  # after the checkpoint at step 3 (both ranks stop at the same point)
             raise _Interrupted
 
-    _torchrun_env(rank, WORLD, ports[1])
+    torchrun_env(rank, WORLD, ports[1])
     try:
         pretrain(cfg, out / "cut", progress=False, on_step=interrupt)
         raise AssertionError("the run was not interrupted")
@@ -396,7 +384,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_failing_rank_ends_the_job_with_a_clear_message(tmp_path, hang):
     script = tmp_path / "faulty_main.py"
     script.write_text(_FAULTY_MAIN.format(hang=hang))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     args = ["pretrain", "--dataset", "embedded", "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size", "16",
             "--no-progress", "--set", "backbone=resnet18", "--set", "backbone_width=0.0625", "--set", "knn_monitor=false",
             "--set", "image_size=16", "--set", "simclr.proj_out_dim=16", "--set", "precision=fp32",

@@ -8,8 +8,6 @@ part); the harness follows tests/test_distributed.py.
 """
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,23 +19,12 @@ from selfsup.losses import (barlow_twins_loss, dino_center_update, dino_loss, en
                             vicreg_loss)
 from selfsup.methods.barlow_twins import barlow_twins_multicrop_loss
 from selfsup.methods.vicreg import vicreg_multicrop_loss
+from ranks import free_port, torchrun_env
 
 WORLD = 2
 B = 4  # per-rank batch
 UNEVEN = (3, 5)  # per-rank batches for the losses that allow ranks to differ
 D = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
 
 
 def _inputs() -> dict:
@@ -95,7 +82,7 @@ def _dino(student, teacher, center):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    _torchrun_env(rank, WORLD, port)
+    torchrun_env(rank, WORLD, port)
     assert dist.init_from_env()
     data = _inputs()
     mine = slice(rank * B, (rank + 1) * B)
@@ -118,7 +105,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("family_two_ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
