@@ -34,7 +34,7 @@ kNN, wall time, machine); ``--report`` writes the results page's tables and plot
     python benchmarks/reference.py --rows simclr,byol --steps 1000 --seeds 0 --groups grid   # a subset
     python benchmarks/reference.py --steps-scale 0.01 --root runs/reference_smoke             # a smoke grid
     python benchmarks/reference.py --row moco moco moco.temperature=0.2    # one more row (method + --set)
-    python benchmarks/reference.py --report                                # docs/results/reference.md + plots
+    python benchmarks/reference.py --report                                # docs/results/grid.md + plots
 
 Layout of ``--root``: ``CELL/`` (the run folder and ``cell.json``), ``logs/CELL.log`` (the commands' output),
 ``logs/CELL.json`` (the cell's settings and the sessions that worked on it), ``results.json``.
@@ -934,8 +934,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the selected cells and their state; run nothing")
     ap.add_argument("--report", action="store_true", help="write the markdown tables and plots from --json; run nothing")
     ap.add_argument("--json", type=Path, help="the results JSON (default ROOT/results.json)")
-    ap.add_argument("--md", type=Path, default=Path("docs/results/reference.md"), help="--report: the markdown page")
-    ap.add_argument("--plots", default="docs/img/reference_",
+    ap.add_argument("--md", type=Path, default=Path("docs/results/grid.md"), help="--report: the markdown page")
+    ap.add_argument("--plots", default="docs/results/grid/",
                     help="--report: plot path prefix (PREFIXlinear.png, PREFIXknn.png)")
     ap.add_argument("--cell-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
