@@ -196,8 +196,10 @@ def test_a_short_run_learns_features_and_lowers_the_loss(tmp_path, tiny_cfg):
     # 0.001 from step 10 on; kNN 64.6 -> 37). SGD (the official ResNet optimiser) moves biases and weights alike;
     # batch norm in the head gives the bottleneck a non-negligible norm at init; a small K (64) with a small
     # bottleneck (16) for a batch of 32; a sharp teacher (0.02), a faster teacher (base tau 0.99) and centre (0.5)
-    # for a run of 500 steps instead of 100 epochs. Seeds 0 / 1 / 2: kNN +4.0 / +4.7 / +3.8 points, loss -0.3 / -0.5
-    # / -0.7 (mean of the first five logs to that of the last five).
+    # for a run of 500 steps instead of 100 epochs. Seeds 0-4: kNN +4.0 / +4.7 / +3.8 / -0.3 / +5.0 points, loss
+    # -0.3 / -0.5 / -0.7 / +0.0 / -0.8 (mean of the first five logs to that of the last five): the margin is thin and
+    # seed 3 fails, so a change of numerics (augmentation draws, init) can flip it; neighbouring settings (lr 3 with
+    # 20% warm-up, hidden 256, base tau 0.98, 2 local crops for 700 steps) stayed within +2 points.
     cfg = tiny_cfg(method="dino", image_size=16, batch_size=32, steps=500, checkpoint_every=1000, log_every=10,
                    precision="fp32", channels_last=False, multicrop={"num_local": 4, "local_size": 8},
                    optim={"name": "sgd", "lr": 4.0, "weight_decay": 1e-4, "warmup_fraction": 0.1},
