@@ -51,8 +51,8 @@ lr while the weights move by about ``lr x eta`` (eta 0.001) of their norm per st
 bottleneck's norm about 0.01 at init, so after one step its bias (norm 0.19, 2.8 after 10 steps, weights unchanged)
 is most of every image's bottleneck and the l2-normalised bottleneck is the same for all of them (collapse_std
 0.0735 -> 0.003 after one step); the centred teacher is then uniform. The official ResNet run uses SGD, which moves
-biases and weights alike; the short-run test (``tests/test_method_dino.py``) trains with SGD and batch norm in the
-head and learns (kNN +4 points over the untrained encoder in 500 steps).
+biases and weights alike; with SGD and batch norm in the head the tiny encoder learns, thinly (kNN -0.3 to +5.0
+points over the untrained encoder in 500 steps, over five seeds).
 """
 from __future__ import annotations
 
