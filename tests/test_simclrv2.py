@@ -1,7 +1,6 @@
 """SimCLRv2 (Chen et al. 2020b): SK / wide encoders, fine-tuning from a head layer, distillation."""
 import hashlib
 import json
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from selfsup.models.heads import ProjectionHead
 from selfsup.losses import distill_loss
 from selfsup.models.sk_resnet import SelectiveKernelConv
 from selfsup.protocols.labelled_loop import labeled_stream
+from ranks import free_port
 
 # SimCLRv2 Table 1: parameters in millions, "ResNet up to final average pooling layer".
 PAPER_PARAMS_M = {
@@ -247,11 +247,6 @@ def test_finetuned_encoder_serves_eval_embed_and_export(finetune_run, tmp_path):
     exported = load_file(tmp_path / "ft.safetensors")
     assert torch.equal(exported["conv1.weight"], ft["backbone.conv1.weight"])
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, monkeypatch, tmp_path):
     import torch.distributed as tdist
@@ -289,7 +284,7 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_no_ddp(finetune_run, mo
     digest = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
     cfg = DistillConfig(teacher=str(teacher_dir), student="resnet18", student_width=0.03125, steps=2, batch_size=32,
                         labeled_weight=0.5, checkpoint_every=1, device="cpu")
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         result = distill(cfg, tmp_path / "distill", progress=False)
     finally:

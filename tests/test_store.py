@@ -36,7 +36,7 @@ from selfsup.errors import BadImageError  # noqa: E402
 from selfsup.data.prepare import prepare_store  # noqa: E402
 from selfsup.data.store import StoreDataset  # noqa: E402
 from test_bad_images import BAD_FILES  # noqa: E402
-from test_distributed import _free_port, _torchrun_env  # noqa: E402
+from ranks import free_port, torchrun_env  # noqa: E402
 from test_kill_resume import _kill_after, _logged, _newest_checkpoint_step  # noqa: E402
 
 SIZE = 72  # > 64, so the folder streams at default_load_size(72) = 82 px, as the store stores it
@@ -254,7 +254,7 @@ def _id_folder(root: Path) -> Path:
 
 
 def _shard_worker(rank: int, world: int, port: int, store: str, out_dir: str) -> None:
-    _torchrun_env(rank, world, port)
+    torchrun_env(rank, world, port)
     import torch.distributed as tdist
 
     from selfsup.training.batches import batch_stream
@@ -274,7 +274,7 @@ def test_two_gloo_processes_read_disjoint_shares_covering_the_epoch(tmp_path):
 
     store = tmp_path / "s"
     prepare_store(f"imagefolder:{_id_folder(tmp_path / 'ids')}", store, size=64, format="raw", workers=0, progress=False)
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(store), str(tmp_path)), nprocs=2)
+    mp.spawn(_shard_worker, args=(2, free_port(), str(store), str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     ids = [[[v // 10 for v in step] for step in rank] for rank in seen]
     for step in range(N_ID // BATCH):
