@@ -236,6 +236,22 @@ def test_probe_reports_an_iteration_cap_instead_of_hiding_it():
     assert out["converged"] is False and out["iterations"] == 3
 
 
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
+def test_the_probe_reports_each_fit_of_its_search_only_when_asked(solver, capsys):
+    xtr, ytr, xte, yte = _pixels(500, 100)
+    quiet = linear_eval(xtr, ytr, xte, yte, 10, solver=solver)
+    assert capsys.readouterr().err == ""
+    loud = linear_eval(xtr, ytr, xte, yte, 10, solver=solver, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert (loud["top1"], loud["C"]) == (quiet["top1"], quiet["C"])  # reporting changes nothing
+    fitted = [line.split(" C ", 1)[1].split(" fitted in ")[0].split(", ") for line in lines if " fitted in " in line]
+    assert sorted(float(c) for cs in fitted for c in cs) == pytest.approx(sorted(loud["c_grid"]), rel=1e-2)
+    refit = [line for line in lines if "refit at C" in line]
+    assert refit == [lines[-1]] and refit[0].startswith(
+        f"[selfsup] linear probe: refit at C {loud['C']:.3g} on all {len(ytr)} training features in "
+        f"{loud['iterations']} iterations (")
+
+
 # ------------------------------------------------------------------------------------------------
 # Frozen backbones, baselines, the SGD protocol
 

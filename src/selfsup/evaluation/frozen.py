@@ -131,7 +131,8 @@ def canonical_order(features: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 test_labels: torch.Tensor, num_classes: int, c_grid=DEFAULT_C_GRID, max_iter: int = 10000,
                 seed: int = 0, *, val_fraction: float = 0.1, solver: str = "auto", tol: float = 1e-4,
-                device: str | torch.device = "cpu", widen: bool = True, refine: bool = True) -> dict:
+                device: str | torch.device = "cpu", widen: bool = True, refine: bool = True,
+                progress: bool = False) -> dict:
     """Multinomial logistic regression on standardised frozen features (``selfsup.evaluation.linear_probe``).
 
     scikit-learn's ``LogisticRegression`` (lbfgs) objective, fitted to convergence; C is chosen on a
@@ -141,7 +142,8 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     fits every C of the search at once in float32 on ``device`` (the CPU or a GPU; bounded memory);
     ``"sklearn"`` fits scikit-learn's ``LogisticRegression`` one C at a time, the reference. The result holds top-1/top-5 and every
     parameter of the protocol (grid, chosen C, validation scores, iterations, converged, features'
-    dtype and preprocessing, seed), so a figure can be reproduced from it alone.
+    dtype and preprocessing, seed), so a figure can be reproduced from it alone. ``progress``: a line on stderr
+    after each fit of the C search and after the refit.
     """
     if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
         raise ValueError(f"features and labels differ in length: train {len(train_features)} vs {len(train_labels)}, "
@@ -152,7 +154,7 @@ def linear_eval(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     xtr, xte = standardise(train_features.float()[order], test_features.float())
     ytr, yte = train_labels.long()[order], test_labels.long()
     probe = select_and_fit(xtr, ytr, num_classes, c_grid, val_fraction, seed, max_iter, tol, solver, device,
-                           widen, refine)
+                           widen, refine, progress)
     with torch.no_grad():
         scores = probe.fit.scores(xte)
     return {**topk_accuracy(scores, yte), **probe.record, "features_dtype": str(train_features.dtype).replace("torch.", ""),

@@ -26,6 +26,8 @@ neighbouring half-decades (:func:`choose_c`), so a near-tie does not decide it.
 from __future__ import annotations
 
 import math
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -274,7 +276,8 @@ def _search_batched(fit_batch, val_top1: dict, grid: list[float], widen: bool, r
 class _TorchSearch:
     """The C search with the batched solver: features moved to ``device`` once, fits kept on the CPU."""
 
-    def __init__(self, xf, yf, xv, yv, num_classes: int, max_iter: int, tol: float, device):
+    def __init__(self, xf, yf, xv, yv, num_classes: int, max_iter: int, tol: float, device, say=None):
+        self.say = say
         self.device = torch.device(device)
         self.xf, self.yf = xf.to(self.device, torch.float32), yf.to(self.device)
         self.xv, self.yv = xv.to(self.device, torch.float32), yv.to(self.device)
@@ -288,6 +291,7 @@ class _TorchSearch:
         """Fit ``cs`` as one batch, each from the nearest fitted C's weights unless those already meet
         ``tol`` at the new C (then from zero: the curve must not repeat a neighbour's point)."""
         cs = [c for c in cs if c not in self.fits]
+        start = time.perf_counter()
         path = fit_path(self.xf, self.yf, self.num_classes, cs, max_iter=self.max_iter, tol=self.tol, pre=self.pre,
                         init=self._starts(cs))
         for i, c in enumerate(cs):
@@ -295,6 +299,8 @@ class _TorchSearch:
                             path.converged[i])
             self.fits[c] = fit
             self.val_top1[c] = _accuracy(fit, self.xv, self.yv)
+        if self.say:
+            self.say(_fitted_line(cs, self.fits, self.val_top1, time.perf_counter() - start))
 
     def _starts(self, cs: list[float]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.fits:
@@ -313,13 +319,35 @@ class _TorchSearch:
         """The refit on every training feature, from the search's fit at ``C`` unless that already meets tol."""
         x, y = xtr.to(self.device, torch.float32), ytr.to(self.device)
         init = warm_start(x, y, C, self.tol, self.fits.get(C))
-        return fit_logreg_torch(x, y, self.num_classes, C, self.max_iter, self.tol, init, self.device, self.pre)
+        start = time.perf_counter()
+        fit = fit_logreg_torch(x, y, self.num_classes, C, self.max_iter, self.tol, init, self.device, self.pre)
+        if self.say:
+            self.say(_refit_line(C, len(y), fit, time.perf_counter() - start))
+        return fit
+
+
+def _fitted_line(cs: list[float], fits: dict, val_top1: dict, seconds: float) -> str:
+    """One progress line of the C search: the values just fitted, their iterations, the best so far."""
+    best = max(val_top1, key=lambda c: (val_top1[c], -c))
+    its = " / ".join(f"{fits[c].iterations}" + ("" if fits[c].converged else " (not converged)") for c in cs)
+    return (f"linear probe: C {', '.join(f'{c:.3g}' for c in cs)} fitted in {its} iterations ({seconds:.1f} s); "
+            f"best validation top-1 so far {val_top1[best]:.2f}% at C {best:.3g}")
+
+
+def _refit_line(C: float, n: int, fit: LogRegFit, seconds: float) -> str:
+    """The progress line of the final fit on every training feature."""
+    return (f"linear probe: refit at C {C:.3g} on all {n} training features in {fit.iterations} iterations "
+            f"({seconds:.1f} s)" + ("" if fit.converged else ", not converged"))
+
+
+def _say(line: str) -> None:
+    print(f"[selfsup] {line}", file=sys.stderr, flush=True)
 
 
 def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_grid=DEFAULT_C_GRID,
                    val_fraction: float = 0.1, seed: int = 0, max_iter: int = 10000, tol: float = 1e-4,
                    solver: str = "torch", device: str | torch.device = "cpu", widen: bool = True,
-                   refine: bool = True) -> ProbeResult:
+                   refine: bool = True, progress: bool = False) -> ProbeResult:
     """Choose C on a held-out part of ``(xtr, ytr)``, then refit on all of it with that C.
 
     ``solver="torch"``: the grid and, with ``refine``, the half-decades between its decades are
@@ -329,6 +357,8 @@ def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_gri
     validation falls past its peak, then the half-decades beside the best. Both widen the grid by a
     decade while the best validation top-1 sits at an end (up to ``C_LIMITS``), and :func:`choose_c`
     picks C from the validation curve smoothed over neighbouring half-decades (robust to near-ties).
+    ``progress``: a line on stderr after each fit of the search and after the refit (values of C, iterations,
+    seconds, the best validation top-1 so far), so a slow search shows where its time goes.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: unknown {solver!r}; use one of {', '.join(SOLVERS)}")
@@ -343,7 +373,7 @@ def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_gri
     xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]
     selecting = len(grid) > 1 and len(val_idx) > 0
     if solver == "torch":
-        search = _TorchSearch(xf, yf, xv, yv, num_classes, max_iter, tol, device)
+        search = _TorchSearch(xf, yf, xv, yv, num_classes, max_iter, tol, device, _say if progress else None)
         widened, at_edge = (_search_batched(search.fit_batch, search.val_top1, grid, widen, refine)
                             if selecting else ([], False))
         fits, val_top1, cold_restarts = search.fits, search.val_top1, search.cold_restarts
@@ -352,10 +382,14 @@ def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_gri
     else:
         fits, val_top1, cold_restarts = {}, {}, []
         widened, at_edge = (_search_sequential(xf, yf, xv, yv, num_classes, max_iter, tol, fits, val_top1, cold_restarts,
-                                               grid, widen, refine) if selecting else ([], False))
+                                               grid, widen, refine, _say if progress else None)
+                            if selecting else ([], False))
         chosen = choose_c(val_top1) if selecting else grid[0]
         init = warm_start(xtr, ytr, chosen, tol, fits.get(chosen))
+        start = time.perf_counter()
         final = fit_logreg_sklearn(xtr, ytr, num_classes, chosen, max_iter, tol, init)
+        if progress:
+            _say(_refit_line(chosen, len(ytr), final, time.perf_counter() - start))
     if not final.converged or not all(f.converged for f in fits.values()):
         warnings.warn(f"the linear probe did not converge in max_iter={max_iter} iterations "
                       f"(C={chosen:g}); its accuracy is a lower bound. Raise max_iter.")
@@ -366,15 +400,18 @@ def select_and_fit(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int, c_gri
 
 
 def _search_sequential(xf, yf, xv, yv, num_classes, max_iter, tol, fits, val_top1, cold_restarts, grid, widen,
-                       refine) -> tuple[list[float], bool]:
+                       refine, say=None) -> tuple[list[float], bool]:
     """scikit-learn's fits one C at a time, each warm-started from the nearest (:func:`_search_c`)."""
     def run(c: float) -> None:
         near = min(fits, key=lambda k: abs(math.log(k / c))) if fits else None  # warm start: the nearest C
         init = warm_start(xf, yf, c, tol, fits.get(near))
         if near is not None and init is None:
             cold_restarts.append(c)
+        start = time.perf_counter()
         fits[c] = fit_logreg_sklearn(xf, yf, num_classes, c, max_iter, tol, init)
         val_top1[c] = _accuracy(fits[c], xv, yv)
+        if say:
+            say(_fitted_line([c], fits, val_top1, time.perf_counter() - start))
 
     return _search_c(run, val_top1, grid, widen, refine)
 

@@ -116,7 +116,7 @@ def _frozen_feature_protocol(kind: str, encoder: nn.Module, train, test, prep: P
                   "similarity": "cosine (features L2-normalised)", "features_dtype": str(ftr.dtype).replace("torch.", "")}
     else:
         result = linear_eval(ftr, ytr, fte, yte, train.num_classes, seed=seed, solver=solver,
-                             device=dev if solver != "sklearn" else "cpu")
+                             device=dev if solver != "sklearn" else "cpu", progress=progress and main)
     result["feature_precision"] = precision
     return result, feature_dim, main
 
