@@ -54,6 +54,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import ConfigError, check_field
 from selfsup.losses import barlow_twins_loss
+from selfsup.losses.multicrop import symmetric_multicrop_loss
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import ProjectionConfig
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
@@ -115,11 +116,7 @@ def barlow_twins_multicrop_loss(z1: torch.Tensor, z2: torch.Tensor, z_local: Seq
     With no local crops it is ``barlow_twins_loss(z1, z2)`` exactly. Across ranks every term standardises and
     correlates over the global batch (``barlow_twins_loss``), and the mean of terms keeps that.
     """
-    loss = barlow_twins_loss(z1, z2, lambda_offdiag)
-    if z_local:
-        terms = [barlow_twins_loss(zv, zg, lambda_offdiag) for zv in z_local for zg in (z1, z2)]
-        loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
-    return loss
+    return symmetric_multicrop_loss(lambda a, b: barlow_twins_loss(a, b, lambda_offdiag), z1, z2, z_local)
 
 
 class BarlowTwins(nn.Module):

@@ -28,6 +28,7 @@ from torch import nn
 
 from selfsup.errors import check_field
 from selfsup.losses import byol_loss
+from selfsup.losses.multicrop import mean_with_local_terms
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.ema import ema_tau, ema_update
 from selfsup.methods.simclr import MAX_DIM, ProjectionConfig
@@ -108,7 +109,7 @@ class BYOL(nn.Module):
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         if p_local:
             terms = [byol_loss(pv, t) for pv in p_local for t in (t1, t2)]
-            loss = 2 * (loss + torch.stack(terms).sum()) / (2 + len(terms))
+            loss = 2 * mean_with_local_terms(loss, 2, terms)
         logs = {"collapse_std": collapse_std(z[:x.shape[0]]), "target_collapse_std": collapse_std(z_target)}
         return loss, logs
 

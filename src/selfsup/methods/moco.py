@@ -60,6 +60,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import check_field
 from selfsup.losses import enqueue_keys, infonce_loss
+from selfsup.losses.multicrop import mean_with_local_terms
 from selfsup.methods.ema import ema_tau, ema_update
 from selfsup.methods.simclr import MAX_DIM
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
@@ -153,7 +154,7 @@ class MoCo(nn.Module):
             q_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
             terms = [infonce_loss(qv, k, self.temperature, queue=queue)
                      for qv in q_local.chunk(len(local_views), dim=0) for k in (k1, k2)]
-            loss = 2 * (loss + torch.stack(terms).sum()) / (2 + len(terms))
+            loss = 2 * mean_with_local_terms(loss, 2, terms)
         if self.queue_size and torch.is_grad_enabled():  # a training step's keys, for update_target
             self._pending_keys.append(torch.cat([k1, k2]).detach())
         with torch.no_grad():

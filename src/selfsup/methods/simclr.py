@@ -10,6 +10,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import check_field
 from selfsup.losses import nt_xent
+from selfsup.losses.multicrop import symmetric_multicrop_loss
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
 from selfsup.views.config import ViewConfig
@@ -85,10 +86,7 @@ class SimCLR(nn.Module):
             h = torch.cat([h, self.backbone(torch.cat(local_views, dim=0))], dim=0)
         z = self.head(h)
         z1, z2, *z_local = z.chunk(2 + len(local_views), dim=0)
-        loss = nt_xent(z1, z2, self.temperature)
-        if z_local:
-            terms = [nt_xent(zv, zg, self.temperature) for zv in z_local for zg in (z1, z2)]
-            loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
+        loss = symmetric_multicrop_loss(lambda a, b: nt_xent(a, b, self.temperature), z1, z2, z_local)
         with torch.no_grad():
             zn = torch.nn.functional.normalize(z[:2 * view1.shape[0]].float(), dim=1)
             logs = {"z_std": zn.std(dim=0).mean()}

@@ -36,6 +36,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import check_field
 from selfsup.losses import enqueue_keys, infonce_loss
+from selfsup.losses.multicrop import mean_with_local_terms
 from selfsup.methods.ema import ema_update
 from selfsup.methods.moco import MAX_QUEUE
 from selfsup.methods.simclr import SimCLRConfig, build_simclr, simclr_views
@@ -94,7 +95,7 @@ class SimCLRv2Buffer(nn.Module):
         loss = (infonce_loss(z1, k2, t, queue=self.queue) + infonce_loss(z2, k1, t, queue=self.queue)) / (4 * t)
         if z_local:  # the mean cross-entropy over all 2 + 2V (query, key) pairs
             terms = [infonce_loss(zv, k, t, queue=self.queue) for zv in z_local for k in (k1, k2)]
-            loss = (2 * loss + torch.stack(terms).sum() / (2 * t)) / (2 + len(terms))
+            loss = mean_with_local_terms(2 * loss, 2, terms, local_divisor=2 * t)
         if torch.is_grad_enabled():
             self._pending_keys.append(torch.cat([k1, k2]).detach())
         with torch.no_grad():

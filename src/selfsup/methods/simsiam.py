@@ -40,6 +40,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import check_field
 from selfsup.losses import byol_loss
+from selfsup.losses.multicrop import mean_with_local_terms
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import MAX_DIM
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
@@ -101,7 +102,7 @@ class SimSiam(nn.Module):
         if local_views:
             p_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
             terms = [negative_cosine(pv, z) for pv in p_local.chunk(len(local_views), dim=0) for z in (z1, z2)]
-            loss = (2 * loss + torch.stack(terms).sum()) / (2 + len(terms))
+            loss = mean_with_local_terms(2 * loss, 2, terms)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2]))}
 
     def encoder(self) -> nn.Module:

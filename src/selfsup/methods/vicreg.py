@@ -39,6 +39,7 @@ from torch import nn
 from selfsup.data.containers import SMALL_IMAGE_MAX
 from selfsup.errors import check_field
 from selfsup.losses import vicreg_loss
+from selfsup.losses.multicrop import symmetric_multicrop_loss
 from selfsup.methods.barlow_twins import barlow_twins_views
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import ProjectionConfig
@@ -81,11 +82,7 @@ def vicreg_multicrop_loss(z1: torch.Tensor, z2: torch.Tensor, z_local: Sequence[
     crops it is ``vicreg_loss(z1, z2)`` exactly. Across ranks each term's variance and covariance are those of
     the global batch and its invariance this rank's (``vicreg_loss``); the mean of terms keeps that.
     """
-    loss = vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff)
-    if z_local:
-        terms = [vicreg_loss(zv, zg, sim_coeff, std_coeff, cov_coeff) for zv in z_local for zg in (z1, z2)]
-        loss = (loss + torch.stack(terms).sum()) / (1 + len(terms))
-    return loss
+    return symmetric_multicrop_loss(lambda a, b: vicreg_loss(a, b, sim_coeff, std_coeff, cov_coeff), z1, z2, z_local)
 
 
 class VICReg(nn.Module):
