@@ -1,6 +1,7 @@
 """Multi-crop losses of every method that takes local crops (SwAV, Caron et al. 2020, Sec. 3.2): local crops after
 the two global views, compared with the global views only; with no local crops, bit for bit the two-view losses.
 With local crops each method's loss equals a float64 loop written from its docstring, in value and gradient."""
+import copy
 import json
 import math
 
@@ -420,3 +421,53 @@ def test_the_supervised_baseline_still_refuses_local_crops(tiny_cfg):
     assert [name for name, spec in METHODS.items() if not spec.multicrop] == ["supervised"]
     with pytest.raises(ConfigError, match="multicrop.num_local"):
         tiny_cfg(method="supervised", multicrop={"num_local": 2, "local_size": 8})
+
+
+# --- Batch norm's running statistics: the global crops' only -----------------------------------------------------
+
+@pytest.mark.parametrize("method", MULTICROP_METHODS)
+def test_local_crops_leave_the_encoders_running_statistics_to_the_global_views(tiny_cfg, method):
+    # Frozen features are computed at the global size; a local pass folded into the running statistics would
+    # normalise them with another resolution's (about half of each buffer after a few steps).
+    from selfsup.training.setup import build_model
+
+    section = {"proj_hidden_dim": 32} if method not in ("simclr", "byol", "dino") else {}
+    if method == "dino":
+        section = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+    cfg = tiny_cfg(method=method, precision="fp32", multicrop={"num_local": 2, "local_size": 8}, **{method: section})
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, 16).train()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    glob = [torch.randn(6, 1, 16, 16, generator=g) for _ in range(2)]
+    loc = [3.0 + 2.0 * torch.randn(6, 1, 8, 8, generator=g) for _ in range(2)]  # other statistics than the globals
+    model(*glob, *loc)
+    twin(*glob)  # the same global passes, no local crops
+    buffers = dict(model.backbone.named_buffers())
+    assert any("running_mean" in k for k in buffers)
+    for name, want in twin.backbone.named_buffers():
+        torch.testing.assert_close(buffers[name], want, rtol=0, atol=0, msg=name)
+    bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bn and all(m.momentum == 0.1 for m in bn)  # restored after the local pass
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cross_rank", [False, True])
+def test_running_stats_frozen_normalises_by_the_batch_and_restores_everything(momentum, cross_rank):
+    from selfsup.models.running_stats import running_stats_frozen
+    from selfsup.models.sync_batchnorm import CrossRankBatchNorm
+
+    torch.manual_seed(0)
+    bn = (CrossRankBatchNorm if cross_rank else torch.nn.BatchNorm2d)(3, momentum=momentum)
+    bn(torch.randn(4, 3, 5, 5))  # some history
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = 2.0 + 3.0 * torch.randn(4, 3, 5, 5)
+    with running_stats_frozen(bn):
+        y = bn(x)
+    want = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    torch.testing.assert_close(y, want)
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert bn.momentum == momentum
+    bn(x)  # and outside, the running statistics move again
+    assert not torch.equal(bn.running_mean, before["running_mean"])

@@ -58,6 +58,7 @@ from selfsup.losses.multicrop import symmetric_multicrop_loss
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import ProjectionConfig
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 PAPER_GPUS = 32  # "Training is distributed across 32 V100 GPUs" (Sec. 4): the W of the official gradient scale
@@ -139,7 +140,7 @@ class BarlowTwins(nn.Module):
         z2 = self.projector(self.backbone(view2))
         z_local = ()
         if local_views:
-            z_local = self.projector(self.backbone(torch.cat(local_views, dim=0))).chunk(len(local_views), dim=0)
+            z_local = self.projector(encode_local_crops(self.backbone, local_views)).chunk(len(local_views), dim=0)
         loss = barlow_twins_multicrop_loss(z1, z2, z_local, self.lambda_offdiag)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2], dim=0))}
 

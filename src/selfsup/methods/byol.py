@@ -34,6 +34,7 @@ from selfsup.methods.ema import ema_tau, ema_update
 from selfsup.methods.simclr import MAX_DIM, ProjectionConfig
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 
@@ -99,7 +100,7 @@ class BYOL(nn.Module):
         x = torch.cat([view1, view2], dim=0)
         h = self.backbone(x)
         if local_views:  # another resolution: its own encoder pass, one head pass on every crop
-            h = torch.cat([h, self.backbone(torch.cat(local_views, dim=0))], dim=0)
+            h = torch.cat([h, encode_local_crops(self.backbone, local_views)], dim=0)
         z = self.projector(h)
         p = self.predictor(z)
         with torch.no_grad():

@@ -31,6 +31,10 @@ Deviations from the official code, written down:
 - ``optim.name: sgd`` in selfsup is Nesterov SGD; the official ResNet-50 run uses plain SGD with momentum 0.9.
 - The student's local crops go through the encoder in one batch and its global crops in another, as in the
   official ``MultiCropWrapper`` (one forward pass per resolution), so batch norm sees each group's statistics.
+  The local pass does not update the encoder's batch-norm running statistics
+  (:func:`selfsup.models.running_stats.encode_local_crops`): evaluation takes the student's encoder at the
+  global size, and the official code's teacher, which its evaluation takes, keeps running statistics of the
+  global crops only (its own forward passes); here the teacher copies the student's buffers (``ema_update``).
 
 The ``cpu`` recipe (narrow CPU encoders, Fashion-MNIST at 28 px, batch 256): 4 local crops of 12 px
 (``local_size_for(28)``) at the ResNet scales (0.05, 0.14) with global crops at (0.14, 1); K = 4096 (solo-learn's
@@ -72,6 +76,7 @@ from selfsup.methods.collapse import collapse_std
 from selfsup.methods.ema import ema_tau, ema_update
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import DINOHead
+from selfsup.models.running_stats import encode_local_crops
 
 MAX_OUT_DIM = 262144  # K beyond this cannot be held in memory for a batch; refused before any work
 
@@ -147,7 +152,7 @@ class DINO(nn.Module):
         # One encoder pass per resolution (the official MultiCropWrapper), one head pass on all of them.
         feats = [self.backbone(global_views)]
         if local_views:
-            feats.append(self.backbone(torch.cat(local_views, dim=0)))
+            feats.append(encode_local_crops(self.backbone, local_views))
         # The head's forward (DINOHead.forward) in its two parts, to watch the normalised bottleneck for collapse.
         bottleneck = F.normalize(self.head.mlp(torch.cat(feats, dim=0)), dim=-1)
         student = self.head.last_layer(bottleneck)

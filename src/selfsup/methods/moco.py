@@ -65,6 +65,7 @@ from selfsup.methods.ema import ema_tau, ema_update
 from selfsup.methods.simclr import MAX_DIM
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 MAX_QUEUE = 1 << 20  # keys; MoCo v2 keeps 65536
@@ -151,7 +152,7 @@ class MoCo(nn.Module):
         loss = (infonce_loss(q1, k2, self.temperature, queue=queue)
                 + infonce_loss(q2, k1, self.temperature, queue=queue))
         if local_views:  # another resolution: one query-encoder pass over every local crop; no keys
-            q_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
+            q_local = self.predictor(self.projector(encode_local_crops(self.backbone, local_views)))
             terms = [infonce_loss(qv, k, self.temperature, queue=queue)
                      for qv in q_local.chunk(len(local_views), dim=0) for k in (k1, k2)]
             loss = 2 * mean_with_local_terms(loss, 2, terms)

@@ -13,6 +13,7 @@ from selfsup.losses import nt_xent
 from selfsup.losses.multicrop import symmetric_multicrop_loss
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 MAX_DIM = 65536  # wider heads cannot be trained in memory; refused before any work
@@ -83,7 +84,7 @@ class SimCLR(nn.Module):
         # DINO's MultiCropWrapper.
         h = self.backbone(torch.cat([view1, view2], dim=0))
         if local_views:
-            h = torch.cat([h, self.backbone(torch.cat(local_views, dim=0))], dim=0)
+            h = torch.cat([h, encode_local_crops(self.backbone, local_views)], dim=0)
         z = self.head(h)
         z1, z2, *z_local = z.chunk(2 + len(local_views), dim=0)
         loss = symmetric_multicrop_loss(lambda a, b: nt_xent(a, b, self.temperature), z1, z2, z_local)

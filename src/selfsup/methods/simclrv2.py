@@ -41,6 +41,7 @@ from selfsup.methods.ema import ema_update
 from selfsup.methods.moco import MAX_QUEUE
 from selfsup.methods.simclr import SimCLRConfig, build_simclr, simclr_views
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
+from selfsup.models.running_stats import encode_local_crops
 
 
 @dataclass
@@ -86,7 +87,7 @@ class SimCLRv2Buffer(nn.Module):
         # crop); the keys of the momentum copy, of the global views only.
         h = self.backbone(torch.cat([view1, view2]))
         if local_views:
-            h = torch.cat([h, self.backbone(torch.cat(local_views))])
+            h = torch.cat([h, encode_local_crops(self.backbone, local_views)])
         z1, z2, *z_local = self.head(h).chunk(2 + len(local_views))
         with torch.no_grad():
             k1, k2 = self.target_head(self.target_backbone(torch.cat([view1, view2]))).chunk(2)

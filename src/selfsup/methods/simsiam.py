@@ -45,6 +45,7 @@ from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import MAX_DIM
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
 from selfsup.models.heads import ProjectionHead
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 
@@ -100,7 +101,7 @@ class SimSiam(nn.Module):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
         if local_views:
-            p_local = self.predictor(self.projector(self.backbone(torch.cat(local_views, dim=0))))
+            p_local = self.predictor(self.projector(encode_local_crops(self.backbone, local_views)))
             terms = [negative_cosine(pv, z) for pv in p_local.chunk(len(local_views), dim=0) for z in (z1, z2)]
             loss = mean_with_local_terms(2 * loss, 2, terms)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2]))}

@@ -44,6 +44,7 @@ from selfsup.methods.barlow_twins import barlow_twins_views
 from selfsup.methods.collapse import collapse_std
 from selfsup.methods.simclr import ProjectionConfig
 from selfsup.methods.spec import MethodSpec, PaperRecipe, RecipeLayer
+from selfsup.models.running_stats import encode_local_crops
 from selfsup.views.config import ViewConfig
 
 
@@ -106,7 +107,7 @@ class VICReg(nn.Module):
         z2 = self.expander(self.backbone(view2))
         z_local = ()
         if local_views:
-            z_local = self.expander(self.backbone(torch.cat(local_views, dim=0))).chunk(len(local_views), dim=0)
+            z_local = self.expander(encode_local_crops(self.backbone, local_views)).chunk(len(local_views), dim=0)
         loss = vicreg_multicrop_loss(z1, z2, z_local, self.sim_coeff, self.std_coeff, self.cov_coeff)
         return loss, {"collapse_std": collapse_std(torch.cat([z1, z2], dim=0))}
 
