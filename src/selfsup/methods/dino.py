@@ -42,12 +42,13 @@ CIFAR value), head hidden width = the encoder's ``num_features`` (as the other m
 256, no batch norm in the head; LARS base lr 3.0 x B/256 with weight decay 1e-6 (BYOL's CPU values: the same
 LARS regime of few small-batch steps); teacher temperature 0.04 without warm-up, teacher momentum 0.996, clip
 3.0, last layer frozen for 1 epoch (the official values). Measured, one run of 1,000 steps (AMD EPYC, 1 thread,
-bf16, 2,412 s on a shared machine): linear 84.9% / kNN (k=200) 72.6% top-1 (SimCLR's CPU default, 1,000 steps:
-86.7% / 79.5%); the normalised bottleneck starts nearly constant (collapse_std 0.008 at step 10, of a healthy
-0.0625) and the teacher nearly uniform (entropy 8.2 of log K = 8.3 at step 50), so the collapse monitor warns
-once around the end of warm-up; both recover (collapse_std 0.046 and entropy 6.7 at step 1,000, kNN monitor
-62 -> 71% from epoch 1 to 4). A second CPU run did not fit the time of this search; the values are a
-starting point, not a tuned optimum.
+bf16, 1,081 s of training on a shared machine; the cell ``dino_b256_1000_s0`` of ``benchmarks/reference.py``):
+linear 84.16% / kNN (k=200) 72.99% top-1 (SimCLR's CPU default, 1,000 steps: 86.7% / 79.5%; the untrained
+encoder: 81.00% / 72.45%); the normalised bottleneck starts nearly constant (collapse_std 0.008 at step 10, of a
+healthy 0.0625) and the teacher nearly uniform (entropy 8.2 of log K = 8.3 at step 50), so the collapse monitor
+warns once around the end of warm-up; both recover (collapse_std 0.046 and entropy 6.7 at step 1,000). Half
+and twice the base lr are on the accuracy page (docs/results/accuracy.md); the values are a starting point,
+not a tuned optimum: at 1,000 steps the recipe's kNN is the untrained encoder's.
 
 Why the start collapses under LARS on narrow encoders (measured on the 1/16-width test encoder, 32-d features,
 head 128-128-64, K 1024, LARS lr 1.0 x B/256): LARS leaves biases out of the trust ratio, so they move at the raw
