@@ -228,7 +228,9 @@ class MultiCropConfig:
     The config section ``multicrop``. ``num_local = 0`` (the default) turns it off: the two views are drawn
     exactly as without multi-crop, with their own ``crop_scale``. With local crops on, the two global views
     take ``global_scale`` and each local crop is a random resized crop of ``local_scale`` of the image area,
-    resampled to ``local_size`` px.
+    resampled to ``local_size`` px. The local crops go through the encoder in a pass of their own, normalised
+    by their own batch statistics; that pass leaves batch norm's running statistics, which frozen features use,
+    to the global views (:func:`selfsup.models.running_stats.encode_local_crops`).
 
     Default scales: SwAV's, which DINO's README also prescribes for ResNet-50 (this library's encoders are
     ResNets): global (0.14, 1), local (0.05, 0.14) -- facebookresearch/swav ``scripts/swav_800ep_pretrain.sh``
