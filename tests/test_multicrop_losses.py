@@ -431,9 +431,8 @@ def test_local_crops_leave_the_encoders_running_statistics_to_the_global_views(t
     # normalise them with another resolution's (about half of each buffer after a few steps).
     from selfsup.training.setup import build_model
 
-    section = {"proj_hidden_dim": 32} if method not in ("simclr", "byol", "dino") else {}
-    if method == "dino":
-        section = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+    section = {"simclr": {}, "byol": {}, "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}}.get(
+        method, {"proj_hidden_dim": 32})
     cfg = tiny_cfg(method=method, precision="fp32", multicrop={"num_local": 2, "local_size": 8}, **{method: section})
     torch.manual_seed(0)
     model = build_model(cfg, 1, 16).train()

@@ -44,9 +44,9 @@ LARS regime of few small-batch steps); teacher temperature 0.04 without warm-up,
 3.0, last layer frozen for 1 epoch (the official values). The crop scales are the one value found by the search
 (1,000 steps, full Fashion-MNIST, cells of ``benchmarks/reference.py``; linear / kNN top-1 %, seeds 0, 1, 2): with
 them 84.86 / 74.24, 84.24 / 74.56 and 84.67 / 71.62; with the ResNet scales (0.05, 0.14) and (0.14, 1) 84.16 /
-72.99, 79.29 / 63.95 and 81.95 / 68.62, the second below the untrained encoder (81.00 / 72.45). At the ResNet scales the 12-px local crops
-hold a few pixels of a 28-px image and the teacher stays near uniform (entropy 7.2-7.6 of log K = 8.3 at step
-1,000, loss 7.6); with the larger crops it sharpens (entropy 4.5, loss 4.9). Base lr 1.5 and 6.0 were lower
+72.99, 79.29 / 63.95 and 81.95 / 68.62, the second below the untrained encoder (81.00 / 72.45). At the ResNet
+scales the 12-px local crops hold a few pixels of a 28-px image and the teacher stays near uniform (entropy
+7.2-7.6 of log K = 8.3 at step 1,000, loss 7.6); with the larger crops it sharpens (entropy 4.5, loss 4.9). Base lr 1.5 and 6.0 were lower
 (docs/results/accuracy.md). The normalised bottleneck starts nearly constant (collapse_std 0.008 at step 10,
 of a healthy 0.0625), so the collapse monitor may warn once around the end of warm-up; it recovers (0.046 at
 step 1,000).
@@ -57,8 +57,8 @@ lr while the weights move by about ``lr x eta`` (eta 0.001) of their norm per st
 bottleneck's norm about 0.01 at init, so after one step its bias (norm 0.19, 2.8 after 10 steps, weights unchanged)
 is most of every image's bottleneck and the l2-normalised bottleneck is the same for all of them (collapse_std
 0.0735 -> 0.003 after one step); the centred teacher is then uniform. The official ResNet run uses SGD, which moves
-biases and weights alike; with SGD and batch norm in the head the tiny encoder learns, thinly (kNN -0.3 to +5.0
-points over the untrained encoder in 500 steps, over five seeds).
+biases and weights alike; with SGD and batch norm in the head the tiny encoder learns, thinly (the short run in
+``tests/test_method_dino.py`` lists the kNN gains measured over seeds and settings).
 """
 from __future__ import annotations
 

@@ -23,18 +23,16 @@ def running_stats_frozen(module: nn.Module):
     does not update ``running_mean`` / ``running_var`` / ``num_batches_tracked``; on exit every layer's
     momentum and counter are as they were."""
     saved = []
-    for m in module.modules():
+    for m in module.modules():  # tracking layers always hold num_batches_tracked
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
-            count = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
-            saved.append((m, m.momentum, count))
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
             m.momentum = 0.0  # running <- (1 - 0) running + 0 x batch: unchanged
     try:
         yield
     finally:
         for m, momentum, count in saved:
             m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
+            m.num_batches_tracked.copy_(count)
 
 
 def encode_local_crops(backbone: nn.Module, local_views) -> torch.Tensor:
