@@ -187,59 +187,54 @@ def test_recipes_resolve_to_the_cited_values_and_turn_local_crops_on():
     assert METHODS["dino"].multicrop and METHODS["simclr"].multicrop and METHODS["byol"].multicrop
 
 
-
-
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "measured: the kNN gain over the untrained encoder is thin at this size (seeds 0-4: +2.6 / +7.5 / +2.6 / +2.8 / "
-    "+4.6 points, the test's seed 0 under the +3 margin), so a correct DINO misses it on some seeds and CPUs; a "
-    "crash or any error other than the assertions still fails"))
 def test_a_short_run_learns_features_and_lowers_the_loss(tmp_path, tiny_cfg):
-    # Why these settings (measured, kNN of the student vs the untrained encoder on this sample, 2,000 / 1,000 images):
-    # with LARS the head's biases are not trust-ratio scaled, so they move at the raw lr while the weights move by
-    # ~lr x 1e-3 per step; on this tiny head (32-d features, |bottleneck| ~0.01 at init) the bottleneck's bias outgrows
-    # the image-dependent part in one step and the normalised bottleneck is the same for every image (collapse_std
-    # 0.001 from step 10 on; kNN 64.6 -> 37). SGD (the official ResNet optimiser) moves biases and weights alike;
-    # batch norm in the head gives the bottleneck a non-negligible norm at init; a small K (64) with a small
-    # bottleneck (16) for a batch of 32; a sharp teacher (0.02), a faster teacher (base tau 0.99) and centre (0.5)
-    # for a run of 500 steps instead of 100 epochs. Seeds 0-4: kNN +4.0 / +4.7 / +3.8 / -0.3 / +5.0 points, loss
-    # -0.3 / -0.5 / -0.7 / +0.0 / -0.8 (mean of the first five logs to that of the last five): the margin is thin and
-    # seed 3 fails, so a change of numerics (augmentation draws, init) can flip it; neighbouring settings (lr 3 with
-    # 20% warm-up, hidden 256, base tau 0.98, 2 local crops for 700 steps) stayed within +2 points. Nor did any of
-    # these widen it on seeds 0 and 3 (kNN gain, seed 0 / seed 3): 2,000 steps +0.9 / +0.3; lr 2.0 +3.6 / -3.9;
-    # lr 8.0 -2.2 / -9.8; AdamW 2e-3 -21 / -13; no local crops -0.2 / -0.4; K 256 with teacher 0.04 -5.9 / -6.1;
-    # teacher 0.04 -3.0 / -0.2; batch 128 for 250 steps -10 / -13; last layer normalised +4.8 / -1.4; centre 0.9
-    # with base tau 0.996 -1.5 / -12; a 1/8-width encoder -0.8 / +3.3. The teacher's encoder (which the official
-    # evaluation takes) was above the student's in 4 of these 22 runs. Those figures predate the local pass's
-    # frozen running statistics (models/running_stats.py); with them this test's settings give, seeds 0-4, +5.8 /
-    # +5.5 / +3.6 / +1.1 / +5.3, loss -0.3 / -0.5 / -0.7 / -0.2 / -0.8. Tried since, seed 0 / seed 3: 1,000 steps
-    # +1.5 / +1.8; 2 local crops -4.2 / -7.0; 6 local crops 0.0 / +0.3; no local crops -0.2 / -0.4; lr 2.0 +3.1 /
-    # -2.0; teacher 0.04 0.0 / -0.5; base tau 0.996 +0.3 / +6.0; centre 0.9 -3.5 / -5.4 (loss -2.6, a few
-    # clusters); K 256 -0.6 / +0.8; last layer normalised +5.8 / -2.6; the head's Linear init at std 1/sqrt(fan_in)
-    # (0.02 is that at the paper's 2,048-d widths, 0.18 at 32) -1.8 / +5.9; 28 px for 400 steps -5.0 / +6.6;
-    # lightly's CIFAR-10 settings (K 2048, weight decay 5e-4, teacher 0.04, centre 0.9, SGD 0.12-2.0 x B/256) -7 to
-    # +2; gentler crops, local (0.25, 0.6) and global (0.5, 1) of the area, seeds 0-4 +2.6 / +7.5 / +2.6 / +2.8 /
-    # +4.6 (the most consistent, and the loss falls 0.7-1.9, but under the margin), with 800 steps +8.6 / -0.8.
-    # Those are the CPU recipe's crops since its search at full size, and this test takes them (written out here).
-    # In these runs the teacher is near-uniform from step 50 on (entropy 3.2-3.7 of log 64 = 4.16): the run is
-    # chaotic, a seed or a kernel changes the outcome by more than the effect.
-    cfg = tiny_cfg(method="dino", image_size=16, batch_size=32, steps=500, checkpoint_every=1000, log_every=10,
-                   precision="fp32", channels_last=False,
-                   multicrop={"num_local": 4, "local_size": 8, "local_scale": [0.25, 0.6], "global_scale": [0.5, 1.0]},
-                   optim={"name": "sgd", "lr": 4.0, "weight_decay": 1e-4, "warmup_fraction": 0.1},
-                   dino={"out_dim": 64, "hidden_dim": 128, "bottleneck_dim": 16, "use_bn_in_head": True,
-                         "norm_last_layer": False, "freeze_last_layer": 0.0, "teacher_temp": 0.02, "base_tau": 0.99,
-                         "center_momentum": 0.5})
-    pretrain(cfg, tmp_path / "r", progress=False)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 50 and all(math.isfinite(v) for v in losses)
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 0.2, (first, last)
+    # The settings, measured: kNN gain = the student's encoder minus the untrained encoder (same seed) on this
+    # sample, 2,000 / 1,000 images, in points; 500 steps take about 30 s on one thread.
+    # - SGD, not LARS: LARS leaves the head's biases out of the trust ratio, so they move at the raw lr while the
+    #   weights move by about lr x 1e-3; on this head the bottleneck's bias outgrows the image-dependent part in one
+    #   step and the l2-normalised bottleneck is the same for every image (kNN 64.6 -> 37). The official ResNet run
+    #   uses SGD too. Batch norm in the head (the official ResNet setting).
+    # - The bottleneck as wide as the hidden layer (128), not 8x narrower as in the paper (2,048 / 256): with 16-d,
+    #   the 64 unit prototypes' cosines with a bottleneck vector have std 1/4, the teacher at 0.02 starts one-hot
+    #   and the normalised bottleneck collapses within 10 steps (collapse_std 0.21 -> 0.03, healthy 0.25); whether
+    #   a seed recovers was chance: gains over seeds 0-4 from -0.3 to +7.5, and none of about 40 other settings
+    #   (lr, optimiser, teacher temperature and its warm-up, tau, centre momentum, K, crops, steps, the frozen or
+    #   normalised last layer, clipping, head init, width, batch) made every seed pass. At 32-d seeds 0-5 gain +0.9
+    #   to +12.1; at 64-d seeds 0-11 +4.4 to +16.8; at 128-d (here) seeds 0-19 -1.4 to +20.4, loss down 0.1-2.6,
+    #   and 5 of the 20 runs stall (loss down under 0.5 or kNN gain under +3). A stall is chance, not a bug, so the
+    #   test passes on the first of seeds 0-3 whose loss falls by 0.5 and whose kNN gains 3 points: a correct DINO
+    #   fails it when four runs stall (about 4 in 1,000), one that does not learn on every seed (a teacher left at
+    #   its init: loss down 0.2). A centre that never moves is caught by the unit test above, not here (seed 0
+    #   gains 0.0, seed 1 +5.7 in 500 steps). Seed 0 alone (CPU kernels and thread counts
+    #   change the trajectory): +5.0 to +7.0 with AVX-512, AVX2 or no vector kernels, +3.4 with AVX2 on one thread.
+    # - The CPU recipe's crops (local (0.25, 0.6), global (0.5, 1) of the area), a small K (64), a sharp teacher
+    #   (0.02), a faster teacher (base tau 0.99) and centre (0.5) for a run of 500 steps instead of 100 epochs.
     train, test = load_dataset("embedded", "train"), load_dataset("embedded", "test")
-    trained = load_encoder(load_run(tmp_path / "r"))
-    torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg, 1, 16).backbone  # the loop's starting weights (same seed)
-    before, after = knn_top1(untrained, train, test, 2000, 1000), knn_top1(trained, train, test, 2000, 1000)
-    assert after > before + 3.0, (before, after)
+    tried = []
+    for seed in (0, 1, 2, 3):
+        cfg = tiny_cfg(method="dino", image_size=16, batch_size=32, steps=500, checkpoint_every=1000, log_every=10,
+                       precision="fp32", channels_last=False, seed=seed,
+                       multicrop={"num_local": 4, "local_size": 8, "local_scale": [0.25, 0.6],
+                                  "global_scale": [0.5, 1.0]},
+                       optim={"name": "sgd", "lr": 4.0, "weight_decay": 1e-4, "warmup_fraction": 0.1},
+                       dino={"out_dim": 64, "hidden_dim": 128, "bottleneck_dim": 128, "use_bn_in_head": True,
+                             "norm_last_layer": False, "freeze_last_layer": 0.0, "teacher_temp": 0.02,
+                             "base_tau": 0.99, "center_momentum": 0.5})
+        run = tmp_path / f"seed{seed}"
+        pretrain(cfg, run, progress=False)
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(losses) == 50 and all(math.isfinite(v) for v in losses)
+        loss_drop = sum(losses[:5]) / 5 - sum(losses[-5:]) / 5
+        trained = load_encoder(load_run(run))
+        torch.manual_seed(cfg.seed)
+        untrained = build_model(cfg, 1, 16).backbone  # the loop's starting weights (same seed)
+        gain = knn_top1(trained, train, test, 2000, 1000) - knn_top1(untrained, train, test, 2000, 1000)
+        tried.append({"seed": seed, "loss_drop": round(loss_drop, 2), "knn_gain": round(gain, 1)})
+        if loss_drop > 0.5 and gain > 3.0:
+            break
+    else:
+        pytest.fail(f"DINO learned nothing on any of four seeds (loss drop, kNN gain over the untrained "
+                    f"encoder): {tried}")
 
 
 def test_lightning_fits_two_steps(tmp_path, tiny_cfg):

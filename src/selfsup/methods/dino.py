@@ -57,8 +57,12 @@ lr while the weights move by about ``lr x eta`` (eta 0.001) of their norm per st
 bottleneck's norm about 0.01 at init, so after one step its bias (norm 0.19, 2.8 after 10 steps, weights unchanged)
 is most of every image's bottleneck and the l2-normalised bottleneck is the same for all of them (collapse_std
 0.0735 -> 0.003 after one step); the centred teacher is then uniform. The official ResNet run uses SGD, which moves
-biases and weights alike; with SGD and batch norm in the head the tiny encoder learns, thinly (the short run in
-``tests/test_method_dino.py`` lists the kNN gains measured over seeds and settings).
+biases and weights alike. With SGD and batch norm in the head the tiny encoder learns if the bottleneck is wide
+enough: in d dimensions a bottleneck vector's cosines with random unit prototypes have std 1/sqrt(d), so at
+d = 16 (K = 64) the teacher at temperature 0.02 starts one-hot, the normalised bottleneck collapses within 10
+steps and whether a run recovers is chance; at d = 128, 17 of 20 seeds gain 3 points or more of kNN in 500 steps
+(``tests/test_method_dino.py`` lists the measurements). The recipes' 256-d bottleneck (the paper's) is in the
+second regime.
 """
 from __future__ import annotations
 
