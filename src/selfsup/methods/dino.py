@@ -46,10 +46,10 @@ LARS regime of few small-batch steps); teacher temperature 0.04 without warm-up,
 them 84.86 / 74.24, 84.24 / 74.56 and 84.67 / 71.62; with the ResNet scales (0.05, 0.14) and (0.14, 1) 84.16 /
 72.99, 79.29 / 63.95 and 81.95 / 68.62, the second below the untrained encoder (81.00 / 72.45). At the ResNet
 scales the 12-px local crops hold a few pixels of a 28-px image and the teacher stays near uniform (entropy
-7.2-7.6 of log K = 8.3 at step 1,000, loss 7.6); with the larger crops it sharpens (entropy 4.5, loss 4.9). Base lr 1.5 and 6.0 were lower
-(docs/results/accuracy.md). The normalised bottleneck starts nearly constant (collapse_std 0.008 at step 10,
-of a healthy 0.0625), so the collapse monitor may warn once around the end of warm-up; it recovers (0.046 at
-step 1,000).
+7.2-7.6 of log K = 8.3 at step 1,000, loss 7.6); with the larger crops it sharpens (entropy 4.5, loss 4.9). Base
+lr 1.5 and 6.0 were lower (docs/results/accuracy.md). The normalised bottleneck starts nearly constant
+(collapse_std 0.008 at step 10, of a healthy 0.0625), so the collapse monitor may warn once around the end of
+warm-up; it recovers (0.046 at step 1,000).
 
 Why the start collapses under LARS on narrow encoders (measured on the 1/16-width test encoder, 32-d features,
 head 128-128-64, K 1024, LARS lr 1.0 x B/256): LARS leaves biases out of the trust ratio, so they move at the raw
